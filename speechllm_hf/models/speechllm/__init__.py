@@ -1,0 +1,23 @@
+"""The Hub-shipped model folder: config, model and processor (see docs/concepts.md)."""
+
+from .configuration_speechllm import SpeechLlmConfig
+from .modeling_speechllm import (
+    SpeechLlmCnnProjector,
+    SpeechLlmForConditionalGeneration,
+    SpeechLlmMlpProjector,
+    SpeechLlmPreTrainedModel,
+    SpeechLlmQFormerProjector,
+    SpeechLlmWhisperEncoder,
+)
+from .processing_speechllm import SpeechLlmProcessor
+
+__all__ = [
+    "SpeechLlmConfig",
+    "SpeechLlmForConditionalGeneration",
+    "SpeechLlmPreTrainedModel",
+    "SpeechLlmProcessor",
+    "SpeechLlmQFormerProjector",
+    "SpeechLlmCnnProjector",
+    "SpeechLlmMlpProjector",
+    "SpeechLlmWhisperEncoder",
+]

@@ -1,0 +1,500 @@
+"""SpeechLlmForConditionalGeneration: speech encoder -> projector -> causal LLM, and the three projectors.
+
+This file ships to the Hub with `trust_remote_code`: it imports only torch, transformers and the standard library,
+and its siblings with single-dot imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, Blip2QFormerConfig, Blip2QFormerModel, PreTrainedModel
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutput, ModelOutput
+from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
+
+from .configuration_speechllm import SpeechLlmConfig, conv_output_length
+
+# transformers 4.x encoder layers take a positional `layer_head_mask`; 5.x removed it.
+_WHISPER_LAYER_TAKES_HEAD_MASK = "layer_head_mask" in inspect.signature(WhisperEncoderLayer.forward).parameters
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
+    """(B,) lengths -> (B, max_length) bool mask, True on valid positions."""
+    return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def convs_output_lengths(lengths: torch.Tensor, convs: list[list[int]]) -> torch.Tensor:
+    for kernel, stride, padding in convs:
+        lengths = conv_output_length(lengths, kernel, stride, padding)
+    return lengths
+
+
+@dataclass
+class SpeechLlmCausalLMOutputWithPast(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token cross-entropy when `labels` are given.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LLM prediction scores.
+        past_key_values (`Cache`, *optional*): the LLM's key/value cache.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the LLM's hidden states, embeddings first.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): the LLM's attention weights.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class SpeechLlmWhisperEncoder(WhisperEncoder):
+    """Whisper encoder that takes clips shorter than 30 s and masks padding.
+
+    The stock `WhisperEncoder` demands exactly 3000 mel frames and ignores `attention_mask`, so short clips would
+    have to be padded to 30 s. Here padded frames are zeroed before each convolution (so the convolutions see the
+    same zeros an unpadded clip sees) and masked in self-attention: a padded clip gives the same valid outputs as
+    the clip alone. Parameter names are those of `WhisperEncoder`, so its checkpoints load unchanged.
+    """
+
+    def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        batch_size, _, num_frames = input_features.shape  # (B, n_mels, T)
+        max_frames = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
+        if num_frames > max_frames:
+            raise ValueError(
+                f"Whisper encodes at most {max_frames} mel frames (30 s); got {num_frames}. Split longer audio."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, num_frames, dtype=torch.long, device=input_features.device)
+        lengths = attention_mask.sum(-1)
+        hidden_states = input_features * lengths_to_mask(lengths, num_frames)[:, None, :].to(input_features.dtype)
+        hidden_states = nn.functional.gelu(self.conv1(hidden_states))
+        hidden_states = hidden_states * lengths_to_mask(lengths, num_frames)[:, None, :].to(hidden_states.dtype)
+        hidden_states = nn.functional.gelu(self.conv2(hidden_states))
+        hidden_states = hidden_states.permute(0, 2, 1)  # (B, T', C)
+        num_positions = hidden_states.shape[1]
+        hidden_states = hidden_states + self.embed_positions.weight[:num_positions]
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+
+        output_lengths = conv_output_length(lengths, 3, 2, 2)
+        key_mask = lengths_to_mask(output_lengths, num_positions)  # (B, T')
+        additive_mask = torch.zeros(key_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        additive_mask = additive_mask.masked_fill(~key_mask, torch.finfo(hidden_states.dtype).min)
+        additive_mask = additive_mask[:, None, None, :].expand(batch_size, 1, num_positions, num_positions)
+        extra = {"layer_head_mask": None} if _WHISPER_LAYER_TAKES_HEAD_MASK else {}
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            hidden_states = layer(hidden_states, additive_mask, **extra)
+            if isinstance(hidden_states, tuple):
+                hidden_states = hidden_states[0]
+        return BaseModelOutput(last_hidden_state=self.layer_norm(hidden_states))
+
+
+class SpeechLlmQFormerProjector(nn.Module):
+    """Window-level Q-Former (SALMONN; methods.md A) on transformers' `Blip2QFormerModel`.
+
+    LayerNorm on encoder frames -> non-overlapping windows of `window_size` frames -> `num_queries` learned queries
+    cross-attend to each window -> Linear to the LLM width. Shapes: (B, T, C_enc) -> (B, ceil(T / w) * q, D_llm).
+    A window's outputs are valid when it holds at least one valid frame.
+    """
+
+    def __init__(self, config: SpeechLlmConfig):
+        super().__init__()
+        settings = config.projector_config
+        self.window_size = settings["window_size"]
+        self.num_queries = settings["num_queries"]
+        self.layer_norm = nn.LayerNorm(config.encoder_hidden_size)
+        self.query = nn.Parameter(torch.empty(1, self.num_queries, settings["hidden_size"]).normal_(0.0, 0.02))
+        qformer_config = Blip2QFormerConfig(
+            hidden_size=settings["hidden_size"],
+            num_hidden_layers=settings["num_hidden_layers"],
+            num_attention_heads=settings["num_attention_heads"],
+            intermediate_size=settings["intermediate_size"],
+            hidden_dropout_prob=settings["dropout"],
+            attention_probs_dropout_prob=settings["dropout"],
+            cross_attention_frequency=1,
+            encoder_hidden_size=config.encoder_hidden_size,
+        )
+        self.qformer = Blip2QFormerModel(qformer_config)
+        self.linear = nn.Linear(settings["hidden_size"], config.text_config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_size, num_frames, channels = hidden_states.shape  # (B, T, C)
+        num_windows = -(-num_frames // self.window_size)
+        pad = num_windows * self.window_size - num_frames
+        hidden_states = nn.functional.pad(self.layer_norm(hidden_states), (0, 0, 0, pad))
+        frame_mask = lengths_to_mask(lengths, num_frames + pad)
+        windows = hidden_states.reshape(batch_size * num_windows, self.window_size, channels)  # (B*W, w, C)
+        window_mask = frame_mask.reshape(batch_size * num_windows, self.window_size).long()
+        query = self.query.expand(windows.shape[0], -1, -1)
+        output = self.qformer(query_embeds=query, encoder_hidden_states=windows, encoder_attention_mask=window_mask)
+        output = self.linear(output.last_hidden_state.to(self.linear.weight.dtype))  # (B*W, q, D)
+        output_lengths = -(-lengths // self.window_size) * self.num_queries
+        return output.reshape(batch_size, num_windows * self.num_queries, -1), output_lengths
+
+
+class SpeechLlmCnnProjector(nn.Module):
+    """BLSP subsampler + adapter (methods.md B).
+
+    `num_layers` x [Conv1d(kernel, stride) -> GLU over channels] (8x downsampling by default), then a residual
+    bottleneck `x + up(GELU(down(x)))` without bias and a LayerNorm. Shapes: (B, T, C_enc) -> (B, ~T / 8, D_llm).
+    """
+
+    def __init__(self, config: SpeechLlmConfig):
+        super().__init__()
+        settings = config.projector_config
+        hidden = settings["hidden_size"] or config.encoder_hidden_size
+        width = config.text_config.hidden_size
+        channels = [config.encoder_hidden_size] + [hidden] * (settings["num_layers"] - 1) + [width]
+        self.kernel_size, self.stride = settings["kernel_size"], settings["stride"]
+        self.convs = nn.ModuleList(
+            nn.Conv1d(c_in, 2 * c_out, self.kernel_size, self.stride, padding=self.kernel_size // 2)
+            for c_in, c_out in zip(channels[:-1], channels[1:])
+        )
+        self.adapter_down = nn.Linear(width, settings["adapter_size"], bias=False)
+        self.adapter_up = nn.Linear(settings["adapter_size"], width, bias=False)
+        self.layer_norm = nn.LayerNorm(width)
+
+    def forward(self, hidden_states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_states = hidden_states.transpose(1, 2)  # (B, C, T)
+        for conv in self.convs:
+            # Zero the padding so that each clip sees the zeros it would see alone.
+            mask = lengths_to_mask(lengths, hidden_states.shape[-1])[:, None, :]
+            hidden_states = nn.functional.glu(conv(hidden_states * mask.to(hidden_states.dtype)), dim=1)
+            lengths = conv_output_length(lengths, self.kernel_size, self.stride, 2 * (self.kernel_size // 2))
+        hidden_states = hidden_states.transpose(1, 2)  # (B, T', D)
+        hidden_states = hidden_states + self.adapter_up(nn.functional.gelu(self.adapter_down(hidden_states)))
+        return self.layer_norm(hidden_states), lengths
+
+
+class SpeechLlmMlpProjector(nn.Module):
+    """Frame-stacking MLP (Ultravox style): stack k frames -> LayerNorm -> Linear -> SwiGLU -> Linear.
+
+    Shapes: (B, T, C_enc) -> (B, ceil(T / k), D_llm).
+    """
+
+    def __init__(self, config: SpeechLlmConfig):
+        super().__init__()
+        settings = config.projector_config
+        self.stack_factor = settings["stack_factor"]
+        stacked = self.stack_factor * config.encoder_hidden_size
+        self.layer_norm = nn.LayerNorm(stacked)
+        self.linear_in = nn.Linear(stacked, 2 * settings["hidden_size"])
+        self.linear_out = nn.Linear(settings["hidden_size"], config.text_config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_size, num_frames, channels = hidden_states.shape
+        num_steps = -(-num_frames // self.stack_factor)
+        pad = num_steps * self.stack_factor - num_frames
+        # Zero the padding so that a clip's last, partial stack is the same batched or alone.
+        mask = lengths_to_mask(lengths, num_frames)[..., None].to(hidden_states.dtype)
+        hidden_states = nn.functional.pad(hidden_states * mask, (0, 0, 0, pad))
+        hidden_states = hidden_states.reshape(batch_size, num_steps, self.stack_factor * channels)
+        gate, value = self.linear_in(self.layer_norm(hidden_states)).chunk(2, dim=-1)
+        hidden_states = self.linear_out(nn.functional.silu(gate) * value)
+        return hidden_states, -(-lengths // self.stack_factor)
+
+
+PROJECTOR_CLASSES = {"qformer": SpeechLlmQFormerProjector, "cnn": SpeechLlmCnnProjector, "mlp": SpeechLlmMlpProjector}
+
+
+def build_encoder(config: SpeechLlmConfig) -> PreTrainedModel:
+    """A randomly initialised encoder for `config.encoder_config` (weights are loaded separately)."""
+    encoder_config = config.encoder_config
+    if encoder_config.model_type == "whisper":
+        return SpeechLlmWhisperEncoder(encoder_config)
+    encoder = AutoModel.from_config(encoder_config)
+    if getattr(encoder_config, "is_encoder_decoder", False):
+        encoder = encoder.get_encoder()
+    return encoder
+
+
+def from_pretrained_or_explain(loader, name_or_path: str, what: str, **kwargs):
+    """`loader(name_or_path, **kwargs)`; a missing checkpoint becomes an error that says what to download."""
+    try:
+        return loader(name_or_path, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"Cannot load the {what} of {name_or_path!r}: {err}\nIf it is a Hub id, download it first "
+            f"(`huggingface-cli download {name_or_path}`; gated models such as Llama need `huggingface-cli login` "
+            "and an accepted licence) or point to a local folder. Offline, the files must be in the local cache."
+        ) from err
+
+
+def load_pretrained_encoder(config: SpeechLlmConfig, **kwargs) -> PreTrainedModel:
+    """Load the encoder named by `config.encoder_name_or_path` at `config.encoder_revision`.
+
+    `kwargs` (dtype, device_map, attn_implementation, token, cache_dir, local_files_only, ...) go to
+    `from_pretrained`. Whisper checkpoints (full encoder-decoder models) load into `SpeechLlmWhisperEncoder`: only
+    the encoder's tensors are read.
+    """
+    kwargs = {**kwargs, "revision": config.encoder_revision}
+    if config.encoder_config.model_type == "whisper":
+        # Map `model.encoder.*` (WhisperForConditionalGeneration) and `encoder.*` (WhisperModel) to the encoder.
+        kwargs["key_mapping"] = {r"^(model\.)?encoder\.": ""}
+        return from_pretrained_or_explain(SpeechLlmWhisperEncoder.from_pretrained, config.encoder_name_or_path, "encoder", **kwargs)
+    encoder = from_pretrained_or_explain(AutoModel.from_pretrained, config.encoder_name_or_path, "encoder", **kwargs)
+    if getattr(encoder.config, "is_encoder_decoder", False):
+        encoder = encoder.get_encoder()
+    return encoder
+
+
+def load_pretrained_text_model(config: SpeechLlmConfig, **kwargs) -> PreTrainedModel:
+    """Load the causal LLM named by `config.text_name_or_path` at `config.text_revision`."""
+    kwargs = {**kwargs, "revision": config.text_revision}
+    return from_pretrained_or_explain(AutoModelForCausalLM.from_pretrained, config.text_name_or_path, "text model", **kwargs)
+
+
+class SpeechLlmPreTrainedModel(PreTrainedModel):
+    config_class = SpeechLlmConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    # The LLM supports flash attention; the Q-Former does not and keeps its own (eager/SDPA) attention.
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _no_split_modules = ["SpeechLlmQFormerProjector", "SpeechLlmCnnProjector", "SpeechLlmMlpProjector"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Projector modules initialise themselves in their constructors (PyTorch defaults, N(0, 0.02) queries) and
+        # the encoder and LLM bring their own `_init_weights`: nothing to do here.
+        return
+
+
+class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixin):
+    """Speech LLM: `encoder` -> `projector` -> audio features spliced into the `language_model` input.
+
+    The processor expands each audio placeholder to exactly as many audio tokens as the projector emits for that clip;
+    `forward` scatters the projector outputs into those positions. Encoder and LLM are frozen by default: the encoder
+    runs under `torch.no_grad()` in eval mode, the LLM's weights get no gradient but pass gradients to the projector.
+    """
+
+    def __init__(
+        self,
+        config: SpeechLlmConfig,
+        encoder: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        # Ready-made (pretrained) sub-models may be passed in; `from_pretrained` does so.
+        self.encoder = encoder if encoder is not None else build_encoder(config)
+        self.projector = PROJECTOR_CLASSES[config.projector_type](config)
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        self.encoder.requires_grad_(not config.freeze_encoder)
+        self.language_model.requires_grad_(not config.freeze_text_model)
+        self.post_init()
+        self.train(self.training)
+
+    @classmethod
+    def from_backbones(cls, config: SpeechLlmConfig, **kwargs) -> SpeechLlmForConditionalGeneration:
+        """A model whose encoder and LLM are loaded from `config.encoder_name_or_path` / `config.text_name_or_path`
+        (a sub-model whose id is None is built randomly from its config) and whose projector is new.
+
+        `kwargs` (dtype, device_map, attn_implementation, quantization_config, token, cache_dir,
+        local_files_only, ...) are passed to each backbone's `from_pretrained`.
+        """
+        encoder = load_pretrained_encoder(config, **kwargs) if config.encoder_name_or_path else None
+        language_model = load_pretrained_text_model(config, **kwargs) if config.text_name_or_path else None
+        model = cls(config, encoder=encoder, language_model=language_model)
+        # The new projector (and any randomly built backbone) joins the LLM's input device and the requested dtype.
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        dtype = dtype if isinstance(dtype, torch.dtype) else None
+        device = model.get_input_embeddings().weight.device
+        model.projector.to(device=device, dtype=dtype)
+        if encoder is None:
+            model.encoder.to(device=device, dtype=dtype)
+        if language_model is None:
+            model.language_model.to(device=device, dtype=dtype)
+        return model
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Delegation to the LLM (generation, peft and resize_token_embeddings rely on these).
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def get_encoder(self) -> nn.Module:
+        return self.encoder
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        """Frozen sub-models stay in eval mode (no dropout, no SpecAugment) unless augmentation is asked for."""
+        super().train(mode)
+        if not _has_trainable(self.encoder) and not self.config.encoder_train_mode_augment:
+            self.encoder.eval()
+        if not _has_trainable(self.language_model):
+            self.language_model.eval()
+        return self
+
+    def encoder_output_lengths(self, feature_lengths: torch.Tensor) -> torch.Tensor:
+        """Valid encoder frames for each clip, from its number of feature frames (or samples)."""
+        return convs_output_lengths(feature_lengths, self.config.encoder_convs)
+
+    def _run_encoder(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
+        encoder = self.encoder
+        features = input_features.to(dtype=encoder.dtype, device=encoder.device)
+        mask = feature_attention_mask.to(encoder.device)
+        input_name = encoder.main_input_name
+        # wav2vec2/HuBERT with group norm in the feature encoder (base checkpoints) normalise over time, so padding
+        # changes every frame: encode those clips one by one at their true length.
+        if getattr(encoder.config, "feat_extract_norm", "layer") == "group" and not bool(mask.all()):
+            lengths = mask.sum(-1)
+            outputs = [encoder(**{input_name: features[i : i + 1, ..., : int(n)]}).last_hidden_state[0] for i, n in
+                       enumerate(lengths)]
+            return nn.utils.rnn.pad_sequence(outputs, batch_first=True)
+        return encoder(**{input_name: features}, attention_mask=mask).last_hidden_state
+
+    def get_audio_features(
+        self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode and project audio.
+
+        Args:
+            input_features: (B, T) raw samples (HuBERT/wav2vec2) or (B, n_mels, T) log-mel frames (Whisper), one row
+                per clip.
+            feature_attention_mask: (B, T), 1 on real samples/frames. Defaults to all ones.
+
+        Returns:
+            `(audio_embeds, audio_lengths)`: (B, N, D_llm) projector outputs and (B,) the number of valid ones.
+        """
+        if feature_attention_mask is None:
+            feature_attention_mask = torch.ones(
+                input_features.shape[0], input_features.shape[-1], dtype=torch.long, device=input_features.device
+            )
+        frozen = not _has_trainable(self.encoder)
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            hidden_states = self._run_encoder(input_features, feature_attention_mask)  # (B, T', C)
+        lengths = self.encoder_output_lengths(feature_attention_mask.sum(-1).to(hidden_states.device))
+        projector_dtype = next(self.projector.parameters()).dtype
+        audio_embeds, audio_lengths = self.projector(hidden_states.to(projector_dtype), lengths)
+        return audio_embeds, audio_lengths
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """LLM input embeddings; audio tokens (which may lie outside the LLM vocabulary) embed as id 0."""
+        text_ids = input_ids.masked_fill(input_ids == self.config.audio_token_id, 0)
+        return self.get_input_embeddings()(text_ids)
+
+    def merge_audio_features(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        audio_embeds: torch.Tensor,
+        audio_lengths: torch.Tensor,
+    ) -> torch.Tensor:
+        """Scatter the valid audio features, clip after clip, into the audio-token positions of `inputs_embeds`."""
+        valid = lengths_to_mask(audio_lengths, audio_embeds.shape[1])
+        features = audio_embeds[valid]  # (total audio tokens, D)
+        audio_positions = input_ids == self.config.audio_token_id
+        num_tokens, num_features = int(audio_positions.sum()), features.shape[0]
+        if num_tokens != num_features:
+            raise ValueError(
+                f"Audio tokens and audio features do not match: the input_ids hold {num_tokens} audio tokens "
+                f"({self.config.audio_token!r}) but the audio gives {num_features} features. Build inputs with "
+                "SpeechLlmProcessor, which expands each placeholder to the projector's output length."
+            )
+        audio_positions = audio_positions.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+        return inputs_embeds.masked_scatter(audio_positions, features.to(inputs_embeds.device, inputs_embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: object | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> SpeechLlmCausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids: (B, L) token ids with audio tokens where audio goes (see `SpeechLlmProcessor`).
+            input_features: (num_clips, ...) audio input, one row per audio placeholder, in order of appearance.
+            feature_attention_mask: (num_clips, T) 1 on real samples/frames.
+            labels: (B, L) next-token targets; audio positions are set to `ignore_index` whatever they hold.
+            **kwargs: passed to the LLM (e.g. `num_items_in_batch` for the loss, `output_hidden_states`).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if input_features is not None:
+            if input_ids is None:
+                raise ValueError("input_features need input_ids to locate the audio tokens.")
+            audio_embeds, audio_lengths = self.get_audio_features(input_features, feature_attention_mask)
+            inputs_embeds = self.merge_audio_features(input_ids, inputs_embeds, audio_embeds, audio_lengths)
+        if labels is not None and input_ids is not None:
+            labels = labels.masked_fill(input_ids == self.config.audio_token_id, self.config.ignore_index)
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # Left padding must not shift positions: count only real tokens (also for the cached decode steps).
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **{**kwargs, "return_dict": True},
+        )
+        return SpeechLlmCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def prepare_inputs_for_generation(
+        self, *args, input_features=None, feature_attention_mask=None, past_key_values=None, **kwargs
+    ):
+        model_inputs = super().prepare_inputs_for_generation(*args, past_key_values=past_key_values, **kwargs)
+        # Audio is encoded once, in the prefill step; later steps read the LLM's cache.
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        model_inputs["input_features"] = input_features if prefill else None
+        model_inputs["feature_attention_mask"] = feature_attention_mask if prefill else None
+        return model_inputs
+
+
+def _has_trainable(module: nn.Module) -> bool:
+    return any(parameter.requires_grad for parameter in module.parameters())
+
+
+__all__ = [
+    "SpeechLlmPreTrainedModel",
+    "SpeechLlmForConditionalGeneration",
+    "SpeechLlmQFormerProjector",
+    "SpeechLlmCnnProjector",
+    "SpeechLlmMlpProjector",
+    "SpeechLlmWhisperEncoder",
+    "SpeechLlmCausalLMOutputWithPast",
+    "from_pretrained_or_explain",
+    "load_pretrained_encoder",
+    "load_pretrained_text_model",
+]

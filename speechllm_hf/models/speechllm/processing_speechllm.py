@@ -1,0 +1,308 @@
+"""SpeechLlmProcessor: audio clips + texts with audio placeholders -> model inputs.
+
+This file ships to the Hub with `trust_remote_code`: it imports only torch, numpy (a transformers requirement),
+transformers and the standard library; soxr and soundfile are imported only when resampling or reading a file.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import BatchFeature, ProcessorMixin
+
+from .configuration_speechllm import audio_token_count
+
+def load_audio_file(path: str) -> tuple[np.ndarray, int]:
+    """Decode an audio file (wav, flac, ogg, ...) with soundfile: ((samples, channels) or (samples,), rate)."""
+    try:
+        import soundfile
+    except ImportError as err:
+        raise ImportError("Reading audio files needs soundfile: `pip install soundfile`.") from err
+    try:
+        samples, sampling_rate = soundfile.read(path, always_2d=False)
+    except Exception as err:  # soundfile raises LibsndfileError, RuntimeError or OSError depending on the case
+        raise ValueError(f"Cannot decode audio file {path!r}: {err}") from err
+    return samples, sampling_rate
+
+
+def resample(waveform: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
+    """Resample a mono float32 waveform with soxr (high quality, fast)."""
+    if orig_rate == target_rate:
+        return waveform
+    try:
+        import soxr
+    except ImportError as err:
+        raise ImportError(
+            f"Audio at {orig_rate} Hz must be resampled to {target_rate} Hz, which needs soxr: `pip install soxr`."
+        ) from err
+    return soxr.resample(waveform, orig_rate, target_rate).astype(np.float32)
+
+
+def to_mono_float32(samples: np.ndarray | torch.Tensor | Sequence[float]) -> np.ndarray:
+    """Samples as float32 mono in [-1, 1]: integer PCM is scaled, channels are averaged.
+
+    A 2-D array is read as (samples, channels) or (channels, samples): the shorter axis is taken as the channels.
+    """
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().cpu().numpy()
+    samples = np.asarray(samples)
+    if samples.dtype.kind in "iu":
+        info = np.iinfo(samples.dtype)
+        # Scale so that full-scale PCM maps to [-1, 1); unsigned PCM (8-bit wav) is offset by its midpoint.
+        offset = (info.max + 1) / 2 if samples.dtype.kind == "u" else 0.0
+        samples = (samples.astype(np.float64) - offset) / max(abs(info.min), info.max + 1 - offset)
+    elif samples.dtype.kind != "f":
+        raise ValueError(f"Audio samples must be numbers; got dtype {samples.dtype}.")
+    if samples.ndim == 2:
+        channel_axis = 0 if samples.shape[0] < samples.shape[1] else 1
+        samples = samples.mean(axis=channel_axis)
+    elif samples.ndim != 1:
+        raise ValueError(f"Audio must be 1-D (samples) or 2-D (samples x channels); got shape {samples.shape}.")
+    return samples.astype(np.float32)
+
+
+def prepare_waveform(audio, sampling_rate: int | None, target_rate: int, index: int = 0) -> np.ndarray:
+    """Any accepted clip -> a validated float32 mono waveform at `target_rate`.
+
+    Accepts an array/tensor/list of samples with `sampling_rate`, a `datasets` Audio dict
+    (`{"array", "sampling_rate"}` or `{"path"}` / `{"bytes"}`), a file path, or raw encoded bytes.
+    Raises `ValueError` naming the clip (`index`) for a missing sampling rate, an empty clip or NaN/inf samples.
+    """
+    if isinstance(audio, dict):
+        if audio.get("array") is not None:
+            audio, sampling_rate = audio["array"], audio.get("sampling_rate", sampling_rate)
+        elif audio.get("bytes") is not None:
+            audio = audio["bytes"]
+        elif audio.get("path") is not None:
+            audio = audio["path"]
+        else:
+            raise ValueError(f"Audio clip {index}: a dict needs 'array' + 'sampling_rate', 'bytes' or 'path'.")
+    if isinstance(audio, bytes):
+        import io
+
+        audio, sampling_rate = load_audio_file(io.BytesIO(audio))
+    elif isinstance(audio, str):
+        audio, sampling_rate = load_audio_file(audio)
+    if sampling_rate is None:
+        raise ValueError(
+            f"Audio clip {index} has no sampling rate: pass `sampling_rate=` (an int, or one per clip) so that it "
+            f"can be resampled to the {target_rate} Hz the feature extractor expects."
+        )
+    waveform = to_mono_float32(audio)
+    if waveform.size == 0:
+        raise ValueError(f"Audio clip {index} is empty (0 samples).")
+    if not np.isfinite(waveform).all():
+        raise ValueError(f"Audio clip {index} holds NaN or infinite samples; clean or drop it.")
+    return resample(waveform, int(sampling_rate), target_rate)
+
+
+class SpeechLlmProcessor(ProcessorMixin):
+    r"""
+    Turns texts with audio placeholders and audio clips into `SpeechLlmForConditionalGeneration` inputs.
+
+    Each placeholder (`audio_token`) in the text is expanded to exactly the number of audio tokens the model emits
+    for its clip, so `input_ids` have their final length. Audio is extracted clip by clip at its real length (never
+    padded to 30 s), then zero-padded to the longest clip with a `feature_attention_mask`.
+
+    Args:
+        feature_extractor (`FeatureExtractionMixin`): a `Wav2Vec2FeatureExtractor` (HuBERT, wav2vec2) or
+            `WhisperFeatureExtractor`.
+        tokenizer (`PreTrainedTokenizerBase`): the LLM's tokenizer, holding `audio_token` as a special token.
+        chat_template (`str`, *optional*): Jinja chat template; defaults to the tokenizer's.
+        audio_token (`str`, *optional*, defaults to `"<audio>"`): the audio placeholder.
+        audio_length_spec (`dict`): `SpeechLlmConfig.audio_length_spec`: how feature length maps to audio tokens.
+        system_prompt (`str`, *optional*): system message that `apply_chat_template` inserts when a conversation
+            has none.
+    """
+
+    attributes = ["feature_extractor", "tokenizer"]
+    feature_extractor_class = "AutoFeatureExtractor"
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(
+        self,
+        feature_extractor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        audio_token: str = "<audio>",
+        audio_length_spec: dict | None = None,
+        system_prompt: str | None = None,
+        **kwargs,
+    ):
+        if audio_length_spec is None:
+            raise ValueError("SpeechLlmProcessor needs audio_length_spec (SpeechLlmConfig.audio_length_spec).")
+        self.audio_token = audio_token
+        self.audio_length_spec = audio_length_spec
+        self.system_prompt = system_prompt
+        audio_token_id = tokenizer.convert_tokens_to_ids(audio_token)
+        if audio_token_id is None or audio_token_id == tokenizer.unk_token_id:
+            raise ValueError(
+                f"The tokenizer does not know the audio token {audio_token!r}: add it with "
+                f"tokenizer.add_special_tokens({{'additional_special_tokens': [{audio_token!r}]}})."
+            )
+        self.audio_token_id = audio_token_id
+        if chat_template is None:
+            chat_template = getattr(tokenizer, "chat_template", None)
+        super().__init__(feature_extractor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.feature_extractor.sampling_rate
+
+    def num_audio_tokens(self, feature_length: int) -> int:
+        """Audio tokens the model emits for a clip of `feature_length` feature frames (or samples)."""
+        return audio_token_count(feature_length, self.audio_length_spec)
+
+    def _extract(self, waveform: np.ndarray, index: int) -> np.ndarray:
+        """Features of one clip at its real length, time on the last axis."""
+        # Extracting clip by clip keeps each clip's features independent of the batch (Whisper's STFT edges and
+        # wav2vec2's per-clip normalisation would otherwise see the padding).
+        try:
+            extracted = self.feature_extractor(
+                waveform, sampling_rate=self.sampling_rate, padding="longest", return_tensors="np"
+            )
+        except RuntimeError as err:  # e.g. Whisper's STFT on a clip shorter than its reflection padding
+            raise ValueError(
+                f"Audio clip {index} is too short ({len(waveform)} samples) for the feature extractor: {err}"
+            ) from err
+        features = extracted[self.feature_extractor.model_input_names[0]][0]
+        max_length = self.audio_length_spec.get("max_feature_length")
+        if max_length is not None and features.shape[-1] > max_length:
+            seconds = len(waveform) / self.sampling_rate
+            raise ValueError(
+                f"Audio clip {index} lasts {seconds:.1f} s, longer than the encoder accepts "
+                f"({max_length} feature frames); split it into shorter clips."
+            )
+        if self.num_audio_tokens(features.shape[-1]) < 1:
+            raise ValueError(
+                f"Audio clip {index} is too short ({len(waveform)} samples at {self.sampling_rate} Hz) "
+                "for the encoder to produce one audio token."
+            )
+        return features
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        audio=None,
+        sampling_rate: int | Sequence[int] | None = None,
+        padding: bool | str = True,
+        return_tensors: str | None = "pt",
+        **tokenizer_kwargs,
+    ) -> BatchFeature:
+        """Prepare a batch.
+
+        Args:
+            text: one text or a list; each audio placeholder in it takes the next clip of `audio`, in order.
+            audio: one clip or a list of clips (arrays, tensors, `datasets` Audio dicts, file paths or bytes).
+            sampling_rate: the rate of the clips given as arrays: one int for all or one per clip.
+            padding, return_tensors, **tokenizer_kwargs: passed to the tokenizer (e.g. `padding_side="left"`).
+
+        Returns:
+            `BatchFeature` with `input_ids`, `attention_mask` and, with audio, `input_features` (num_clips, ..., T)
+            and `feature_attention_mask` (num_clips, T).
+        """
+        if text is None:
+            raise ValueError("SpeechLlmProcessor needs text: put the audio placeholder where the audio goes.")
+        texts = [text] if isinstance(text, str) else list(text)
+        clips = [] if audio is None else audio if _is_clip_list(audio) else [audio]
+        placeholders = [t.count(self.audio_token) for t in texts]
+        if sum(placeholders) != len(clips):
+            raise ValueError(
+                f"The text holds {sum(placeholders)} audio placeholders ({self.audio_token!r}) but {len(clips)} "
+                "audio clips were given: put exactly one placeholder per clip."
+            )
+        rates = list(sampling_rate) if isinstance(sampling_rate, (list, tuple)) else [sampling_rate] * len(clips)
+        if len(rates) != len(clips):
+            raise ValueError(f"Got {len(rates)} sampling rates for {len(clips)} audio clips.")
+        features = [
+            self._extract(prepare_waveform(clip, rate, self.sampling_rate, index), index)
+            for index, (clip, rate) in enumerate(zip(clips, rates))
+        ]
+        lengths = [f.shape[-1] for f in features]
+        expanded, clip_index = [], 0
+        for t, count in zip(texts, placeholders):
+            pieces = t.split(self.audio_token)
+            out = pieces[0]
+            for piece in pieces[1:]:
+                out += self.audio_token * self.num_audio_tokens(lengths[clip_index]) + piece
+                clip_index += 1
+            expanded.append(out)
+        data = dict(self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **tokenizer_kwargs))
+        if features:
+            padded = np.zeros((len(features), *features[0].shape[:-1], max(lengths)), dtype=np.float32)
+            mask = np.zeros((len(features), max(lengths)), dtype=np.int64)
+            for i, f in enumerate(features):
+                padded[i, ..., : f.shape[-1]] = f
+                mask[i, : f.shape[-1]] = 1
+            data["input_features"], data["feature_attention_mask"] = padded, mask
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict] | list[list[dict]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        **kwargs,
+    ):
+        """Render conversations whose message contents may hold `{"type": "audio", ...}` items.
+
+        Audio items become the audio placeholder; text items are concatenated. With `tokenize=True`, the audio of
+        the items (`"audio"`: array with `"sampling_rate"`, or `"path"`) is processed too and a `BatchFeature` is
+        returned. When a conversation has no system message and `system_prompt` is set, it is inserted.
+        """
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        texts, clips, rates = [], [], []
+        for messages in conversations:
+            rendered = []
+            if self.system_prompt and not any(m["role"] == "system" for m in messages):
+                rendered.append({"role": "system", "content": self.system_prompt})
+            for message in messages:
+                content = message["content"]
+                if not isinstance(content, str):
+                    parts = []
+                    for item in content:
+                        if item["type"] == "audio":
+                            parts.append(self.audio_token)
+                            clips.append(item.get("audio", item.get("path")))
+                            rates.append(item.get("sampling_rate"))
+                        else:
+                            parts.append(item["text"])
+                    content = "".join(parts)
+                rendered.append({**copy.copy(message), "content": content})
+            texts.append(
+                self.tokenizer.apply_chat_template(
+                    rendered,
+                    chat_template=chat_template or self.chat_template,
+                    add_generation_prompt=add_generation_prompt,
+                    tokenize=False,
+                )
+            )
+        if not tokenize:
+            return texts if batched else texts[0]
+        kwargs.setdefault("add_special_tokens", False)  # the template already wrote BOS where it belongs
+        return self(text=texts, audio=clips or None, sampling_rate=rates, **kwargs)
+
+    def batch_decode(self, *args, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs) -> str:
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "input_features", "feature_attention_mask"]
+
+
+def _is_clip_list(audio) -> bool:
+    """A list of clips, as opposed to one clip given as a plain list of samples."""
+    if isinstance(audio, (list, tuple)):
+        return len(audio) == 0 or not isinstance(audio[0], (int, float, np.number))
+    return False
+
+
+__all__ = ["SpeechLlmProcessor", "prepare_waveform", "to_mono_float32", "resample", "load_audio_file"]

@@ -1,0 +1,298 @@
+"""Named model recipes: `from_preset(name, **overrides) -> (model, processor)`.
+
+- "hubert-qformer": contrastive task-independent pretraining (methods.md A): HuBERT-large + window Q-Former +
+  Llama-3.1-8B-Instruct with its chat template and the paper's system prompt.
+- "whisper-cnn": BLSP (methods.md B): Whisper-small encoder + CNN subsampler/adapter + Llama-2-7B, BLSP prompt.
+- "tiny": a randomly initialised model of a few MB with its own character tokenizer, built without any download:
+  the default for tests, examples and the quickstart.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from dataclasses import dataclass, field
+
+from tokenizers import Tokenizer, decoders, models, processors
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoTokenizer,
+    HubertConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+)
+
+from .models.speechllm import SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor
+from .models.speechllm.modeling_speechllm import from_pretrained_or_explain
+
+logger = logging.getLogger(__name__)
+
+ENCODER_TYPES = ("hubert", "whisper", "wav2vec2")
+
+# Hub ids used when a preset's encoder type is overridden without naming a checkpoint.
+DEFAULT_ENCODER_IDS = {
+    "hubert": "facebook/hubert-large-ls960-ft",
+    "whisper": "openai/whisper-small",
+    "wav2vec2": "facebook/wav2vec2-large-960h-lv60-self",
+}
+
+CONTRASTIVE_SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
+
+# BLSP: `###[Human]:{instruction}<speech>\n\n\n###[Assistant]:{response}</s>`, BOS once at the start.
+BLSP_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}###[Human]:{{ message['content'] }}\n\n\n###[Assistant]:"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# Small enough to train in minutes on two CPU cores, with the token rates of the full-size projectors.
+TINY_PROJECTOR_CONFIGS = {
+    "qformer": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
+    "cnn": {"adapter_size": 32},
+    "mlp": {"hidden_size": 64},
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    encoder_type: str
+    encoder_name_or_path: str | None
+    text_name_or_path: str | None
+    projector_type: str
+    chat_template: str | None = None  # None: the tokenizer's own
+    system_prompt: str | None = None
+    projector_config: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "hubert-qformer": Preset(
+        "hubert",
+        "facebook/hubert-large-ls960-ft",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "qformer",
+        system_prompt=CONTRASTIVE_SYSTEM_PROMPT,
+    ),
+    "whisper-cnn": Preset(
+        "whisper", "openai/whisper-small", "meta-llama/Llama-2-7b-hf", "cnn", chat_template=BLSP_CHAT_TEMPLATE
+    ),
+    "tiny": Preset("hubert", None, None, "qformer", chat_template=TINY_CHAT_TEMPLATE),
+}
+
+# Settings that go to SpeechLlmConfig; every other keyword of `from_preset` goes to the backbones' from_pretrained.
+_CONFIG_KEYS = ("freeze_encoder", "freeze_text_model", "encoder_train_mode_augment", "audio_token", "ignore_index")
+
+
+def tiny_tokenizer(audio_token: str = "<audio>") -> PreTrainedTokenizerFast:
+    """A character-level tokenizer built in code (no download): ASCII letters, digits, punctuation and specials."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>", audio_token, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    characters = list(string.ascii_letters + string.digits + string.punctuation + " \n")
+    vocab = {token: index for index, token in enumerate(specials + characters)}
+    # BPE without merges splits text into characters; Fuse joins them back without spaces when decoding.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=specials[4:],
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+
+
+def tiny_encoder_config(encoder_type: str):
+    """A tiny random encoder with the real one's frame rate (HuBERT/wav2vec2: 320x conv stack; Whisper: 2x)."""
+    if encoder_type == "whisper":
+        return WhisperConfig(
+            d_model=64,
+            encoder_layers=2,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_layers=1,
+            decoder_attention_heads=4,
+            decoder_ffn_dim=128,
+            num_mel_bins=80,
+            vocab_size=64,
+        )
+    common = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        conv_dim=(32,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        feat_extract_norm="layer",  # as in the large checkpoints: padding is masked, not normalised over
+        do_stable_layer_norm=True,
+        vocab_size=32,
+    )
+    return HubertConfig(**common) if encoder_type == "hubert" else Wav2Vec2Config(**common)
+
+
+def tiny_text_config(tokenizer) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _prepare_text_tokenizer(tokenizer, audio_token: str):
+    if audio_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [audio_token]}, replace_additional_special_tokens=False)
+    if tokenizer.pad_token is None:
+        # Both original code bases had to set one; prefer a dedicated pad token when the vocabulary has one.
+        vocab = tokenizer.get_vocab()
+        pad = next((t for t in ("<|finetune_right_pad_id|>", "<pad>") if t in vocab), None)
+        pad = pad or tokenizer.unk_token or tokenizer.eos_token
+        logger.info("The tokenizer has no pad token; using %r.", pad)
+        tokenizer.pad_token = pad
+    return tokenizer
+
+
+def from_preset(
+    name: str,
+    *,
+    encoder_type: str | None = None,
+    projector_type: str | None = None,
+    projector_config: dict | None = None,
+    encoder_name_or_path: str | None = None,
+    encoder_revision: str | None = None,
+    text_name_or_path: str | None = None,
+    text_revision: str | None = None,
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
+    **kwargs,
+) -> tuple[SpeechLlmForConditionalGeneration, SpeechLlmProcessor]:
+    """Build a model and its processor from a named preset.
+
+    Args:
+        name: "hubert-qformer", "whisper-cnn" or "tiny".
+        encoder_type: "hubert", "whisper" or "wav2vec2" instead of the preset's encoder.
+        projector_type: "qformer", "cnn" or "mlp" instead of the preset's projector.
+        projector_config: projector settings over the type's defaults.
+        encoder_name_or_path, text_name_or_path: a Hub id or local folder whose weights are loaded (with
+            `*_revision`). For "tiny", giving one replaces the random sub-model with the pretrained one.
+        chat_template, system_prompt: replace the preset's prompt format.
+        **kwargs: `freeze_encoder`, `freeze_text_model`, `encoder_train_mode_augment`, `audio_token`,
+            `ignore_index` go to `SpeechLlmConfig`; anything else (dtype, device_map, attn_implementation,
+            quantization_config, token, cache_dir, local_files_only, ...) to the backbones' `from_pretrained`.
+
+    Returns:
+        `(model, processor)`.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    preset = PRESETS[name]
+    if encoder_type is not None and encoder_type not in ENCODER_TYPES:
+        raise ValueError(f"Unknown encoder_type {encoder_type!r}; choose one of {', '.join(ENCODER_TYPES)}.")
+    config_kwargs = {key: kwargs.pop(key) for key in _CONFIG_KEYS if key in kwargs}
+    audio_token = config_kwargs.get("audio_token", "<audio>")
+    is_tiny = name == "tiny"
+    encoder_type = encoder_type or preset.encoder_type
+    if encoder_name_or_path is None and not is_tiny:
+        same_encoder = encoder_type == preset.encoder_type
+        encoder_name_or_path = preset.encoder_name_or_path if same_encoder else DEFAULT_ENCODER_IDS[encoder_type]
+    text_name_or_path = text_name_or_path or preset.text_name_or_path
+    projector_type = projector_type or preset.projector_type
+    hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
+
+    if encoder_name_or_path:
+        encoder_config = from_pretrained_or_explain(
+            AutoConfig.from_pretrained, encoder_name_or_path, "encoder config", revision=encoder_revision, **hub_kwargs
+        )
+        feature_extractor = from_pretrained_or_explain(
+            AutoFeatureExtractor.from_pretrained,
+            encoder_name_or_path,
+            "feature extractor",
+            revision=encoder_revision,
+            **hub_kwargs,
+        )
+    else:
+        encoder_config = tiny_encoder_config(encoder_type)
+        if encoder_type == "whisper":
+            feature_extractor = WhisperFeatureExtractor(feature_size=80)
+        else:
+            feature_extractor = Wav2Vec2FeatureExtractor(return_attention_mask=True, do_normalize=True)
+    if isinstance(feature_extractor, Wav2Vec2FeatureExtractor):
+        feature_extractor.return_attention_mask = True
+
+    if text_name_or_path:
+        tokenizer = from_pretrained_or_explain(
+            AutoTokenizer.from_pretrained, text_name_or_path, "tokenizer", revision=text_revision, **hub_kwargs
+        )
+        text_config = from_pretrained_or_explain(
+            AutoConfig.from_pretrained, text_name_or_path, "text config", revision=text_revision, **hub_kwargs
+        )
+    else:
+        tokenizer = tiny_tokenizer(audio_token)
+        text_config = tiny_text_config(tokenizer)
+    tokenizer = _prepare_text_tokenizer(tokenizer, audio_token)
+    tokenizer.padding_side = "left"  # ready for batched generation; position ids make training padding-agnostic
+
+    tiny_projector = TINY_PROJECTOR_CONFIGS[projector_type] if is_tiny else {}
+    config = SpeechLlmConfig(
+        encoder_config=encoder_config,
+        text_config=text_config,
+        projector_type=projector_type,
+        projector_config={**tiny_projector, **preset.projector_config, **(projector_config or {})},
+        audio_token_id=tokenizer.convert_tokens_to_ids(audio_token),
+        encoder_name_or_path=encoder_name_or_path,
+        encoder_revision=encoder_revision,
+        text_name_or_path=text_name_or_path,
+        text_revision=text_revision,
+        **config_kwargs,
+    )
+    model = SpeechLlmForConditionalGeneration.from_backbones(config, **kwargs)
+    _set_generation_defaults(model, tokenizer)
+    processor = SpeechLlmProcessor(
+        feature_extractor,
+        tokenizer,
+        chat_template=chat_template or preset.chat_template,
+        audio_token=audio_token,
+        audio_length_spec=config.audio_length_spec,
+        system_prompt=system_prompt if system_prompt is not None else preset.system_prompt,
+    )
+    return model, processor
+
+
+def _set_generation_defaults(model: SpeechLlmForConditionalGeneration, tokenizer) -> None:
+    """Stop at EOS and at the chat end-of-turn token (Llama-3's <|eot_id|>); pad with the tokenizer's pad."""
+    generation_config = model.generation_config
+    eos = [tokenizer.eos_token_id]
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>") if "<|eot_id|>" in tokenizer.get_vocab() else None
+    if eot is not None and eot not in eos:
+        eos.append(eot)
+    generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
+    generation_config.pad_token_id = tokenizer.pad_token_id
+    generation_config.bos_token_id = tokenizer.bos_token_id
+
+
+__all__ = ["from_preset", "PRESETS", "Preset", "tiny_tokenizer", "ENCODER_TYPES", "CONTRASTIVE_SYSTEM_PROMPT"]

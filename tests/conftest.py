@@ -1,0 +1,41 @@
+import os
+
+# Nothing in the test suite may reach the Hub: fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from speechllm_hf import from_preset  # noqa: E402
+
+ENCODERS = ("hubert", "whisper", "wav2vec2")
+PROJECTORS = ("qformer", "cnn", "mlp")
+_MODELS: dict = {}
+
+
+def tiny(encoder_type: str = "hubert", projector_type: str = "qformer", **kwargs):
+    """A cached tiny (model, processor) pair; the model is in eval mode with a fixed seed."""
+    key = (encoder_type, projector_type, tuple(sorted(kwargs.items())))
+    if key not in _MODELS:
+        torch.manual_seed(0)
+        model, processor = from_preset("tiny", encoder_type=encoder_type, projector_type=projector_type, **kwargs)
+        _MODELS[key] = (model.eval(), processor)
+    return _MODELS[key]
+
+
+def clip(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
+    """A deterministic speech-like clip: a few harmonics with a random envelope."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = rng.uniform(100, 250)
+    wave = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 5))
+    envelope = np.interp(t, np.linspace(0, t[-1] if len(t) else 1, 8), rng.uniform(0.1, 1.0, 8))
+    return (0.3 * wave * envelope + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+@pytest.fixture
+def make_clip():
+    return clip

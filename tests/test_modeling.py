@@ -1,0 +1,223 @@
+"""SpeechLlmForConditionalGeneration on tiny configs: every encoder x projector, gradients, padding, generation."""
+
+import pytest
+import torch
+from conftest import ENCODERS, PROJECTORS, clip, tiny
+
+from speechllm_hf import SpeechLlmConfig, SpeechLlmForConditionalGeneration, from_preset
+
+
+def batch(processor, seconds=(1.0, 0.55), texts=None):
+    clips = [clip(s, seed=i) for i, s in enumerate(seconds)]
+    texts = texts or [f"<|user|><audio> say {i}<|end|><|assistant|>hello {i}" for i in range(len(clips))]
+    return processor(texts, audio=clips, sampling_rate=16000)
+
+
+@pytest.mark.parametrize("encoder_type", ENCODERS)
+@pytest.mark.parametrize("projector_type", PROJECTORS)
+def test_forward_backward_generate(encoder_type, projector_type):
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny", encoder_type=encoder_type, projector_type=projector_type)
+    model.train()
+    inputs = batch(processor)
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert out.logits.shape[:2] == inputs["input_ids"].shape
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("projector.") for n in trainable)
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in with_grad and p.dim() > 1)
+
+    model.eval()
+    prompt = processor(["<|user|><audio> hi<|end|><|assistant|>"] * 2, audio=[clip(0.8), clip(0.5, 1)],
+                       sampling_rate=16000)
+    generated = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    length = prompt["input_ids"].shape[1]
+    assert generated.shape == (2, length + 4)
+    assert torch.equal(generated[:, :length], prompt["input_ids"])
+
+
+@pytest.mark.parametrize("encoder_type", ENCODERS)
+@pytest.mark.parametrize("projector_type", PROJECTORS)
+def test_padded_batch_matches_alone(encoder_type, projector_type):
+    model, processor = tiny(encoder_type, projector_type)
+    seconds = (1.3, 0.41, 0.9)
+    texts = ["<|user|><audio> a<|end|>", "<|user|>longer text <audio> b<|end|>", "<|user|><audio><|end|>"]
+    batched = processor(texts, audio=[clip(s, i) for i, s in enumerate(seconds)], sampling_rate=16000)
+    with torch.no_grad():
+        logits = model(**batched).logits
+        for i, (text, s) in enumerate(zip(texts, seconds)):
+            alone = processor([text], audio=[clip(s, i)], sampling_rate=16000)
+            single = model(**alone).logits[0]
+            valid = batched["attention_mask"][i].bool()
+            torch.testing.assert_close(logits[i][valid], single, atol=2e-5, rtol=1e-4)
+
+
+def test_group_norm_encoder_padding_is_handled():
+    """Base HuBERT/wav2vec2 checkpoints normalise over time: padded clips are encoded one by one."""
+    from speechllm_hf.presets import tiny_encoder_config
+
+    model, processor = tiny("hubert", "mlp")
+    config = model.config.to_dict()
+    encoder = tiny_encoder_config("hubert")
+    encoder.feat_extract_norm, encoder.do_stable_layer_norm = "group", False
+    config["encoder_config"] = encoder
+    torch.manual_seed(0)
+    group_model = SpeechLlmForConditionalGeneration(SpeechLlmConfig(**config)).eval()
+    clips = [clip(1.0), clip(0.4, 1)]
+    batched = processor(["<audio>", "<audio>"], audio=clips, sampling_rate=16000)
+    with torch.no_grad():
+        embeds, lengths = group_model.get_audio_features(batched["input_features"], batched["feature_attention_mask"])
+        alone = processor(["<audio>"], audio=[clips[1]], sampling_rate=16000)
+        single, single_len = group_model.get_audio_features(alone["input_features"], alone["feature_attention_mask"])
+    assert int(lengths[1]) == int(single_len[0])
+    torch.testing.assert_close(embeds[1, : int(lengths[1])], single[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("projector_type", "frames_per_token"),
+    [("qformer", 17 / 4), ("cnn", 8), ("mlp", 5)],
+)
+def test_projector_shapes_and_token_rate(projector_type, frames_per_token):
+    model, _ = tiny("hubert", projector_type)
+    width = model.config.text_config.hidden_size
+    frames = 17 * 8 * 5 * 2  # a multiple of every window / stride
+    hidden = torch.randn(2, frames, model.config.encoder_hidden_size)
+    lengths = torch.tensor([frames, frames // 2])
+    with torch.no_grad():
+        out, out_lengths = model.projector(hidden, lengths)
+    assert out.shape == (2, int(frames / frames_per_token), width)
+    assert out_lengths.tolist() == [int(frames / frames_per_token), int(frames / 2 / frames_per_token)]
+
+
+def test_qformer_window_of_17_frames_gives_4_tokens():
+    model, _ = tiny("hubert", "qformer")
+    with torch.no_grad():
+        out, lengths = model.projector(torch.randn(1, 18, model.config.encoder_hidden_size), torch.tensor([18]))
+    assert out.shape[1] == 8 and lengths.item() == 8  # 18 frames -> 2 windows -> 2 x 4 queries
+
+
+def test_audio_token_count_mismatch_names_both_counts():
+    model, processor = tiny()
+    inputs = batch(processor, seconds=(1.0,), texts=["<audio> hi"])
+    ids = inputs["input_ids"].clone()
+    ids[0, (ids[0] == model.config.audio_token_id).nonzero()[0]] = processor.tokenizer.convert_tokens_to_ids("a")
+    with pytest.raises(ValueError, match=r"(\d+) audio tokens .* (\d+) features"):
+        model(input_ids=ids, input_features=inputs["input_features"],
+              feature_attention_mask=inputs["feature_attention_mask"])
+
+
+def test_text_only_input():
+    model, processor = tiny()
+    inputs = processor(["just text", "more text here"])
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert torch.isfinite(out.loss)
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[0] == 2
+
+
+def test_labels_at_audio_positions_are_ignored():
+    model, processor = tiny()
+    inputs = batch(processor, seconds=(0.6,), texts=["<audio>abc"])
+    labels = inputs["input_ids"].clone()
+    with torch.no_grad():
+        loss = model(**inputs, labels=labels).loss
+        audio = inputs["input_ids"] == model.config.audio_token_id
+        expected = model(**inputs, labels=labels.masked_fill(audio, -100)).loss
+    torch.testing.assert_close(loss, expected)
+
+
+def test_left_padding_does_not_shift_positions():
+    """Position ids come from the attention mask, so a left-padded prompt sees the positions it sees alone."""
+    model, processor = tiny()
+    texts = ["<|user|><audio> short<|end|><|assistant|>", "<|user|><audio> a much longer prompt<|end|><|assistant|>"]
+    clips = [clip(0.7), clip(0.9, 1)]
+    both = processor(texts, audio=clips, sampling_rate=16000)
+    assert processor.tokenizer.padding_side == "left"
+    with torch.no_grad():
+        last = model(**both).logits[:, -1]
+        for i in range(2):
+            alone = processor([texts[i]], audio=[clips[i]], sampling_rate=16000)
+            torch.testing.assert_close(last[i], model(**alone).logits[0, -1], atol=2e-5, rtol=1e-4)
+
+
+def test_batched_greedy_generation_equals_one_at_a_time():
+    model, processor = tiny()
+    texts = ["<|user|><audio> one<|end|><|assistant|>", "<|user|><audio> two two<|end|><|assistant|>"]
+    clips = [clip(0.6), clip(1.1, 1)]
+    both = processor(texts, audio=clips, sampling_rate=16000)
+    out = model.generate(**both, max_new_tokens=6, do_sample=False)
+    new = out[:, both["input_ids"].shape[1] :]
+    for i in range(2):
+        alone = processor([texts[i]], audio=[clips[i]], sampling_rate=16000)
+        single = model.generate(**alone, max_new_tokens=6, do_sample=False)[0, alone["input_ids"].shape[1] :]
+        assert new[i, : len(single)].tolist() == single.tolist()
+
+
+def test_audio_encoded_once_during_generate(monkeypatch):
+    model, processor = tiny()
+    calls = []
+    original = model.get_audio_features
+    monkeypatch.setattr(model, "get_audio_features", lambda *a, **k: calls.append(1) or original(*a, **k))
+    inputs = batch(processor, seconds=(0.6, 0.9), texts=["<audio> x", "<audio> y"])
+    model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert len(calls) == 1
+
+
+def test_frozen_parts_stay_in_eval_mode_and_encoder_runs_without_grad():
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny")
+    model.train()
+    assert model.projector.training
+    assert not model.encoder.training and not model.language_model.training
+    inputs = batch(processor)
+    hidden = model._run_encoder(inputs["input_features"], inputs["feature_attention_mask"])
+    embeds, _ = model.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"])
+    assert embeds.requires_grad and not hidden.requires_grad
+
+    augmenting, _ = from_preset("tiny", encoder_train_mode_augment=True)
+    assert augmenting.train().encoder.training
+
+
+def test_gradient_checkpointing_still_reaches_the_projector():
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny", projector_type="mlp")
+    model.train()
+    model.projector.requires_grad_(True)
+    for module in model.projector.modules():  # dropout-free comparison
+        module.eval()
+    inputs = batch(processor)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.projector.named_parameters()}
+    model.zero_grad()
+    # transformers 5.x renamed gradient_checkpointing_enable; both versions must work with their own default.
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.language_model.modules())
+    model.language_model.train()  # checkpointing is only active in train mode
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    for name, parameter in model.projector.named_parameters():
+        torch.testing.assert_close(parameter.grad, reference[name], atol=1e-6, rtol=1e-5)
+
+
+def test_sdpa_and_eager_give_the_same_logits():
+    torch.manual_seed(0)
+    eager, processor = from_preset("tiny", attn_implementation="eager")
+    torch.manual_seed(0)
+    sdpa, _ = from_preset("tiny", attn_implementation="sdpa")
+    assert sdpa.language_model.config._attn_implementation == "sdpa"
+    inputs = batch(processor)
+    with torch.no_grad():
+        torch.testing.assert_close(eager.eval()(**inputs).logits, sdpa.eval()(**inputs).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_forward():
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny", dtype=torch.bfloat16)
+    model = model.to(torch.bfloat16).eval()
+    inputs = batch(processor)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
