@@ -1,0 +1,1 @@
+"""Sub-commands of `speechllm-hf`; each module's `register(subparsers)` adds one (see speechllm_hf.cli)."""

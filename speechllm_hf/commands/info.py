@@ -1,0 +1,38 @@
+"""`speechllm-hf info --preset NAME`: build a preset and print its shape, parameter counts and token rate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("info", help="describe a preset: sub-models, parameter counts, audio token rate")
+    parser.add_argument("--preset", default="tiny", help="preset name (tiny, hubert-qformer, whisper-cnn)")
+    parser.add_argument("--encoder_type", choices=["hubert", "whisper", "wav2vec2"])
+    parser.add_argument("--projector_type", choices=["qformer", "cnn", "mlp"])
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from speechllm_hf import from_preset
+
+    model, processor = from_preset(args.preset, encoder_type=args.encoder_type, projector_type=args.projector_type)
+    config = model.config
+
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    # Feature frames per second: raw samples for HuBERT/wav2vec2, mel frames (one per hop) for Whisper.
+    feature_rate = processor.sampling_rate / getattr(processor.feature_extractor, "hop_length", 1)
+    summary = {
+        "encoder": type(model.encoder).__name__,
+        "projector": type(model.projector).__name__,
+        "language_model": type(model.language_model).__name__,
+        "parameters": {"encoder": count(model.encoder), "projector": count(model.projector),
+                       "language_model": count(model.language_model)},
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "audio_tokens_per_second": round(config.audio_tokens_per_second(feature_rate), 2),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
