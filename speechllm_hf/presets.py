@@ -131,7 +131,6 @@ def tiny_encoder_config(encoder_type: str):
             decoder_attention_heads=4,
             decoder_ffn_dim=128,
             num_mel_bins=80,
-            vocab_size=64,
         )
     common = dict(
         hidden_size=64,
