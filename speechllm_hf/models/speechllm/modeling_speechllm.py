@@ -307,7 +307,10 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         model = cls(config, encoder=encoder, language_model=language_model)
         # The new projector (and any randomly built backbone) joins the LLM's input device and the requested dtype.
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        dtype = dtype if isinstance(dtype, torch.dtype) else None
+        if dtype == "auto":
+            dtype = model.language_model.dtype
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
         device = model.get_input_embeddings().weight.device
         model.projector.to(device=device, dtype=dtype)
         if encoder is None:

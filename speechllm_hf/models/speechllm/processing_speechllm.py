@@ -159,10 +159,11 @@ class SpeechLlmProcessor(ProcessorMixin):
     def _extract(self, waveform: np.ndarray, index: int) -> np.ndarray:
         """Features of one clip at its real length, time on the last axis."""
         # Extracting clip by clip keeps each clip's features independent of the batch (Whisper's STFT edges and
-        # wav2vec2's per-clip normalisation would otherwise see the padding).
+        # wav2vec2's per-clip normalisation would otherwise see the padding). `truncation=False`: Whisper's extractor
+        # would otherwise cut clips at 30 s without a word; too-long clips are refused below instead.
         try:
             extracted = self.feature_extractor(
-                waveform, sampling_rate=self.sampling_rate, padding="longest", return_tensors="np"
+                waveform, sampling_rate=self.sampling_rate, padding="longest", truncation=False, return_tensors="np"
             )
         except RuntimeError as err:  # e.g. Whisper's STFT on a clip shorter than its reflection padding
             raise ValueError(

@@ -1,0 +1,136 @@
+"""SpeechLlmProcessor: placeholder expansion, audio normalisation, chat template and clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import clip, tiny
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from speechllm_hf import SpeechLlmProcessor
+
+
+@pytest.mark.parametrize(
+    ("encoder_type", "projector_type"),
+    [("hubert", "qformer"), ("hubert", "cnn"), ("wav2vec2", "mlp"), ("whisper", "qformer"), ("whisper", "cnn")],
+)
+@settings(max_examples=15, deadline=None)
+@given(num_samples=st.integers(min_value=1200, max_value=40000))
+def test_placeholder_expansion_equals_projector_output_length(encoder_type, projector_type, num_samples):
+    model, processor = tiny(encoder_type, projector_type)
+    inputs = processor(["<audio>"], audio=[clip(num_samples / 16000)], sampling_rate=16000)
+    num_tokens = int((inputs["input_ids"] == processor.audio_token_id).sum())
+    with torch.no_grad():
+        embeds, lengths = model.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"])
+    assert num_tokens == int(lengths[0]) == embeds.shape[1] >= 1
+
+
+def test_expansion_per_clip_in_a_batch():
+    model, processor = tiny("hubert", "qformer")
+    seconds = [0.3, 1.0, 2.2]
+    inputs = processor(["<audio><audio>", "x <audio> y"], audio=[clip(s, i) for i, s in enumerate(seconds)],
+                       sampling_rate=16000)
+    expected = [processor.num_audio_tokens(int(s * 16000)) for s in seconds]
+    counts = (inputs["input_ids"] == processor.audio_token_id).sum(-1).tolist()
+    assert counts == [expected[0] + expected[1], expected[2]]
+    assert inputs["feature_attention_mask"].sum(-1).tolist() == [int(s * 16000) for s in seconds]
+    # HuBERT: 320 samples per frame, Q-Former: 4 tokens per 17 frames -> 1 s = 49 frames = 3 windows = 12 tokens.
+    assert expected[1] == 12
+
+
+def test_audio_is_never_padded_to_30_seconds():
+    _, processor = tiny("whisper", "cnn")
+    inputs = processor(["<audio>"], audio=[clip(1.0)], sampling_rate=16000)
+    assert inputs["input_features"].shape == (1, 80, 100)
+
+
+def test_resampling_downmix_and_integer_pcm():
+    _, processor = tiny()
+    mono16k = processor(["<audio>"], audio=[clip(1.0)], sampling_rate=16000)
+    at8k = processor(["<audio>"], audio=[clip(1.0, rate=8000)], sampling_rate=8000)
+    assert at8k["input_features"].shape == mono16k["input_features"].shape
+    assert torch.equal(at8k["input_ids"], mono16k["input_ids"])
+
+    wave = clip(0.5)
+    stereo_last = np.stack([wave, wave], axis=1)  # (samples, channels), as soundfile reads
+    stereo_first = np.stack([wave, 0 * wave], axis=0)  # (channels, samples), as torchaudio reads
+    out_last = processor(["<audio>"], audio=[stereo_last], sampling_rate=16000)["input_features"]
+    out_mono = processor(["<audio>"], audio=[wave], sampling_rate=16000)["input_features"]
+    torch.testing.assert_close(out_last, out_mono)
+    half = processor(["<audio>"], audio=[wave / 2], sampling_rate=16000, )["input_features"]
+    torch.testing.assert_close(
+        processor(["<audio>"], audio=[stereo_first], sampling_rate=16000)["input_features"], half
+    )
+
+    pcm = np.round(wave * 32767).astype(np.int16)
+    from_pcm = processor(["<audio>"], audio=[pcm], sampling_rate=16000)["input_features"]
+    torch.testing.assert_close(from_pcm, processor(["<audio>"], audio=[pcm / 32768.0], sampling_rate=16000)[
+        "input_features"])
+
+
+def test_datasets_audio_dict_and_per_clip_rates():
+    _, processor = tiny()
+    a = {"array": clip(0.5), "sampling_rate": 16000}
+    b = {"array": clip(0.5, rate=8000), "sampling_rate": 8000}
+    inputs = processor(["<audio>", "<audio>"], audio=[a, b])
+    assert inputs["feature_attention_mask"].sum(-1).tolist() == [8000, 8000]
+    listed = processor(["<audio>", "<audio>"], audio=[a["array"], b["array"]], sampling_rate=[16000, 8000])
+    torch.testing.assert_close(listed["input_features"], inputs["input_features"])
+
+
+@pytest.mark.parametrize(
+    ("texts", "audio", "kwargs", "message"),
+    [
+        (["<audio>"], [np.zeros(0, dtype=np.float32)], {"sampling_rate": 16000}, "empty"),
+        (["<audio>"], [np.full(16000, np.nan, dtype=np.float32)], {"sampling_rate": 16000}, "NaN or infinite"),
+        (["<audio>"], [np.full(16000, np.inf, dtype=np.float32)], {"sampling_rate": 16000}, "NaN or infinite"),
+        (["<audio>"], [clip(1.0)], {}, "no sampling rate"),
+        (["<audio> <audio>"], [clip(1.0)], {"sampling_rate": 16000}, "2 audio placeholders .* 1 audio clips"),
+        (["no placeholder"], [clip(1.0)], {"sampling_rate": 16000}, "0 audio placeholders .* 1 audio clips"),
+        (["<audio>"], [clip(0.01)], {"sampling_rate": 16000}, "too short"),
+        (["<audio><audio>"], [clip(1.0), clip(1.0)], {"sampling_rate": [16000]}, "1 sampling rates for 2"),
+    ],
+)
+def test_bad_input_raises_a_clear_value_error(texts, audio, kwargs, message):
+    _, processor = tiny()
+    with pytest.raises(ValueError, match=message):
+        processor(texts, audio=audio, **kwargs)
+
+
+def test_whisper_clip_over_30_seconds_is_refused():
+    _, processor = tiny("whisper", "cnn")
+    with pytest.raises(ValueError, match="longer than the encoder accepts"):
+        processor(["<audio>"], audio=[np.zeros(31 * 16000, dtype=np.float32) + 0.01], sampling_rate=16000)
+
+
+def test_tokenizer_without_the_audio_token_is_refused():
+    _, processor = tiny()
+    with pytest.raises(ValueError, match="does not know the audio token"):
+        SpeechLlmProcessor(processor.feature_extractor, processor.tokenizer, audio_token="<speech>",
+                           audio_length_spec=processor.audio_length_spec)
+
+
+def test_apply_chat_template_with_audio_content():
+    _, processor = tiny()
+    wave = clip(0.8)
+    conversation = [
+        {"role": "user", "content": [{"type": "audio", "audio": wave, "sampling_rate": 16000},
+                                     {"type": "text", "text": "\nTranscribe."}]},
+    ]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert text == "<s><|user|><audio>\nTranscribe.<|end|><|assistant|>"
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    direct = processor([text], audio=[wave], sampling_rate=16000, add_special_tokens=False)
+    assert torch.equal(inputs["input_ids"], direct["input_ids"])
+    assert inputs["input_ids"][0, 0] == processor.tokenizer.bos_token_id
+    assert (inputs["input_ids"][0] == processor.tokenizer.bos_token_id).sum() == 1
+
+    with_system = SpeechLlmProcessor(processor.feature_extractor, processor.tokenizer, audio_length_spec=
+                                     processor.audio_length_spec, system_prompt="Be brief.")
+    assert with_system.apply_chat_template(conversation).startswith("<s><|system|>Be brief.<|end|><|user|>")
+
+
+def test_batch_decode_round_trip():
+    _, processor = tiny()
+    ids = processor(["hello there", "hi"])["input_ids"]
+    assert processor.batch_decode(ids, skip_special_tokens=True) == ["hello there", "hi"]
