@@ -256,7 +256,7 @@ def from_preset(
     tokenizer = _prepare_text_tokenizer(tokenizer, audio_token)
     tokenizer.padding_side = "left"  # ready for batched generation; position ids make training padding-agnostic
 
-    tiny_projector = TINY_PROJECTOR_CONFIGS[projector_type] if is_tiny else {}
+    tiny_projector = TINY_PROJECTOR_CONFIGS.get(projector_type, {}) if is_tiny else {}
     config = SpeechLlmConfig(
         encoder_config=encoder_config,
         text_config=text_config,

@@ -1,0 +1,117 @@
+"""Audio loading for the data pipeline: any clip reference -> float32 mono waveform, and cheap durations.
+
+Decoding, downmixing and resampling are the processor's (`speechllm_hf.models.speechllm.processing_speechllm`):
+this module only routes the kinds of input a manifest or a `datasets.Dataset` can hold to those helpers. `datasets`
+never decodes audio here (its `Audio` feature needs torchcodec + FFmpeg from datasets 4 on): soundfile does.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+
+from speechllm_hf.models.speechllm.processing_speechllm import load_audio_file, prepare_waveform, to_mono_float32
+
+AudioSource = Any  # str | os.PathLike | bytes | np.ndarray | torch.Tensor | list[float] | dict (datasets Audio)
+
+
+def _normalise(source: AudioSource) -> AudioSource:
+    """Path-likes become str and byte buffers become bytes, the forms `prepare_waveform` dispatches on."""
+    if isinstance(source, os.PathLike):
+        return os.fspath(source)
+    if isinstance(source, (bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, dict):
+        return {key: _normalise(value) if key in ("path", "bytes") else value for key, value in source.items()}
+    return source
+
+
+def _unwrap(source: AudioSource, sampling_rate: int | None) -> tuple[AudioSource, int | None]:
+    """A `datasets` Audio dict -> the one reference it carries (array, bytes or path), preferring in-memory data."""
+    if not isinstance(source, dict):
+        return source, sampling_rate
+    if source.get("array") is not None:
+        return source["array"], source.get("sampling_rate", sampling_rate)
+    if source.get("bytes") is not None:
+        return source["bytes"], None
+    if source.get("path") is not None:
+        return source["path"], None
+    raise ValueError("An audio dict needs 'array' + 'sampling_rate', 'bytes' or 'path'.")
+
+
+def load_audio(source: AudioSource, sampling_rate: int | None = None, target_rate: int = 16000) -> np.ndarray:
+    """Loads one clip as a float32 mono waveform at `target_rate`.
+
+    Args:
+        source: A file path (wav, flac, ogg, ... anything libsndfile reads), raw encoded bytes, an array, tensor or
+            list of samples (1-D, or 2-D samples x channels), or a `datasets` Audio dict (`{"array",
+            "sampling_rate"}` or `{"bytes", "path"}`).
+        sampling_rate: The rate of `source` when it is an array without one.
+        target_rate: The rate of the returned waveform.
+
+    Returns:
+        A 1-D float32 array in [-1, 1] at `target_rate`.
+
+    Raises:
+        ValueError: If the clip cannot be decoded, has no sampling rate, is empty or holds NaN/inf samples.
+    """
+    return prepare_waveform(_normalise(source), sampling_rate, target_rate)
+
+
+def decode_audio(source: AudioSource, sampling_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """Decodes one clip at its own rate, without validating it (validation wants to classify what is wrong).
+
+    Args:
+        source: Any input `load_audio` accepts.
+        sampling_rate: The rate of `source` when it is an array without one.
+
+    Returns:
+        `(waveform, rate)`: a 1-D float32 mono array (possibly empty or non-finite) and its sampling rate.
+
+    Raises:
+        ValueError: If the clip cannot be decoded or an array has no sampling rate.
+    """
+    source, sampling_rate = _unwrap(_normalise(source), sampling_rate)
+    if isinstance(source, bytes):
+        source, sampling_rate = load_audio_file(io.BytesIO(source))
+    elif isinstance(source, str):
+        source, sampling_rate = load_audio_file(source)
+    if sampling_rate is None:
+        raise ValueError("An audio array needs its sampling rate.")
+    return to_mono_float32(source), int(sampling_rate)
+
+
+def audio_duration(source: AudioSource, sampling_rate: int | None = None) -> float:
+    """Duration of one clip in seconds, reading only the header when it is a file or encoded bytes.
+
+    Args:
+        source: Any input `load_audio` accepts.
+        sampling_rate: The rate of `source` when it is an array without one.
+
+    Returns:
+        The duration in seconds at the clip's own rate.
+
+    Raises:
+        ValueError: If the header cannot be read or an array has no sampling rate.
+    """
+    source, sampling_rate = _unwrap(_normalise(source), sampling_rate)
+    if isinstance(source, (bytes, str)):
+        import soundfile
+
+        try:
+            info = soundfile.info(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except Exception as err:  # soundfile raises LibsndfileError, RuntimeError or OSError depending on the case
+            name = "<bytes>" if isinstance(source, bytes) else repr(source)
+            raise ValueError(f"Cannot read the audio header of {name}: {err}") from err
+        return info.frames / info.samplerate
+    if sampling_rate is None:
+        raise ValueError("An audio array needs its sampling rate.")
+    shape = np.shape(source)
+    # 2-D arrays are (samples, channels) or (channels, samples): the longer axis is time, as in to_mono_float32.
+    return (max(shape) if len(shape) == 2 else shape[0] if shape else 0) / sampling_rate
+
+
+__all__ = ["AudioSource", "load_audio", "decode_audio", "audio_duration"]

@@ -1,0 +1,101 @@
+"""Manifests -> `datasets.Dataset` with an undecoded audio column (paths, bytes or arrays, never decoded here).
+
+Accepted sources: a JSON-lines file (`{"audio": path, "text": ..., ...}` per line; relative paths are resolved
+against the file's folder), a parquet file or a folder of parquet files (MuST-C / Spoken-SQuAD style: `audio
+{array, sampling_rate}` or `{bytes, path}`, `duration`, `sentence`, `translation`, `question`, `answer`), or a
+`datasets.Dataset`, whose `Audio` columns are cast to `decode=False` (decoding them would need torchcodec + FFmpeg).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIX = ".parquet"
+
+
+def cast_audio_undecoded(dataset: datasets.Dataset) -> datasets.Dataset:
+    """Casts every `Audio` column to `Audio(decode=False)`, so rows hold `{"bytes", "path"}` dicts.
+
+    Args:
+        dataset: Any dataset.
+
+    Returns:
+        The dataset, with its `Audio` columns no longer decoded by `datasets`.
+    """
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Audio) and feature.decode:
+            dataset = dataset.cast_column(name, datasets.Audio(decode=False))
+    return dataset
+
+
+def _resolve(audio: str | None, base: str, column: str) -> dict[str, str | None]:
+    return {column: audio if audio is None or os.path.isabs(audio) else os.path.normpath(os.path.join(base, audio))}
+
+
+def _read_files(path: Path) -> tuple[datasets.Dataset, Path]:
+    """Reads a jsonl/parquet file or a folder of parquet files; returns the dataset and the folder paths are under."""
+    if not path.exists():
+        raise ValueError(f"Manifest {str(path)!r} does not exist.")
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob(f"*{PARQUET_SUFFIX}"))
+        if not files:
+            raise ValueError(f"Manifest folder {str(path)!r} holds no {PARQUET_SUFFIX} files.")
+        return datasets.Dataset.from_parquet(files), path
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        return datasets.Dataset.from_json(str(path)), path.parent
+    if suffix == PARQUET_SUFFIX:
+        return datasets.Dataset.from_parquet(str(path)), path.parent
+    raise ValueError(
+        f"Unknown manifest type {suffix or '(no extension)'!r} for {str(path)!r}: expected "
+        f"{', '.join(JSON_SUFFIXES)}, {PARQUET_SUFFIX}, a folder of {PARQUET_SUFFIX} files or a datasets.Dataset."
+    )
+
+
+def load_manifest(
+    source: str | os.PathLike | datasets.Dataset, *, audio_column: str = "audio", text_column: str | None = "text"
+) -> datasets.Dataset:
+    """Loads a manifest as a `datasets.Dataset` whose audio column is left undecoded.
+
+    Args:
+        source: A `.jsonl`/`.json` (JSON lines) file, a `.parquet` file, a folder of parquet files (searched
+            recursively) or a `datasets.Dataset`.
+        audio_column: The column holding the audio: a path string, a `{"bytes", "path"}` dict or an `{"array",
+            "sampling_rate"}` dict.
+        text_column: The transcript column, which must exist; `None` when the rows need no text.
+
+    Returns:
+        The dataset with every column kept; path strings in the audio column are absolute for file manifests.
+
+    Raises:
+        ValueError: If the file does not exist, its type is unknown or the audio or text column is missing.
+    """
+    if isinstance(source, datasets.Dataset):
+        dataset, base = source, None
+    elif isinstance(source, (str, os.PathLike)):
+        dataset, base = _read_files(Path(source))
+    else:
+        raise ValueError(f"A manifest must be a path or a datasets.Dataset; got {type(source).__name__}.")
+    for kind, column in (("audio", audio_column), ("text", text_column)):
+        if column is not None and column not in dataset.column_names:
+            raise ValueError(
+                f"The manifest has no {kind} column {column!r}; its columns are {dataset.column_names}. "
+                f"Pass the right name with `{kind}_column=` (--{kind}_column on the command line)."
+            )
+    dataset = cast_audio_undecoded(dataset)
+    feature = dataset.features[audio_column]
+    if base is not None and isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        dataset = dataset.map(
+            _resolve,
+            input_columns=audio_column,
+            fn_kwargs={"base": str(base.resolve()), "column": audio_column},
+            desc="Resolving audio paths",
+        )
+    return dataset
+
+
+__all__ = ["load_manifest", "cast_audio_undecoded"]

@@ -1,0 +1,236 @@
+"""Offline validation of a manifest: every row is decoded once, bad rows are dropped with a reason, nothing silently.
+
+`prepare_dataset` runs the checks in parallel with `Dataset.map(num_proc=...)` and returns the kept rows (audio as
+given, plus a measured `duration` column) and a report whose counts always add up to the number of input rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from speechllm_hf.models.speechllm.processing_speechllm import resample
+
+from .audio import audio_duration, decode_audio
+from .manifest import cast_audio_undecoded, load_manifest
+
+logger = logging.getLogger(__name__)
+
+# A row gets the first reason that applies, in this order: the checks that need only the header (readable, empty,
+# duration) come before decoding, so an over-long file is never decoded; then the decoded samples; then the text.
+REASONS: tuple[str, ...] = ("unreadable", "empty", "too_short", "too_long", "non_finite", "missing_text")
+DATASET_DIR = "dataset"
+REPORT_FILE = "report.json"
+DROPPED_FILE = "dropped.jsonl"
+# Per-row outputs of the validation map; removed from the kept rows.
+_REASON, _DETAIL, _REF = "__prepare_reason", "__prepare_detail", "__prepare_audio_ref"
+
+
+def _audio_ref(audio: Any) -> str:
+    """How a dropped row's audio is named in dropped.jsonl: its path, or what kind of in-memory data it was."""
+    if isinstance(audio, (str, os.PathLike)):
+        return os.fspath(audio)
+    if isinstance(audio, dict):
+        if audio.get("path"):
+            return str(audio["path"])
+        return "<bytes>" if audio.get("bytes") is not None and audio.get("array") is None else "<array>"
+    return "<bytes>" if isinstance(audio, (bytes, bytearray, memoryview)) else "<array>"
+
+
+def _duration_reason(duration: float, min_duration: float, max_duration: float) -> str | None:
+    if duration == 0:
+        return "empty"
+    if duration < min_duration:
+        return "too_short"
+    if duration > max_duration:
+        return "too_long"
+    return None
+
+
+def _check_audio(
+    audio: Any, min_duration: float, max_duration: float, target_rate: int
+) -> tuple[str | None, float | None, str]:
+    """(reason or None, duration in seconds or None when unknown, detail) for one clip."""
+    try:
+        duration = audio_duration(audio)
+    except Exception as err:  # any failure is this row's problem, never the run's
+        return "unreadable", None, f"{type(err).__name__}: {err}"
+    reason = _duration_reason(duration, min_duration, max_duration)
+    if reason is not None:
+        return reason, duration, f"{duration:.3f} s from the header"
+    try:
+        waveform, rate = decode_audio(audio)
+    except Exception as err:
+        return "unreadable", duration, f"{type(err).__name__}: {err}"
+    # Headers can disagree with the data (truncated files): the decoded length is the one recorded and checked.
+    duration = waveform.size / rate
+    reason = _duration_reason(duration, min_duration, max_duration)
+    if reason is not None:
+        return reason, duration, f"{duration:.3f} s decoded"
+    if not np.isfinite(waveform).all():
+        return "non_finite", duration, f"{int((~np.isfinite(waveform)).sum())} NaN/inf samples"
+    # A clip of a few samples can vanish when resampled: check what the model will actually receive.
+    if resample(waveform, rate, target_rate).size == 0:
+        return "empty", duration, f"0 samples at {target_rate} Hz"
+    return None, duration, ""
+
+
+def _check_row(
+    audio: Any,
+    text: Any = None,
+    *,
+    require_text: bool,
+    min_duration: float,
+    max_duration: float,
+    target_rate: int,
+) -> dict[str, Any]:
+    reason, duration, detail = _check_audio(audio, min_duration, max_duration, target_rate)
+    if reason is None and require_text and (text is None or (isinstance(text, str) and not text.strip())):
+        reason, detail = "missing_text", f"text {text!r}"
+    return {"duration": duration, _REASON: reason or "", _DETAIL: detail, _REF: _audio_ref(audio)}
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, datasets.Dataset):
+        return f"datasets.Dataset(num_rows={source.num_rows}, columns={source.column_names})"
+    return str(Path(source).resolve())
+
+
+def _hours(durations: list[float | None]) -> float:
+    return round(sum(d for d in durations if d is not None) / 3600, 6)
+
+
+def prepare_dataset(
+    source: str | os.PathLike | datasets.Dataset,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    num_proc: int = 1,
+    min_duration: float = 0.0,
+    max_duration: float = 30.0,
+    target_rate: int = 16000,
+    audio_column: str = "audio",
+    text_column: str = "text",
+    require_text: bool = True,
+) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """Validates every row of a manifest and keeps the good ones.
+
+    Each row is checked once, in parallel over `num_proc` processes. A row is dropped with the first reason of
+    `REASONS` that applies: `unreadable` (missing file, undecodable data), `empty` (0 samples, also after resampling
+    to `target_rate`), `too_short` / `too_long` (outside `[min_duration, max_duration]` seconds), `non_finite`
+    (NaN/inf samples) or `missing_text` (None or blank text, when `require_text`). A bad row never stops the run.
+
+    Args:
+        source: Anything `load_manifest` accepts: a jsonl file, a parquet file or folder, or a `datasets.Dataset`.
+        output_dir: If given, the kept rows are saved to `output_dir/dataset` (`load_prepared` reads them back),
+            the report to `output_dir/report.json` and, when rows were dropped, one line per dropped row (`index`,
+            `audio` path or `"<array>"`/`"<bytes>"`, `reason`, `detail`) to `output_dir/dropped.jsonl`.
+        num_proc: Processes for `Dataset.map`.
+        min_duration: Shortest clip kept, in seconds.
+        max_duration: Longest clip kept, in seconds.
+        target_rate: The rate the model's feature extractor reads; clips must survive resampling to it.
+        audio_column: The audio column (path, `{"bytes", "path"}` or `{"array", "sampling_rate"}`).
+        text_column: The transcript column.
+        require_text: Drop rows whose text is None or blank (and require the column to exist).
+
+    Returns:
+        `(kept, report)`: the kept rows, with their audio as given (paths stay paths, arrays stay arrays) and a float
+        `duration` column in seconds at the clip's own rate; and the report `{"total", "kept", "dropped": {reason:
+        count for every reason}, "hours": {"kept", "dropped"}, "source"}` (dropped hours count the rows whose
+        duration could be read).
+
+    Raises:
+        ValueError: If the manifest cannot be loaded (see `load_manifest`) or the duration bounds are inconsistent.
+    """
+    if not 0 <= min_duration <= max_duration:
+        raise ValueError(f"Need 0 <= min_duration <= max_duration; got {min_duration} and {max_duration}.")
+    dataset = load_manifest(source, audio_column=audio_column, text_column=text_column if require_text else None)
+    has_text = text_column in dataset.column_names
+    checked = dataset.map(
+        _check_row,
+        input_columns=[audio_column, text_column] if has_text else [audio_column],
+        fn_kwargs={
+            "require_text": require_text,
+            "min_duration": float(min_duration),
+            "max_duration": float(max_duration),
+            "target_rate": target_rate,
+        },
+        num_proc=num_proc if num_proc > 1 else None,
+        # Audio files can change behind an unchanged manifest: never reuse an earlier verdict.
+        load_from_cache_file=False,
+        desc="Validating audio",
+    )
+    rows = checked.select_columns([_REASON, _DETAIL, _REF, "duration"]).to_dict()
+    reasons, durations = rows[_REASON], rows["duration"]
+    kept_indices = [i for i, reason in enumerate(reasons) if not reason]
+    dropped = {reason: 0 for reason in REASONS}
+    for reason in reasons:
+        if reason:
+            dropped[reason] += 1
+    kept = checked.select(kept_indices).remove_columns([_REASON, _DETAIL, _REF])
+    kept = kept.cast_column("duration", datasets.Value("float64"))
+    report = {
+        "total": len(dataset),
+        "kept": len(kept),
+        "dropped": dropped,
+        "hours": {
+            "kept": _hours([durations[i] for i in kept_indices]),
+            "dropped": _hours([d for d, reason in zip(durations, reasons) if reason]),
+        },
+        "source": _describe(source),
+    }
+    assert report["kept"] + sum(dropped.values()) == report["total"], f"rows went missing: {report}"
+    logger.info(
+        "Prepared %s: kept %d of %d rows (%.2f h); dropped %s.",
+        report["source"],
+        report["kept"],
+        report["total"],
+        report["hours"]["kept"],
+        ", ".join(f"{count} {reason}" for reason, count in dropped.items() if count) or "none",
+    )
+    if output_dir is not None:
+        _write(Path(output_dir), kept, report, rows)
+    return kept, report
+
+
+def _write(output_dir: Path, kept: datasets.Dataset, report: dict[str, Any], rows: dict[str, list]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    kept.save_to_disk(str(output_dir / DATASET_DIR))
+    (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    dropped_path = output_dir / DROPPED_FILE
+    dropped = [
+        {"index": i, "audio": ref, "reason": reason, "detail": detail}
+        for i, (reason, detail, ref) in enumerate(zip(rows[_REASON], rows[_DETAIL], rows[_REF]))
+        if reason
+    ]
+    if dropped:
+        with open(dropped_path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in dropped)
+    else:
+        dropped_path.unlink(missing_ok=True)  # a stale list from an earlier run would blame rows that are now kept
+
+
+def load_prepared(output_dir: str | os.PathLike) -> datasets.Dataset:
+    """Loads the kept rows saved by `prepare_dataset(..., output_dir)`, audio columns left undecoded.
+
+    Args:
+        output_dir: The `output_dir` given to `prepare_dataset` (or `speechllm-hf prepare --output_dir`).
+
+    Returns:
+        The prepared dataset.
+
+    Raises:
+        ValueError: If `output_dir` holds no prepared dataset.
+    """
+    path = Path(output_dir) / DATASET_DIR
+    if not path.is_dir():
+        raise ValueError(f"No prepared dataset in {str(output_dir)!r}: run `speechllm-hf prepare` into it first.")
+    return cast_audio_undecoded(datasets.load_from_disk(str(path)))
+
+
+__all__ = ["REASONS", "prepare_dataset", "load_prepared"]

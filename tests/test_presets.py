@@ -1,0 +1,94 @@
+"""from_preset: tiny build, pretrained backbones from local folders, offline errors, Auto classes."""
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    HubertModel,
+    WhisperForConditionalGeneration,
+)
+
+from speechllm_hf import PRESETS, SpeechLlmConfig, SpeechLlmForConditionalGeneration, from_preset
+from speechllm_hf.presets import tiny_encoder_config, tiny_text_config, tiny_tokenizer
+
+
+def test_tiny_preset_is_a_few_megabytes_and_needs_no_download():
+    model, processor = from_preset("tiny")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert size < 5 * 2**20
+    assert processor.tokenizer.convert_tokens_to_ids("<audio>") == model.config.audio_token_id
+    assert model.config.encoder_name_or_path is None and model.config.text_name_or_path is None
+
+
+@pytest.fixture(scope="module")
+def local_backbones(tmp_path_factory):
+    """Tiny pretrained-style checkpoints saved to local folders, as a Hub download would leave them."""
+    root = tmp_path_factory.mktemp("backbones")
+    torch.manual_seed(1)
+    HubertModel(tiny_encoder_config("hubert")).save_pretrained(root / "hubert")
+    from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
+
+    Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(root / "hubert")
+    WhisperForConditionalGeneration(tiny_encoder_config("whisper")).save_pretrained(root / "whisper")
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(root / "whisper")
+    tokenizer = tiny_tokenizer()
+    AutoModelForCausalLM.from_config(tiny_text_config(tokenizer)).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    return root
+
+
+def test_local_encoder_and_text_model_weights_are_loaded(local_backbones):
+    model, processor = from_preset(
+        "tiny", encoder_name_or_path=str(local_backbones / "hubert"), text_name_or_path=str(local_backbones / "llm")
+    )
+    saved_encoder = HubertModel.from_pretrained(local_backbones / "hubert")
+    saved_llm = AutoModelForCausalLM.from_pretrained(local_backbones / "llm")
+    for name, tensor in saved_encoder.state_dict().items():
+        torch.testing.assert_close(model.encoder.state_dict()[name], tensor, rtol=0, atol=0)
+    for name, tensor in saved_llm.state_dict().items():
+        torch.testing.assert_close(model.language_model.state_dict()[name], tensor, rtol=0, atol=0)
+    assert model.config.encoder_name_or_path == str(local_backbones / "hubert")
+    assert model.config.text_name_or_path == str(local_backbones / "llm")
+
+
+def test_whisper_checkpoint_loads_only_its_encoder(local_backbones):
+    model, _ = from_preset("tiny", encoder_type="whisper", encoder_name_or_path=str(local_backbones / "whisper"))
+    reference = WhisperForConditionalGeneration.from_pretrained(local_backbones / "whisper").model.encoder
+    assert type(model.encoder).__name__ == "SpeechLlmWhisperEncoder"
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(model.encoder.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["hubert-qformer", "whisper-cnn"])
+def test_real_preset_offline_says_what_to_download(name):
+    with pytest.raises(OSError, match=rf"huggingface-cli download {PRESETS[name].encoder_name_or_path}"):
+        from_preset(name)
+
+
+def test_unknown_names_raise_value_errors():
+    with pytest.raises(ValueError, match="Unknown preset 'nope'"):
+        from_preset("nope")
+    with pytest.raises(ValueError, match="Unknown encoder_type"):
+        from_preset("tiny", encoder_type="conformer")
+    with pytest.raises(ValueError, match="Unknown projector_type"):
+        from_preset("tiny", projector_type="perceiver")
+    with pytest.raises(ValueError, match="Unknown qformer projector settings"):
+        SpeechLlmConfig(projector_config={"windows": 3})
+
+
+def test_auto_classes_are_registered_in_process():
+    model, _ = from_preset("tiny")
+    settings = {k: v for k, v in model.config.to_dict().items() if k != "model_type"}
+    config = AutoConfig.for_model("speechllm_hf", **settings)
+    assert isinstance(config, SpeechLlmConfig)
+    assert type(AutoModel.from_config(config)) is SpeechLlmForConditionalGeneration
+
+
+def test_config_round_trips_through_json(tmp_path):
+    model, _ = from_preset("tiny", encoder_type="whisper", projector_type="cnn")
+    model.config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.projector_type == "cnn" and loaded.encoder_config.model_type == "whisper"
+    assert loaded.audio_length_spec == model.config.audio_length_spec
