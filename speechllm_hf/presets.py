@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import string
 from dataclasses import dataclass, field
 
@@ -116,6 +117,7 @@ def tiny_tokenizer(audio_token: str = "<audio>") -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         additional_special_tokens=specials[4:],
         chat_template=TINY_CHAT_TEMPLATE,
+        padding_side="left",
     )
 
 
@@ -163,9 +165,16 @@ def tiny_text_config(tokenizer) -> LlamaConfig:
     )
 
 
+def _absolute_if_local(name_or_path: str | None) -> str | None:
+    """Local folders are recorded as absolute paths, so that a saved config loads from any working directory."""
+    return os.path.abspath(name_or_path) if name_or_path and os.path.isdir(name_or_path) else name_or_path
+
+
 def _prepare_text_tokenizer(tokenizer, audio_token: str):
     if audio_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [audio_token]}, replace_additional_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": [audio_token]}, replace_additional_special_tokens=False
+        )
     if tokenizer.pad_token is None:
         # Both original code bases had to set one; prefer a dedicated pad token when the vocabulary has one.
         vocab = tokenizer.get_vocab()
@@ -219,7 +228,8 @@ def from_preset(
     if encoder_name_or_path is None and not is_tiny:
         same_encoder = encoder_type == preset.encoder_type
         encoder_name_or_path = preset.encoder_name_or_path if same_encoder else DEFAULT_ENCODER_IDS[encoder_type]
-    text_name_or_path = text_name_or_path or preset.text_name_or_path
+    text_name_or_path = _absolute_if_local(text_name_or_path or preset.text_name_or_path)
+    encoder_name_or_path = _absolute_if_local(encoder_name_or_path)
     projector_type = projector_type or preset.projector_type
     hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
 
@@ -244,8 +254,15 @@ def from_preset(
         feature_extractor.return_attention_mask = True
 
     if text_name_or_path:
+        # Left padding for batched generation (position ids make training padding-agnostic); an init argument,
+        # so that it is saved with the tokenizer.
         tokenizer = from_pretrained_or_explain(
-            AutoTokenizer.from_pretrained, text_name_or_path, "tokenizer", revision=text_revision, **hub_kwargs
+            AutoTokenizer.from_pretrained,
+            text_name_or_path,
+            "tokenizer",
+            revision=text_revision,
+            padding_side="left",
+            **hub_kwargs,
         )
         text_config = from_pretrained_or_explain(
             AutoConfig.from_pretrained, text_name_or_path, "text config", revision=text_revision, **hub_kwargs
@@ -254,7 +271,6 @@ def from_preset(
         tokenizer = tiny_tokenizer(audio_token)
         text_config = tiny_text_config(tokenizer)
     tokenizer = _prepare_text_tokenizer(tokenizer, audio_token)
-    tokenizer.padding_side = "left"  # ready for batched generation; position ids make training padding-agnostic
 
     tiny_projector = TINY_PROJECTOR_CONFIGS.get(projector_type, {}) if is_tiny else {}
     config = SpeechLlmConfig(

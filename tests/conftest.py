@@ -39,3 +39,28 @@ def clip(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
 @pytest.fixture
 def make_clip():
     return clip
+
+
+@pytest.fixture(scope="session")
+def local_backbones(tmp_path_factory):
+    """Tiny pretrained-style checkpoints in local folders, laid out as a Hub download leaves them."""
+    from transformers import (
+        AutoModelForCausalLM,
+        HubertModel,
+        Wav2Vec2FeatureExtractor,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+    )
+
+    from speechllm_hf.presets import tiny_encoder_config, tiny_text_config, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("backbones")
+    torch.manual_seed(1)
+    HubertModel(tiny_encoder_config("hubert")).save_pretrained(root / "hubert")
+    Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(root / "hubert")
+    WhisperForConditionalGeneration(tiny_encoder_config("whisper")).save_pretrained(root / "whisper")
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(root / "whisper")
+    tokenizer = tiny_tokenizer()
+    AutoModelForCausalLM.from_config(tiny_text_config(tokenizer)).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    return root

@@ -2,16 +2,9 @@
 
 import pytest
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    HubertModel,
-    WhisperForConditionalGeneration,
-)
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, HubertModel, WhisperForConditionalGeneration
 
 from speechllm_hf import PRESETS, SpeechLlmConfig, SpeechLlmForConditionalGeneration, from_preset
-from speechllm_hf.presets import tiny_encoder_config, tiny_text_config, tiny_tokenizer
 
 
 def test_tiny_preset_is_a_few_megabytes_and_needs_no_download():
@@ -20,23 +13,6 @@ def test_tiny_preset_is_a_few_megabytes_and_needs_no_download():
     assert size < 5 * 2**20
     assert processor.tokenizer.convert_tokens_to_ids("<audio>") == model.config.audio_token_id
     assert model.config.encoder_name_or_path is None and model.config.text_name_or_path is None
-
-
-@pytest.fixture(scope="module")
-def local_backbones(tmp_path_factory):
-    """Tiny pretrained-style checkpoints saved to local folders, as a Hub download would leave them."""
-    root = tmp_path_factory.mktemp("backbones")
-    torch.manual_seed(1)
-    HubertModel(tiny_encoder_config("hubert")).save_pretrained(root / "hubert")
-    from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
-
-    Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(root / "hubert")
-    WhisperForConditionalGeneration(tiny_encoder_config("whisper")).save_pretrained(root / "whisper")
-    WhisperFeatureExtractor(feature_size=80).save_pretrained(root / "whisper")
-    tokenizer = tiny_tokenizer()
-    AutoModelForCausalLM.from_config(tiny_text_config(tokenizer)).save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
-    return root
 
 
 def test_local_encoder_and_text_model_weights_are_loaded(local_backbones):

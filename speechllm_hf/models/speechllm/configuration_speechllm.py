@@ -181,7 +181,7 @@ class SpeechLlmConfig(PretrainedConfig):
 
     @property
     def encoder_convs(self) -> list[list[int]]:
-        """`[kernel, stride, total_padding]` of each encoder downsampling step, from feature frames to hidden frames."""
+        """`[kernel, stride, total_padding]` of each encoder downsampling step (feature frames -> hidden frames)."""
         if self.encoder_length_spec is not None:
             return [list(step) for step in self.encoder_length_spec]
         config = self.encoder_config

@@ -8,16 +8,40 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, Blip2QFormerConfig, Blip2QFormerModel, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
 
 from .configuration_speechllm import SpeechLlmConfig, conv_output_length
+from .hub_speechllm import (
+    BACKBONE_KWARGS,
+    HUB_KWARGS,
+    PROJECTOR_WEIGHTS_NAME,
+    is_projector_key,
+    load_projector_state,
+    model_card,
+    resolve_projector_file,
+)
+
+logger = logging.getLogger(__name__)
 
 # transformers 4.x encoder layers take a positional `layer_head_mask`; 5.x removed it.
 _WHISPER_LAYER_TAKES_HEAD_MASK = "layer_head_mask" in inspect.signature(WhisperEncoderLayer.forward).parameters
@@ -237,7 +261,9 @@ def load_pretrained_encoder(config: SpeechLlmConfig, **kwargs) -> PreTrainedMode
     if config.encoder_config.model_type == "whisper":
         # Map `model.encoder.*` (WhisperForConditionalGeneration) and `encoder.*` (WhisperModel) to the encoder.
         kwargs["key_mapping"] = {r"^(model\.)?encoder\.": ""}
-        return from_pretrained_or_explain(SpeechLlmWhisperEncoder.from_pretrained, config.encoder_name_or_path, "encoder", **kwargs)
+        return from_pretrained_or_explain(
+            SpeechLlmWhisperEncoder.from_pretrained, config.encoder_name_or_path, "encoder", **kwargs
+        )
     encoder = from_pretrained_or_explain(AutoModel.from_pretrained, config.encoder_name_or_path, "encoder", **kwargs)
     if getattr(encoder.config, "is_encoder_decoder", False):
         encoder = encoder.get_encoder()
@@ -247,7 +273,9 @@ def load_pretrained_encoder(config: SpeechLlmConfig, **kwargs) -> PreTrainedMode
 def load_pretrained_text_model(config: SpeechLlmConfig, **kwargs) -> PreTrainedModel:
     """Load the causal LLM named by `config.text_name_or_path` at `config.text_revision`."""
     kwargs = {**kwargs, "revision": config.text_revision}
-    return from_pretrained_or_explain(AutoModelForCausalLM.from_pretrained, config.text_name_or_path, "text model", **kwargs)
+    return from_pretrained_or_explain(
+        AutoModelForCausalLM.from_pretrained, config.text_name_or_path, "text model", **kwargs
+    )
 
 
 class SpeechLlmPreTrainedModel(PreTrainedModel):
@@ -304,6 +332,11 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         """
         encoder = load_pretrained_encoder(config, **kwargs) if config.encoder_name_or_path else None
         language_model = load_pretrained_text_model(config, **kwargs) if config.text_name_or_path else None
+        # Pin what was actually loaded: a Hub checkpoint reports its commit, which a later load then asks for.
+        if encoder is not None and config.encoder_revision is None:
+            config.encoder_revision = getattr(encoder.config, "_commit_hash", None)
+        if language_model is not None and config.text_revision is None:
+            config.text_revision = getattr(language_model.config, "_commit_hash", None)
         model = cls(config, encoder=encoder, language_model=language_model)
         # The new projector (and any randomly built backbone) joins the LLM's input device and the requested dtype.
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
@@ -318,6 +351,147 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         if language_model is None:
             model.language_model.to(device=device, dtype=dtype)
         return model
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Projector-only checkpoints. The inherited from_pretrained would leave encoder and LLM randomly initialised
+    # without a word, and building them with from_pretrained inside __init__ breaks on transformers 5.x, so the
+    # backbones are loaded first, by the ids the config records, and the model is built around them.
+
+    @property
+    def references_backbones(self) -> bool:
+        """Whether encoder and LLM can be loaded from their own repos (so a save needs only the projector)."""
+        return bool(self.config.encoder_name_or_path and self.config.text_name_or_path)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        processor=None,
+        save_full_model: bool = False,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        **kwargs,
+    ) -> None:
+        """Save for `from_pretrained` / `AutoModel.from_pretrained(..., trust_remote_code=True)`.
+
+        When encoder and LLM are frozen and referenced by id (`config.encoder_name_or_path`,
+        `config.text_name_or_path`), only the projector is written (`projector.safetensors`), with config.json,
+        generation_config.json, the model code (`auto_map`), the processor files (when `processor` is given) and a
+        model card. `save_full_model=True` writes every weight instead; so does a model whose backbones have no id
+        to be loaded from (such as the tiny preset), since nothing else could restore them.
+
+        Args:
+            save_directory: target folder.
+            processor: the `SpeechLlmProcessor` to save beside the model.
+            save_full_model: write all weights (e.g. for offline use).
+            is_main_process, state_dict, **kwargs: as for `PreTrainedModel.save_pretrained` (the Trainer passes
+                the gathered `state_dict` under DeepSpeed/FSDP).
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        if processor is not None and is_main_process:
+            processor.save_pretrained(save_directory)
+        if save_full_model or not self.references_backbones:
+            if not save_full_model:
+                logger.info("The backbones have no Hub id or folder to be loaded from: saving all weights.")
+            super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+        elif is_main_process:
+            self._save_projector_only(save_directory, state_dict)
+        if is_main_process:
+            with open(os.path.join(save_directory, "README.md"), "w") as card:
+                card.write(model_card(self))
+
+    def _save_projector_only(self, save_directory: str | os.PathLike, state_dict: dict | None) -> None:
+        trainable_elsewhere = [n for n, p in self.named_parameters() if p.requires_grad and not is_projector_key(n)]
+        if trainable_elsewhere:
+            raise ValueError(
+                f"Parameters outside the projector are trainable ({', '.join(trainable_elsewhere[:3])}, ...): a "
+                "projector-only save would lose them. Freeze them or pass save_full_model=True."
+            )
+        if self._auto_class is not None:  # copy the model code and write auto_map, as PreTrainedModel does
+            custom_object_save(self, save_directory, config=self.config)
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(save_directory)
+        self.generation_config.save_pretrained(save_directory)
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        projector = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if is_projector_key(k)}
+        save_file(projector, os.path.join(save_directory, PROJECTOR_WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, config=None, **kwargs):
+        """Load a projector-only save (backbones from their recorded ids and revisions) or a full save.
+
+        Args:
+            pretrained_model_name_or_path: Hub id or local folder.
+            config: a `SpeechLlmConfig` to use instead of the saved one.
+            **kwargs: `revision`, `token`, `cache_dir`, `local_files_only`, ... locate this repo's files; `dtype`,
+                `device_map`, `attn_implementation`, `quantization_config`, `token`, `cache_dir`,
+                `local_files_only` are also passed to the backbones, which load at the revisions in the config.
+        """
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        projector_file = resolve_projector_file(pretrained_model_name_or_path, **hub_kwargs)
+        if projector_file is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        # AutoModel passes the config it loaded, an instance of the Hub copy of SpeechLlmConfig (a class object of
+        # its own), so check for any config rather than for this module's class.
+        if not isinstance(config, PretrainedConfig):
+            config = SpeechLlmConfig.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
+        if not (config.encoder_name_or_path and config.text_name_or_path):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds only a projector but its config names no encoder and/or LLM "
+                "to load (encoder_name_or_path / text_name_or_path): set them in config.json."
+            )
+        ignored = sorted(
+            k
+            for k in kwargs
+            if k not in HUB_KWARGS + BACKBONE_KWARGS
+            and not k.startswith("_")
+            and k not in ("trust_remote_code", "code_revision", "adapter_kwargs")
+        )
+        if ignored:
+            logger.warning("from_pretrained ignores these arguments for a projector-only checkpoint: %s", ignored)
+        model = cls.from_backbones(config, **{k: kwargs[k] for k in BACKBONE_KWARGS if k in kwargs})
+        expected = {k: v for k, v in model.state_dict().items() if is_projector_key(k)}
+        state = load_projector_state(projector_file, expected)
+        model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items()}, strict=True)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except OSError:
+            logger.info("No generation_config.json in %s; keeping the defaults.", pretrained_model_name_or_path)
+        model.config._name_or_path = str(pretrained_model_name_or_path)
+        return model.eval()
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        processor=None,
+        commit_message: str = "Upload speech LLM projector",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        save_full_model: bool = False,
+    ):
+        """Upload exactly what `save_pretrained` writes (by default: projector, config, code, processor, card)."""
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as work_dir:
+            self.save_pretrained(work_dir, processor=processor, save_full_model=save_full_model)
+            with open(os.path.join(work_dir, "README.md"), "w") as card:
+                card.write(model_card(self, repo_id))
+            # One commit holding exactly the saved files (the folder is flat).
+            operations = [
+                CommitOperationAdd(name, os.path.join(work_dir, name)) for name in sorted(os.listdir(work_dir))
+            ]
+            return api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Delegation to the LLM (generation, peft and resize_token_embeddings rely on these).
@@ -364,8 +538,10 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         # changes every frame: encode those clips one by one at their true length.
         if getattr(encoder.config, "feat_extract_norm", "layer") == "group" and not bool(mask.all()):
             lengths = mask.sum(-1)
-            outputs = [encoder(**{input_name: features[i : i + 1, ..., : int(n)]}).last_hidden_state[0] for i, n in
-                       enumerate(lengths)]
+            outputs = [
+                encoder(**{input_name: features[i : i + 1, ..., : int(n)]}).last_hidden_state[0]
+                for i, n in enumerate(lengths)
+            ]
             return nn.utils.rnn.pad_sequence(outputs, batch_first=True)
         return encoder(**{input_name: features}, attention_mask=mask).last_hidden_state
 

@@ -7,6 +7,9 @@ transformers and the standard library; soxr and soundfile are imported only when
 from __future__ import annotations
 
 import copy
+import io
+import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,12 +18,15 @@ from transformers import BatchFeature, ProcessorMixin
 
 from .configuration_speechllm import audio_token_count
 
-def load_audio_file(path: str) -> tuple[np.ndarray, int]:
+
+def load_audio_file(path: str | os.PathLike | io.BytesIO) -> tuple[np.ndarray, int]:
     """Decode an audio file (wav, flac, ogg, ...) with soundfile: ((samples, channels) or (samples,), rate)."""
     try:
         import soundfile
     except ImportError as err:
         raise ImportError("Reading audio files needs soundfile: `pip install soundfile`.") from err
+    if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
+        raise ValueError(f"Audio file {str(path)!r} does not exist.")
     try:
         samples, sampling_rate = soundfile.read(path, always_2d=False)
     except Exception as err:  # soundfile raises LibsndfileError, RuntimeError or OSError depending on the case
@@ -81,10 +87,8 @@ def prepare_waveform(audio, sampling_rate: int | None, target_rate: int, index: 
         else:
             raise ValueError(f"Audio clip {index}: a dict needs 'array' + 'sampling_rate', 'bytes' or 'path'.")
     if isinstance(audio, bytes):
-        import io
-
         audio, sampling_rate = load_audio_file(io.BytesIO(audio))
-    elif isinstance(audio, str):
+    elif isinstance(audio, (str, os.PathLike)):
         audio, sampling_rate = load_audio_file(audio)
     if sampling_rate is None:
         raise ValueError(
@@ -92,11 +96,12 @@ def prepare_waveform(audio, sampling_rate: int | None, target_rate: int, index: 
             f"can be resampled to the {target_rate} Hz the feature extractor expects."
         )
     waveform = to_mono_float32(audio)
-    if waveform.size == 0:
-        raise ValueError(f"Audio clip {index} is empty (0 samples).")
     if not np.isfinite(waveform).all():
         raise ValueError(f"Audio clip {index} holds NaN or infinite samples; clean or drop it.")
-    return resample(waveform, int(sampling_rate), target_rate)
+    waveform = resample(waveform, int(sampling_rate), target_rate)
+    if waveform.size == 0:  # checked after resampling: a few samples at 48 kHz can become none at 16 kHz
+        raise ValueError(f"Audio clip {index} is empty (0 samples at {target_rate} Hz).")
+    return waveform
 
 
 class SpeechLlmProcessor(ProcessorMixin):
@@ -223,14 +228,12 @@ class SpeechLlmProcessor(ProcessorMixin):
             for index, (clip, rate) in enumerate(zip(clips, rates))
         ]
         lengths = [f.shape[-1] for f in features]
-        expanded, clip_index = [], 0
-        for t, count in zip(texts, placeholders):
-            pieces = t.split(self.audio_token)
-            out = pieces[0]
-            for piece in pieces[1:]:
-                out += self.audio_token * self.num_audio_tokens(lengths[clip_index]) + piece
-                clip_index += 1
-            expanded.append(out)
+        token_counts = iter([self.num_audio_tokens(length) for length in lengths])  # clip after clip, in text order
+        expanded = []
+        for t in texts:
+            first, *rest = t.split(self.audio_token)
+            expanded.append(first + "".join(self.audio_token * next(token_counts) + piece for piece in rest))
+        tokenizer_kwargs.setdefault("return_token_type_ids", False)  # the model takes none (4.x tokenizers add them)
         data = dict(self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **tokenizer_kwargs))
         if features:
             padded = np.zeros((len(features), *features[0].shape[:-1], max(lengths)), dtype=np.float32)
@@ -288,6 +291,14 @@ class SpeechLlmProcessor(ProcessorMixin):
         kwargs.setdefault("add_special_tokens", False)  # the template already wrote BOS where it belongs
         return self(text=texts, audio=clips or None, sampling_rate=rates, **kwargs)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        _make_tokenizer_config_portable(os.path.join(save_directory, "tokenizer_config.json"))
+        if not os.path.exists(os.path.join(save_directory, "preprocessor_config.json")):
+            # transformers 5.x nests the feature extractor in processor_config.json; 4.x reads this file.
+            self.feature_extractor.save_pretrained(save_directory)
+        return result
+
     def batch_decode(self, *args, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
@@ -297,6 +308,21 @@ class SpeechLlmProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "input_features", "feature_attention_mask"]
+
+
+def _make_tokenizer_config_portable(path: str) -> None:
+    """Rewrite what transformers 5.x writes into tokenizer_config.json in the form 4.x reads (5.x reads both):
+    the generic fast tokenizer class under its 4.x name and extra special tokens as `additional_special_tokens`."""
+    if not os.path.exists(path):
+        return
+    with open(path) as file:
+        config = json.load(file)
+    if isinstance(config.get("extra_special_tokens"), list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(path, "w") as file:
+        json.dump(config, file, indent=2, ensure_ascii=False)
 
 
 def _is_clip_list(audio) -> bool:

@@ -1,0 +1,152 @@
+"""Projector-only checkpoints: which tensors are the projector, how they are read back, and the model card.
+
+This file ships to the Hub with `trust_remote_code`: it imports only torch, transformers (and what transformers
+itself requires: safetensors, huggingface_hub) and the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import load_file
+from transformers.utils import cached_file
+
+PROJECTOR_WEIGHTS_NAME = "projector.safetensors"
+# Arguments of `from_pretrained` that locate files of this repo (the projector checkpoint itself).
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
+# Arguments passed on to the backbones' own `from_pretrained`. `revision` is not among them: each backbone is
+# loaded at the revision its config records.
+BACKBONE_KWARGS = (
+    "dtype",
+    "torch_dtype",
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "attn_implementation",
+    "quantization_config",
+    "low_cpu_mem_usage",
+    "token",
+    "cache_dir",
+    "local_files_only",
+    "force_download",
+    "proxies",
+)
+
+
+def is_projector_key(name: str) -> bool:
+    """The one predicate deciding which weights are trained, saved and published: the projector's."""
+    return name.startswith("projector.")
+
+
+def resolve_projector_file(name_or_path: str | os.PathLike, **hub_kwargs) -> str | None:
+    """Path of the projector checkpoint in a local folder or Hub repo; None when the folder is a full save."""
+    return cached_file(
+        name_or_path,
+        PROJECTOR_WEIGHTS_NAME,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+
+
+def load_projector_state(path: str, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Read `projector.safetensors` (never a pickle) and check it against the model's projector tensors.
+
+    Raises:
+        ValueError: naming missing or unexpected keys, or tensors whose shape the config does not build.
+    """
+    state = load_file(path)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match the projector this config builds. Missing keys: {missing or 'none'}; "
+            f"unexpected keys: {unexpected or 'none'}. Was the checkpoint saved with another projector_type or "
+            "projector_config? Load it with the config.json saved beside it."
+        )
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if state[k].shape != v.shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"{path} holds projector tensors of other shapes than the config builds ({'; '.join(wrong)}). "
+            "The config (projector settings, encoder or LLM width) and the weights must come from the same save."
+        )
+    return state
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _human(count: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(int(count))
+
+
+def model_card(model, repo_id: str | None = None) -> str:
+    """A README.md for a saved speech LLM: base models, what was trained, sizes, memory, how to load, licence."""
+    config = model.config
+    repo = repo_id or "path/to/this/folder"
+    encoder, text = config.encoder_name_or_path or "(saved in this folder)", config.text_name_or_path or "(saved)"
+    projector, total = _count(model.projector), _count(model)
+    bytes_per_parameter = torch.finfo(model.language_model.dtype).bits // 8
+    memory = total * bytes_per_parameter * 1.2 / 2**30  # weights + ~20% for activations and the KV cache
+    base_models = "".join(
+        f"- {m}\n" for m in (config.encoder_name_or_path, config.text_name_or_path) if m and not os.path.isdir(m)
+    )
+    front = "---\nlibrary_name: transformers\ntags:\n- speechllm_hf\n- speech-llm\n"
+    front += (f"base_model:\n{base_models}" if base_models else "") + "---\n"
+    return f"""{front}
+# Speech LLM ({config.projector_type} projector)
+
+A speech LLM built with [speechllm_hf](https://github.com/speechllm-hf/speechllm_hf): a frozen speech encoder feeds a
+trained **{config.projector_type}** projector whose outputs are spliced into the input of a frozen causal LLM.
+
+| part | source | parameters | trained |
+|---|---|---|---|
+| encoder | `{encoder}` (revision `{config.encoder_revision or "default"}`) | {_human(_count(model.encoder))} | no |
+| projector | this repository (`{PROJECTOR_WEIGHTS_NAME}`) | {_human(projector)} | yes |
+| LLM | `{text}` (revision `{config.text_revision or "default"}`) | {_human(_count(model.language_model))} | no |
+
+Total {_human(total)} parameters; running it in {model.language_model.dtype} needs about {memory:.1f} GiB of
+accelerator memory. This repository holds only the projector weights, the configuration, the processor files and the
+model code: the encoder and the LLM are downloaded from their own repositories at the revisions recorded in
+`config.json`.
+
+## Use
+
+```python
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{repo}", trust_remote_code=True, dtype="auto")
+processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
+conversation = [{{"role": "user", "content": [{{"type": "audio", "path": "clip.wav"}},
+                                             {{"type": "text", "text": "\\nTranscribe."}}]}}]
+inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+print(processor.batch_decode(model.generate(**inputs, max_new_tokens=128), skip_special_tokens=True))
+```
+
+`trust_remote_code=True` runs the Python files of this repository; pin `code_revision=` to a commit you have read.
+
+## Licence
+
+The projector is released with this repository; the licences of the base models apply to their weights and to the
+combined model, in particular the LLM's licence (`{text}`).
+"""
+
+
+__all__ = [
+    "PROJECTOR_WEIGHTS_NAME",
+    "HUB_KWARGS",
+    "BACKBONE_KWARGS",
+    "is_projector_key",
+    "resolve_projector_file",
+    "load_projector_state",
+    "model_card",
+]

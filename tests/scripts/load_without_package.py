@@ -1,0 +1,36 @@
+"""Load a saved speech LLM the way a user without speechllm_hf would, and compare with expected outputs.
+
+    python load_without_package.py FOLDER EXPECTED.npz
+
+Run in a process where speechllm_hf cannot be imported (a separate virtualenv, or this interpreter with the
+import blocked below). Exits non-zero on any difference.
+"""
+
+import json
+import sys
+
+sys.modules["speechllm_hf"] = None  # any import of the package now raises ImportError
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModel, AutoProcessor  # noqa: E402
+
+folder, expected_path = sys.argv[1], sys.argv[2]
+expected = np.load(expected_path)
+texts = json.loads(str(expected["texts"]))
+clips = [expected[f"clip{i}"] for i in range(int(expected["num_clips"]))]
+
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+assert not type(model).__module__.startswith("speechllm_hf"), type(model).__module__
+
+inputs = processor(texts, audio=clips, sampling_rate=16000)
+for name in ("input_ids", "attention_mask", "input_features", "feature_attention_mask"):
+    np.testing.assert_array_equal(inputs[name].numpy(), expected[name], err_msg=name)
+with torch.no_grad():
+    logits = model(**inputs).logits.numpy()
+np.testing.assert_allclose(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+generated = model.generate(**inputs, max_new_tokens=8, do_sample=False).numpy()
+np.testing.assert_array_equal(generated, expected["generated"])
+print(json.dumps({"transformers": transformers.__version__, "model_class": type(model).__module__, "ok": True}))
