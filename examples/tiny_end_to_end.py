@@ -37,8 +37,9 @@ def main() -> None:
         batch = [rows[(step * args.batch_size + i) % len(rows)] for i in range(args.batch_size)]
         audio = [load_audio_file(row["audio"]) for row in batch]
         texts = [processor.apply_chat_template(conversation(row["text"])) for row in batch]
-        inputs = processor(texts, audio=[a for a, _ in audio], sampling_rate=[r for _, r in audio],
-                           add_special_tokens=False)
+        inputs = processor(
+            texts, audio=[a for a, _ in audio], sampling_rate=[r for _, r in audio], add_special_tokens=False
+        )
         loss = model(**inputs, labels=inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)).loss
         loss.backward()
         optimizer.step()

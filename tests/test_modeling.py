@@ -32,8 +32,9 @@ def test_forward_backward_generate(encoder_type, projector_type):
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in with_grad and p.dim() > 1)
 
     model.eval()
-    prompt = processor(["<|user|><audio> hi<|end|><|assistant|>"] * 2, audio=[clip(0.8), clip(0.5, 1)],
-                       sampling_rate=16000)
+    prompt = processor(
+        ["<|user|><audio> hi<|end|><|assistant|>"] * 2, audio=[clip(0.8), clip(0.5, 1)], sampling_rate=16000
+    )
     generated = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     length = prompt["input_ids"].shape[1]
     assert generated.shape == (2, length + 4)
@@ -106,8 +107,11 @@ def test_audio_token_count_mismatch_names_both_counts():
     ids = inputs["input_ids"].clone()
     ids[0, (ids[0] == model.config.audio_token_id).nonzero()[0]] = processor.tokenizer.convert_tokens_to_ids("a")
     with pytest.raises(ValueError, match=r"(\d+) audio tokens .* (\d+) features"):
-        model(input_ids=ids, input_features=inputs["input_features"],
-              feature_attention_mask=inputs["feature_attention_mask"])
+        model(
+            input_ids=ids,
+            input_features=inputs["input_features"],
+            feature_attention_mask=inputs["feature_attention_mask"],
+        )
 
 
 def test_text_only_input():

@@ -28,8 +28,9 @@ def test_placeholder_expansion_equals_projector_output_length(encoder_type, proj
 def test_expansion_per_clip_in_a_batch():
     model, processor = tiny("hubert", "qformer")
     seconds = [0.3, 1.0, 2.2]
-    inputs = processor(["<audio><audio>", "x <audio> y"], audio=[clip(s, i) for i, s in enumerate(seconds)],
-                       sampling_rate=16000)
+    inputs = processor(
+        ["<audio><audio>", "x <audio> y"], audio=[clip(s, i) for i, s in enumerate(seconds)], sampling_rate=16000
+    )
     expected = [processor.num_audio_tokens(int(s * 16000)) for s in seconds]
     counts = (inputs["input_ids"] == processor.audio_token_id).sum(-1).tolist()
     assert counts == [expected[0] + expected[1], expected[2]]
@@ -57,15 +58,20 @@ def test_resampling_downmix_and_integer_pcm():
     out_last = processor(["<audio>"], audio=[stereo_last], sampling_rate=16000)["input_features"]
     out_mono = processor(["<audio>"], audio=[wave], sampling_rate=16000)["input_features"]
     torch.testing.assert_close(out_last, out_mono)
-    half = processor(["<audio>"], audio=[wave / 2], sampling_rate=16000, )["input_features"]
+    half = processor(
+        ["<audio>"],
+        audio=[wave / 2],
+        sampling_rate=16000,
+    )["input_features"]
     torch.testing.assert_close(
         processor(["<audio>"], audio=[stereo_first], sampling_rate=16000)["input_features"], half
     )
 
     pcm = np.round(wave * 32767).astype(np.int16)
     from_pcm = processor(["<audio>"], audio=[pcm], sampling_rate=16000)["input_features"]
-    torch.testing.assert_close(from_pcm, processor(["<audio>"], audio=[pcm / 32768.0], sampling_rate=16000)[
-        "input_features"])
+    torch.testing.assert_close(
+        from_pcm, processor(["<audio>"], audio=[pcm / 32768.0], sampling_rate=16000)["input_features"]
+    )
 
 
 def test_datasets_audio_dict_and_per_clip_rates():
@@ -106,16 +112,25 @@ def test_whisper_clip_over_30_seconds_is_refused():
 def test_tokenizer_without_the_audio_token_is_refused():
     _, processor = tiny()
     with pytest.raises(ValueError, match="does not know the audio token"):
-        SpeechLlmProcessor(processor.feature_extractor, processor.tokenizer, audio_token="<speech>",
-                           audio_length_spec=processor.audio_length_spec)
+        SpeechLlmProcessor(
+            processor.feature_extractor,
+            processor.tokenizer,
+            audio_token="<speech>",
+            audio_length_spec=processor.audio_length_spec,
+        )
 
 
 def test_apply_chat_template_with_audio_content():
     _, processor = tiny()
     wave = clip(0.8)
     conversation = [
-        {"role": "user", "content": [{"type": "audio", "audio": wave, "sampling_rate": 16000},
-                                     {"type": "text", "text": "\nTranscribe."}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "audio": wave, "sampling_rate": 16000},
+                {"type": "text", "text": "\nTranscribe."},
+            ],
+        },
     ]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     assert text == "<s><|user|><audio>\nTranscribe.<|end|><|assistant|>"
@@ -125,8 +140,12 @@ def test_apply_chat_template_with_audio_content():
     assert inputs["input_ids"][0, 0] == processor.tokenizer.bos_token_id
     assert (inputs["input_ids"][0] == processor.tokenizer.bos_token_id).sum() == 1
 
-    with_system = SpeechLlmProcessor(processor.feature_extractor, processor.tokenizer, audio_length_spec=
-                                     processor.audio_length_spec, system_prompt="Be brief.")
+    with_system = SpeechLlmProcessor(
+        processor.feature_extractor,
+        processor.tokenizer,
+        audio_length_spec=processor.audio_length_spec,
+        system_prompt="Be brief.",
+    )
     assert with_system.apply_chat_template(conversation).startswith("<s><|system|>Be brief.<|end|><|user|>")
 
 

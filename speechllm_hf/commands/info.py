@@ -29,10 +29,16 @@ def run(args: argparse.Namespace) -> int:
         "encoder": type(model.encoder).__name__,
         "projector": type(model.projector).__name__,
         "language_model": type(model.language_model).__name__,
-        "parameters": {"encoder": count(model.encoder), "projector": count(model.projector),
-                       "language_model": count(model.language_model)},
+        "parameters": {
+            "encoder": count(model.encoder),
+            "projector": count(model.projector),
+            "language_model": count(model.language_model),
+        },
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "audio_tokens_per_second": round(config.audio_tokens_per_second(feature_rate), 2),
     }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+__all__ = ["register", "run"]

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["CORPUS_DIR", "SPLITS", "load_split", "manifest_path"]
-
 CORPUS_DIR: Path = Path(__file__).resolve().parent
 SPLITS: tuple[str, ...] = ("train", "dev", "aligned")
 
@@ -57,3 +55,6 @@ def load_split(split: str) -> list[dict]:
     for row in rows:
         row["audio"] = str(CORPUS_DIR / row["audio"])
     return rows
+
+
+__all__ = ["CORPUS_DIR", "SPLITS", "load_split", "manifest_path"]

@@ -48,11 +48,11 @@ class LengthGroupedSampler(_TransformersLengthGroupedSampler):
         self.epoch = epoch
 
     def __iter__(self):
+        if not self.lengths:  # get_length_grouped_indices fails on an empty list
+            return iter([])
         # SeedSequence mixes (seed, epoch) so that, unlike seed + epoch, seed 0 epoch 1 differs from seed 1 epoch 0.
         state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0]
         generator = torch.Generator().manual_seed(int(state))
-        if not self.lengths:
-            return iter([])
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, self.mega_batch_mult, generator))
 
 

@@ -1,0 +1,48 @@
+"""`speechllm-hf prepare --manifest M --output_dir D`: validate every row, save the kept ones and a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare", help="validate a manifest (decode every clip), drop bad rows with a reason, save dataset + report"
+    )
+    parser.add_argument("--manifest", required=True, help="jsonl file, parquet file or folder of parquet files")
+    parser.add_argument("--output_dir", required=True, help="gets dataset/, report.json and dropped.jsonl")
+    parser.add_argument("--num_proc", type=int, default=1, help="processes validating rows in parallel")
+    parser.add_argument("--min_duration", type=float, default=0.0, help="shortest clip kept, in seconds")
+    parser.add_argument("--max_duration", type=float, default=30.0, help="longest clip kept, in seconds")
+    parser.add_argument("--target_rate", type=int, default=16000, help="sampling rate the model reads")
+    parser.add_argument("--audio_column", default="audio")
+    parser.add_argument("--text_column", default="text")
+    parser.add_argument("--no_require_text", dest="require_text", action="store_false", help="keep rows without text")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from speechllm_hf.data import prepare_dataset
+
+    try:
+        _, report = prepare_dataset(
+            args.manifest,
+            args.output_dir,
+            num_proc=args.num_proc,
+            min_duration=args.min_duration,
+            max_duration=args.max_duration,
+            target_rate=args.target_rate,
+            audio_column=args.audio_column,
+            text_column=args.text_column,
+            require_text=args.require_text,
+        )
+    except ValueError as err:  # a bad manifest or bad bounds: a message, not a traceback
+        print(f"speechllm-hf prepare: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+__all__ = ["register", "run"]
