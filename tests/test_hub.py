@@ -252,26 +252,47 @@ def test_nothing_is_unpickled_on_load(saved, local_backbones, tmp_path, monkeypa
     AutoModel.from_pretrained(full, trust_remote_code=True)
 
 
-def test_push_to_hub_sends_exactly_the_saved_files(saved, monkeypatch):
-    """No network here: HfApi.create_repo and HfApi.create_commit (the one call that uploads) are intercepted."""
-    import yaml
+@pytest.fixture
+def hub_commits(monkeypatch):
+    """No network here: HfApi.create_repo and HfApi.create_commit (the one call that uploads) are intercepted and
+    each commit's files are recorded."""
     from huggingface_hub import HfApi, RepoUrl
 
-    folder, _, model, processor = saved
-    sent = {}
+    commits = []
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
 
     def create_commit(self, repo_id, operations, **kwargs):
-        sent["repo_id"] = repo_id
-        sent["files"] = {op.path_in_repo: op.path_or_fileobj for op in operations}
+        commits.append({"repo_id": repo_id, "files": {op.path_in_repo for op in operations}})
         return "commit"
 
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return commits
+
+
+def test_push_to_hub_sends_exactly_the_saved_files(saved, hub_commits):
+    import yaml
+
+    folder, _, model, processor = saved
     model.push_to_hub("me/tiny-speechllm", processor=processor)
-    assert sent["repo_id"] == "me/tiny-speechllm"
-    assert set(sent["files"]) == set(os.listdir(folder))
+    assert hub_commits == [{"repo_id": "me/tiny-speechllm", "files": set(os.listdir(folder))}]
     card = (folder / "README.md").read_text()
     assert yaml.safe_load(card.split("---")[1])["tags"] == ["speechllm_hf", "speech-llm"]  # valid card metadata
+
+
+def test_cli_push_leaves_training_state_out_and_refuses_full_weights(saved, hub_commits, tmp_path):
+    from speechllm_hf.cli import main
+
+    checkpoint = copy_saved(saved[0], tmp_path / "checkpoint-10")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+        (checkpoint / name).write_bytes(b"state")
+    assert main(["push", "--model", str(checkpoint), "--repo_id", "me/ckpt"]) == 0
+    assert hub_commits[-1]["files"] == set(os.listdir(saved[0]))
+
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ValueError, match="holds full model weights"):
+        main(["push", "--model", str(checkpoint), "--repo_id", "me/ckpt"])
+    assert main(["push", "--model", str(checkpoint), "--repo_id", "me/ckpt", "--allow_full_model"]) == 0
+    assert "model.safetensors" in hub_commits[-1]["files"]
 
 
 def test_hub_folder_imports_only_torch_transformers_and_stdlib():

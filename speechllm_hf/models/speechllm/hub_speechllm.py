@@ -78,6 +78,51 @@ def load_projector_state(path: str, expected: dict[str, torch.Tensor]) -> dict[s
     return state
 
 
+# What a Trainer checkpoint holds besides the model: never published.
+_TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin")
+
+
+def publishable_files(folder: str | os.PathLike, allow_full_model: bool = False) -> list[str]:
+    """The files of a saved model folder that belong on the Hub (training state such as optimizer.pt is left out).
+
+    Raises:
+        ValueError: when the folder is no saved speech LLM, or holds backbone weights and `allow_full_model` is off.
+    """
+    names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    full = [n for n in names if n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))]
+    if "config.json" not in names or not (PROJECTOR_WEIGHTS_NAME in names or full):
+        raise ValueError(f"{folder} is not a saved speech LLM (no config.json with projector or model weights).")
+    if full and not allow_full_model:
+        raise ValueError(
+            f"{folder} holds full model weights ({', '.join(full)}), encoder and LLM included. Publish a "
+            "projector-only save instead, or allow full weights explicitly (allow_full_model / --allow_full_model)."
+        )
+    return [n for n in names if n not in _TRAINING_STATE and not (n.startswith("rng_state") and n.endswith(".pth"))]
+
+
+def upload_saved_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    allow_full_model: bool = False,
+    commit_message: str = "Upload speech LLM projector",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+):
+    """Create `repo_id` if needed and upload the publishable files of `folder` in one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    names = publishable_files(folder, allow_full_model)
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    operations = [CommitOperationAdd(name, os.path.join(folder, name)) for name in names]
+    return api.create_commit(
+        repo_id=repo_id, operations=operations, commit_message=commit_message, revision=revision, create_pr=create_pr
+    )
+
+
 def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -149,4 +194,6 @@ __all__ = [
     "resolve_projector_file",
     "load_projector_state",
     "model_card",
+    "publishable_files",
+    "upload_saved_folder",
 ]

@@ -39,6 +39,7 @@ from .hub_speechllm import (
     load_projector_state,
     model_card,
     resolve_projector_file,
+    upload_saved_folder,
 )
 
 logger = logging.getLogger(__name__)
@@ -473,22 +474,17 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         save_full_model: bool = False,
     ):
         """Upload exactly what `save_pretrained` writes (by default: projector, config, code, processor, card)."""
-        from huggingface_hub import CommitOperationAdd, HfApi
-
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as work_dir:
             self.save_pretrained(work_dir, processor=processor, save_full_model=save_full_model)
             with open(os.path.join(work_dir, "README.md"), "w") as card:
                 card.write(model_card(self, repo_id))
-            # One commit holding exactly the saved files (the folder is flat).
-            operations = [
-                CommitOperationAdd(name, os.path.join(work_dir, name)) for name in sorted(os.listdir(work_dir))
-            ]
-            return api.create_commit(
-                repo_id=repo_id,
-                operations=operations,
+            return upload_saved_folder(
+                work_dir,
+                repo_id,
+                allow_full_model=save_full_model or not self.references_backbones,
                 commit_message=commit_message,
+                private=private,
+                token=token,
                 revision=revision,
                 create_pr=create_pr,
             )
