@@ -178,7 +178,7 @@ def test_frozen_parts_stay_in_eval_mode_and_encoder_runs_without_grad():
     assert model.projector.training
     assert not model.encoder.training and not model.language_model.training
     inputs = batch(processor)
-    hidden = model._run_encoder(inputs["input_features"], inputs["feature_attention_mask"])
+    hidden, _ = model.encode_audio(inputs["input_features"], inputs["feature_attention_mask"])
     embeds, _ = model.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"])
     assert embeds.requires_grad and not hidden.requires_grad
 

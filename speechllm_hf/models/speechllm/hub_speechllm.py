@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers.utils import cached_file
 
 PROJECTOR_WEIGHTS_NAME = "projector.safetensors"
+LORA_FOLDER = "lora"  # a peft adapter of the LLM, saved beside the projector when fine-tuned with LoRA
 # Arguments of `from_pretrained` that locate files of this repo (the projector checkpoint itself).
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
 # Arguments passed on to the backbones' own `from_pretrained`. `revision` is not among them: each backbone is
@@ -39,11 +40,11 @@ def is_projector_key(name: str) -> bool:
     return name.startswith("projector.")
 
 
-def resolve_projector_file(name_or_path: str | os.PathLike, **hub_kwargs) -> str | None:
-    """Path of the projector checkpoint in a local folder or Hub repo; None when the folder is a full save."""
+def resolve_file(name_or_path: str | os.PathLike, filename: str, **hub_kwargs) -> str | None:
+    """Path of `filename` in a local folder or Hub repo (downloaded if needed); None when it is not there."""
     return cached_file(
         name_or_path,
-        PROJECTOR_WEIGHTS_NAME,
+        filename,
         _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_connection_errors=False,
         **hub_kwargs,
@@ -89,6 +90,8 @@ def publishable_files(folder: str | os.PathLike, allow_full_model: bool = False)
         ValueError: when the folder is no saved speech LLM, or holds backbone weights and `allow_full_model` is off.
     """
     names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    if os.path.isdir(os.path.join(folder, LORA_FOLDER)):
+        names += sorted(f"{LORA_FOLDER}/{n}" for n in os.listdir(os.path.join(folder, LORA_FOLDER)))
     full = [n for n in names if n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))]
     if "config.json" not in names or not (PROJECTOR_WEIGHTS_NAME in names or full):
         raise ValueError(f"{folder} is not a saved speech LLM (no config.json with projector or model weights).")
@@ -190,8 +193,9 @@ __all__ = [
     "PROJECTOR_WEIGHTS_NAME",
     "HUB_KWARGS",
     "BACKBONE_KWARGS",
+    "LORA_FOLDER",
     "is_projector_key",
-    "resolve_projector_file",
+    "resolve_file",
     "load_projector_state",
     "model_card",
     "publishable_files",

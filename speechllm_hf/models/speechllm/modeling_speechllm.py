@@ -34,11 +34,12 @@ from .configuration_speechllm import SpeechLlmConfig, conv_output_length
 from .hub_speechllm import (
     BACKBONE_KWARGS,
     HUB_KWARGS,
+    LORA_FOLDER,
     PROJECTOR_WEIGHTS_NAME,
     is_projector_key,
     load_projector_state,
     model_card,
-    resolve_projector_file,
+    resolve_file,
     upload_saved_folder,
 )
 
@@ -391,6 +392,8 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         os.makedirs(save_directory, exist_ok=True)
         if processor is not None and is_main_process:
             processor.save_pretrained(save_directory)
+        if save_full_model and self.has_lora:
+            raise ValueError("A full save of a model with a LoRA adapter: call model.merge_lora() first.")
         if save_full_model or not self.references_backbones:
             if not save_full_model:
                 logger.info("The backbones have no Hub id or folder to be loaded from: saving all weights.")
@@ -401,8 +404,23 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             with open(os.path.join(save_directory, "README.md"), "w") as card:
                 card.write(model_card(self))
 
+    @property
+    def has_lora(self) -> bool:
+        """Whether the LLM carries a peft (LoRA) adapter."""
+        return hasattr(self.language_model, "peft_config")
+
+    def merge_lora(self) -> None:
+        """Merge the LoRA adapter into the LLM weights (e.g. before a full save); the adapter is gone afterwards."""
+        if self.has_lora:
+            self.language_model = self.language_model.merge_and_unload()
+
     def _save_projector_only(self, save_directory: str | os.PathLike, state_dict: dict | None) -> None:
-        trainable_elsewhere = [n for n, p in self.named_parameters() if p.requires_grad and not is_projector_key(n)]
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        trainable_elsewhere = [
+            n
+            for n, p in self.named_parameters()
+            if p.requires_grad and not is_projector_key(n) and not (self.has_lora and "lora_" in n)
+        ]
         if trainable_elsewhere:
             raise ValueError(
                 f"Parameters outside the projector are trainable ({', '.join(trainable_elsewhere[:3])}, ...): a "
@@ -413,9 +431,12 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(save_directory)
         self.generation_config.save_pretrained(save_directory)
-        state_dict = state_dict if state_dict is not None else self.state_dict()
         projector = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if is_projector_key(k)}
         save_file(projector, os.path.join(save_directory, PROJECTOR_WEIGHTS_NAME), metadata={"format": "pt"})
+        if self.has_lora:
+            prefix = "language_model."
+            lora_state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+            self.language_model.save_pretrained(os.path.join(save_directory, LORA_FOLDER), state_dict=lora_state)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, config=None, **kwargs):
@@ -429,8 +450,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
                 `local_files_only` are also passed to the backbones, which load at the revisions in the config.
         """
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-        projector_file = resolve_projector_file(pretrained_model_name_or_path, **hub_kwargs)
-        if projector_file is None:
+        if resolve_file(pretrained_model_name_or_path, PROJECTOR_WEIGHTS_NAME, **hub_kwargs) is None:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         # AutoModel passes the config it loaded, an instance of the Hub copy of SpeechLlmConfig (a class object of
         # its own), so check for any config rather than for this module's class.
@@ -451,15 +471,42 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         if ignored:
             logger.warning("from_pretrained ignores these arguments for a projector-only checkpoint: %s", ignored)
         model = cls.from_backbones(config, **{k: kwargs[k] for k in BACKBONE_KWARGS if k in kwargs})
-        expected = {k: v for k, v in model.state_dict().items() if is_projector_key(k)}
-        state = load_projector_state(projector_file, expected)
-        model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items()}, strict=True)
+        model.load_trained_weights(pretrained_model_name_or_path, **hub_kwargs)
         try:
             model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         except OSError:
             logger.info("No generation_config.json in %s; keeping the defaults.", pretrained_model_name_or_path)
         model.config._name_or_path = str(pretrained_model_name_or_path)
         return model.eval()
+
+    def load_trained_weights(self, name_or_path: str | os.PathLike, **hub_kwargs) -> None:
+        """Load a projector-only save's trained weights into this model: the projector (strictly: any missing,
+        unexpected or mis-shaped tensor is an error) and, when saved, the LLM's LoRA adapter."""
+        projector_file = resolve_file(name_or_path, PROJECTOR_WEIGHTS_NAME, **hub_kwargs)
+        if projector_file is None:
+            raise ValueError(f"{name_or_path} holds no {PROJECTOR_WEIGHTS_NAME}.")
+        expected = {k: v for k, v in self.state_dict().items() if is_projector_key(k)}
+        state = load_projector_state(projector_file, expected)
+        self.projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items()}, strict=True)
+        if resolve_file(name_or_path, f"{LORA_FOLDER}/adapter_config.json", **hub_kwargs) is None:
+            return
+        try:
+            from peft import PeftModel, set_peft_model_state_dict
+        except ImportError as err:
+            raise ImportError(
+                f"{name_or_path} holds a LoRA adapter of the LLM: `pip install peft` to load it."
+            ) from err
+        if self.has_lora:  # resuming training: the adapter exists, only its weights are read
+            from safetensors.torch import load_file
+
+            adapter = load_file(resolve_file(name_or_path, f"{LORA_FOLDER}/adapter_model.safetensors", **hub_kwargs))
+            result = set_peft_model_state_dict(self.language_model, adapter)
+            if result.unexpected_keys:
+                raise ValueError(f"The LoRA adapter in {name_or_path} does not fit: {result.unexpected_keys[:5]}")
+        else:
+            self.language_model = PeftModel.from_pretrained(
+                self.language_model, name_or_path, subfolder=LORA_FOLDER, **hub_kwargs
+            )
 
     def push_to_hub(
         self,
@@ -541,19 +588,10 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             return nn.utils.rnn.pad_sequence(outputs, batch_first=True)
         return encoder(**{input_name: features}, attention_mask=mask).last_hidden_state
 
-    def get_audio_features(
+    def encode_audio(
         self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode and project audio.
-
-        Args:
-            input_features: (B, T) raw samples (HuBERT/wav2vec2) or (B, n_mels, T) log-mel frames (Whisper), one row
-                per clip.
-            feature_attention_mask: (B, T), 1 on real samples/frames. Defaults to all ones.
-
-        Returns:
-            `(audio_embeds, audio_lengths)`: (B, N, D_llm) projector outputs and (B,) the number of valid ones.
-        """
+        """Run the encoder (under `no_grad` while it is frozen): (B, T', C) hidden states and (B,) valid lengths."""
         if feature_attention_mask is None:
             feature_attention_mask = torch.ones(
                 input_features.shape[0], input_features.shape[-1], dtype=torch.long, device=input_features.device
@@ -561,7 +599,31 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         frozen = not _has_trainable(self.encoder)
         with torch.no_grad() if frozen else contextlib.nullcontext():
             hidden_states = self._run_encoder(input_features, feature_attention_mask)  # (B, T', C)
-        lengths = self.encoder_output_lengths(feature_attention_mask.sum(-1).to(hidden_states.device))
+        return hidden_states, self.encoder_output_lengths(feature_attention_mask.sum(-1).to(hidden_states.device))
+
+    def get_audio_features(
+        self,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode and project audio.
+
+        Args:
+            input_features: (B, T) raw samples (HuBERT/wav2vec2) or (B, n_mels, T) log-mel frames (Whisper), one row
+                per clip.
+            feature_attention_mask: (B, T), 1 on real samples/frames. Defaults to all ones.
+            encoder_hidden_states, encoder_lengths: (B, T', C) encoder outputs and (B,) their valid lengths, e.g.
+                from a feature cache, used instead of running the encoder.
+
+        Returns:
+            `(audio_embeds, audio_lengths)`: (B, N, D_llm) projector outputs and (B,) the number of valid ones.
+        """
+        if encoder_hidden_states is None:
+            hidden_states, lengths = self.encode_audio(input_features, feature_attention_mask)
+        else:
+            hidden_states, lengths = encoder_hidden_states, encoder_lengths.to(encoder_hidden_states.device)
         projector_dtype = next(self.projector.parameters()).dtype
         audio_embeds, audio_lengths = self.projector(hidden_states.to(projector_dtype), lengths)
         return audio_embeds, audio_lengths
@@ -597,6 +659,8 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         input_ids: torch.LongTensor | None = None,
         input_features: torch.FloatTensor | None = None,
         feature_attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.FloatTensor | None = None,
+        encoder_lengths: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: object | None = None,
@@ -611,6 +675,8 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             input_ids: (B, L) token ids with audio tokens where audio goes (see `SpeechLlmProcessor`).
             input_features: (num_clips, ...) audio input, one row per audio placeholder, in order of appearance.
             feature_attention_mask: (num_clips, T) 1 on real samples/frames.
+            encoder_hidden_states, encoder_lengths: precomputed encoder outputs (num_clips, T', C) and their valid
+                lengths, instead of `input_features` (a feature cache).
             labels: (B, L) next-token targets; audio positions are set to `ignore_index` whatever they hold.
             **kwargs: passed to the LLM (e.g. `num_items_in_batch` for the loss, `output_hidden_states`).
         """
@@ -618,10 +684,12 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if input_features is not None:
+        if input_features is not None or encoder_hidden_states is not None:
             if input_ids is None:
-                raise ValueError("input_features need input_ids to locate the audio tokens.")
-            audio_embeds, audio_lengths = self.get_audio_features(input_features, feature_attention_mask)
+                raise ValueError("Audio inputs need input_ids to locate the audio tokens.")
+            audio_embeds, audio_lengths = self.get_audio_features(
+                input_features, feature_attention_mask, encoder_hidden_states, encoder_lengths
+            )
             inputs_embeds = self.merge_audio_features(input_ids, inputs_embeds, audio_embeds, audio_lengths)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.audio_token_id, self.config.ignore_index)
@@ -646,14 +714,14 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             attentions=outputs.attentions,
         )
 
-    def prepare_inputs_for_generation(
-        self, *args, input_features=None, feature_attention_mask=None, past_key_values=None, **kwargs
-    ):
+    _AUDIO_INPUTS = ("input_features", "feature_attention_mask", "encoder_hidden_states", "encoder_lengths")
+
+    def prepare_inputs_for_generation(self, *args, past_key_values=None, **kwargs):
+        audio = {name: kwargs.pop(name, None) for name in self._AUDIO_INPUTS}
         model_inputs = super().prepare_inputs_for_generation(*args, past_key_values=past_key_values, **kwargs)
         # Audio is encoded once, in the prefill step; later steps read the LLM's cache.
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
-        model_inputs["input_features"] = input_features if prefill else None
-        model_inputs["feature_attention_mask"] = feature_attention_mask if prefill else None
+        model_inputs.update({name: value if prefill else None for name, value in audio.items()})
         return model_inputs
 
 

@@ -161,6 +161,15 @@ class SpeechLlmProcessor(ProcessorMixin):
         """Audio tokens the model emits for a clip of `feature_length` feature frames (or samples)."""
         return audio_token_count(feature_length, self.audio_length_spec)
 
+    def expand_audio_placeholders(self, texts: list[str], feature_lengths: Sequence[int]) -> list[str]:
+        """Repeat each placeholder as often as the model emits audio tokens for its clip (clips in text order)."""
+        token_counts = iter([self.num_audio_tokens(int(length)) for length in feature_lengths])
+        expanded = []
+        for text in texts:
+            first, *rest = text.split(self.audio_token)
+            expanded.append(first + "".join(self.audio_token * next(token_counts) + piece for piece in rest))
+        return expanded
+
     def _extract(self, waveform: np.ndarray, index: int) -> np.ndarray:
         """Features of one clip at its real length, time on the last axis."""
         # Extracting clip by clip keeps each clip's features independent of the batch (Whisper's STFT edges and
@@ -228,11 +237,7 @@ class SpeechLlmProcessor(ProcessorMixin):
             for index, (clip, rate) in enumerate(zip(clips, rates))
         ]
         lengths = [f.shape[-1] for f in features]
-        token_counts = iter([self.num_audio_tokens(length) for length in lengths])  # clip after clip, in text order
-        expanded = []
-        for t in texts:
-            first, *rest = t.split(self.audio_token)
-            expanded.append(first + "".join(self.audio_token * next(token_counts) + piece for piece in rest))
+        expanded = self.expand_audio_placeholders(texts, lengths)
         tokenizer_kwargs.setdefault("return_token_type_ids", False)  # the model takes none (4.x tokenizers add them)
         data = dict(self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **tokenizer_kwargs))
         if features:

@@ -1,0 +1,132 @@
+"""`speechllm-hf train --method asr --preset NAME --train_manifest M --output_dir O [TrainingArguments flags]`.
+
+Every `TrainingArguments` flag is accepted under its own name (`--max_steps`, `--save_steps`,
+`--resume_from_checkpoint`, ...), or all of them from `--config cfg.yaml`. Works unchanged under
+`accelerate launch`. Manifests are validated first (as `speechllm-hf prepare` does); a manifest may be given as
+`TASK=PATH` (e.g. `st=mustc_de.parquet`) to set the task of its rows for multi-task fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="tiny", metadata={"help": "Preset to build: tiny, hubert-qformer, whisper-cnn."})
+    model: str | None = field(default=None, metadata={"help": "A saved model (folder or Hub id) to continue from."})
+    encoder_type: str | None = field(default=None, metadata={"help": "hubert, whisper or wav2vec2."})
+    projector_type: str | None = field(default=None, metadata={"help": "qformer, cnn or mlp."})
+    encoder_name_or_path: str | None = field(default=None, metadata={"help": "Encoder checkpoint (id or folder)."})
+    text_name_or_path: str | None = field(default=None, metadata={"help": "LLM checkpoint (id or folder)."})
+
+
+@dataclass
+class DataArguments:
+    train_manifest: list[str] = field(
+        default_factory=list, metadata={"help": "jsonl/parquet manifests or prepared folders; TASK=PATH sets a task."}
+    )
+    eval_manifest: list[str] = field(default_factory=list, metadata={"help": "Held-out manifests."})
+    num_proc: int = field(default=1, metadata={"help": "Processes validating the manifests."})
+    min_duration: float = field(default=0.0, metadata={"help": "Drop clips shorter than this (seconds)."})
+    max_duration: float = field(default=30.0, metadata={"help": "Drop clips longer than this (seconds)."})
+
+
+def methods() -> dict:
+    """--method -> (trainer class, arguments class); the pretraining methods register here as they land."""
+    from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
+    from speechllm_hf.training.trainer import SpeechLlmTrainer
+
+    return {"asr": (SpeechLlmTrainer, SpeechLlmTrainingArguments)}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train the projector (ASR pretraining, multi-task fine-tuning, LoRA)", add_help=False
+    )
+    parser.add_argument("--method", default="asr", help="training method (asr; see the docs for the others)")
+    parser.add_argument("--config", help="YAML file with all arguments")
+    parser.set_defaults(func=run, accepts_extra_args=True)
+
+
+def load_rows(manifests: list[str], args, data_args: DataArguments):
+    """Validate and concatenate manifests; `TASK=PATH` items get a `task` column."""
+    import datasets
+
+    from speechllm_hf.data.prepare import prepare_dataset
+    from speechllm_hf.data.tasks import TASKS
+
+    parts = []
+    for item in manifests:
+        task, _, path = item.partition("=") if item.split("=", 1)[0] in TASKS else (None, "", item)
+        rows, report = prepare_dataset(
+            path,
+            num_proc=data_args.num_proc,
+            min_duration=data_args.min_duration,
+            max_duration=data_args.max_duration,
+            audio_column=args.audio_column,
+            text_column=args.text_column,
+            require_text=(task or args.task) == "asr",
+        )
+        logger.info("%s: %s", path, json.dumps({k: report[k] for k in ("total", "kept", "dropped")}))
+        if task is not None:
+            rows = rows.add_column("task", [task] * len(rows))
+        parts.append(rows)
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import HfArgumentParser
+
+    from speechllm_hf import SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
+    from speechllm_hf.training.lora import add_lora
+
+    available = methods()
+    if args.method not in available:
+        raise SystemExit(f"speechllm-hf train: unknown --method {args.method!r}; choose one of {sorted(available)}.")
+    trainer_class, arguments_class = available[args.method]
+    parser = HfArgumentParser((ModelArguments, DataArguments, arguments_class), prog="speechllm-hf train")
+    if args.config:
+        model_args, data_args, training_args = parser.parse_yaml_file(args.config)
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args.extra_args)
+    if not data_args.train_manifest:
+        raise SystemExit("speechllm-hf train: give at least one --train_manifest.")
+
+    if model_args.model:
+        model = SpeechLlmForConditionalGeneration.from_pretrained(model_args.model)
+        processor = SpeechLlmProcessor.from_pretrained(model_args.model)
+    else:
+        model, processor = from_preset(
+            model_args.preset,
+            encoder_type=model_args.encoder_type,
+            projector_type=model_args.projector_type,
+            encoder_name_or_path=model_args.encoder_name_or_path,
+            text_name_or_path=model_args.text_name_or_path,
+        )
+    if training_args.lora_r > 0:
+        add_lora(
+            model,
+            training_args.lora_r,
+            training_args.lora_alpha,
+            training_args.lora_dropout,
+            training_args.lora_target_modules.split(","),
+        )
+    train_rows = load_rows(data_args.train_manifest, training_args, data_args)
+    eval_rows = load_rows(data_args.eval_manifest, training_args, data_args) if data_args.eval_manifest else None
+    trainer = trainer_class(
+        model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows, processing_class=processor
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    if eval_rows is not None:
+        print(json.dumps(trainer.evaluate(), indent=2))
+    return 0
+
+
+__all__ = ["register", "run", "ModelArguments", "DataArguments", "methods"]

@@ -1,0 +1,130 @@
+"""SpeechLlmCollator: rows -> a padded training batch with labels on the response plus end-of-turn only.
+
+The prompt (system + user turn with the audio, up to the assistant header) and the response are tokenised
+separately and concatenated, exactly as generation sees them: the model is trained on the token sequence it will
+later be prompted with. Labels are -100 on the prompt (audio tokens included) and on padding.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .audio import load_audio
+from .tasks import PromptConfig, build_turns
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class SpeechLlmCollator:
+    """Collate dataset rows for `SpeechLlmForConditionalGeneration`.
+
+    Args:
+        processor: the model's `SpeechLlmProcessor`.
+        task: default task for rows without a `task` column (see `speechllm_hf.data.tasks`).
+        prompts: a `PromptConfig` (defaults to the packaged prompts).
+        text_column: the transcript column of ASR rows.
+        audio_column: the audio column (path, bytes, array or `datasets` Audio dict).
+        max_length: longest sequence; longer responses are cut at the end (counted in `num_truncated`).
+        use_cached_features: read `encoder_states` / `feature_length` columns (see `data.feature_cache`) instead
+            of decoding audio.
+    """
+
+    def __init__(
+        self,
+        processor,
+        task: str = "asr",
+        prompts: PromptConfig | None = None,
+        text_column: str = "text",
+        audio_column: str = "audio",
+        max_length: int = 2048,
+        use_cached_features: bool = False,
+    ):
+        self.processor = processor
+        self.task = task
+        self.prompts = prompts or PromptConfig.from_file()
+        self.text_column = text_column
+        self.audio_column = audio_column
+        self.max_length = max_length
+        self.use_cached_features = use_cached_features
+        self.num_truncated = 0
+
+    def prompt_and_response(self, row: dict) -> tuple[str, str]:
+        """The rendered prompt (ending with the assistant header) and the response text with its end-of-turn."""
+        task = row.get("task") or self.task
+        user, response = build_turns(row, task, self.prompts, self.text_column, self.processor.audio_token)
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+        full = self.processor.apply_chat_template(
+            [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+        )
+        if not full.startswith(prompt):
+            raise ValueError(
+                "The chat template renders the assistant turn in a way that does not extend the generation prompt; "
+                f"cannot separate prompt and response.\nprompt: {prompt!r}\nfull: {full!r}"
+            )
+        return prompt, full[len(prompt) :]
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        prompts, responses = zip(*(self.prompt_and_response(row) for row in rows))
+        tokenizer = self.processor.tokenizer
+        if self.use_cached_features:
+            lengths = [int(row["feature_length"]) for row in rows]
+            expanded = self.processor.expand_audio_placeholders(list(prompts), lengths)
+            prompt_ids = tokenizer(expanded, add_special_tokens=False)["input_ids"]
+            audio = _pad_encoder_states([row["encoder_states"] for row in rows])
+        else:
+            rate = self.processor.sampling_rate
+            clips = [load_audio(row[self.audio_column], target_rate=rate) for row in rows]
+            batch = self.processor(
+                list(prompts),
+                audio=clips,
+                sampling_rate=rate,
+                padding=False,
+                return_tensors=None,
+                add_special_tokens=False,
+            )
+            prompt_ids = batch["input_ids"]
+            audio = {
+                "input_features": torch.as_tensor(np.asarray(batch["input_features"])),
+                "feature_attention_mask": torch.as_tensor(np.asarray(batch["feature_attention_mask"])),
+            }
+        response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+        sequences, labels = [], []
+        for prompt, response in zip(prompt_ids, response_ids):
+            room = self.max_length - len(prompt)
+            if room < 1:
+                raise ValueError(
+                    f"A prompt with its audio tokens is {len(prompt)} tokens long, over max_length="
+                    f"{self.max_length}: raise max_length or drop longer audio (prepare --max_duration)."
+                )
+            if len(response) > room:
+                self.num_truncated += 1
+                logger.warning(
+                    "Truncated a response to fit max_length=%d (%d so far).", self.max_length, self.num_truncated
+                )
+                response = response[:room]
+            sequences.append(prompt + response)
+            labels.append([IGNORE_INDEX] * len(prompt) + response)
+        width = max(len(s) for s in sequences)
+        pad = tokenizer.pad_token_id
+        # Right padding: position ids come from the attention mask, so the side does not change the result.
+        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
+        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+        label_tensor = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor, **audio}
+
+
+def _pad_encoder_states(states: list) -> dict[str, torch.Tensor]:
+    tensors = [torch.as_tensor(np.asarray(s, dtype=np.float32)) for s in states]  # each (T_i, C)
+    lengths = torch.tensor([t.shape[0] for t in tensors])
+    return {
+        "encoder_hidden_states": torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True),
+        "encoder_lengths": lengths,
+    }
+
+
+__all__ = ["SpeechLlmCollator", "IGNORE_INDEX"]

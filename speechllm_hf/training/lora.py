@@ -1,0 +1,24 @@
+"""LoRA on the LLM through peft, for downstream fine-tuning; the adapter is saved beside the projector."""
+
+from __future__ import annotations
+
+
+def add_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules=("q_proj", "v_proj")):
+    """Wrap `model.language_model` with a peft LoRA adapter (in place); only the adapter and the projector train.
+
+    Returns:
+        The model, for chaining.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if model.has_lora:
+        raise ValueError("The LLM already carries a LoRA adapter.")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM"
+    )
+    model.language_model = get_peft_model(model.language_model, config)
+    model.train(model.training)  # the LLM now has trainable weights: let its dropout follow the model's mode
+    return model
+
+
+__all__ = ["add_lora"]
