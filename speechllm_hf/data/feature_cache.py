@@ -2,8 +2,9 @@
 
 The cache is a `datasets` Arrow file in `cache_dir` (memory-mapped when read), row-aligned with the training set,
 with columns `audio_key` (which clip), `feature_length` (its feature frames/samples, for placeholder expansion) and
-`encoder_states` (T', C). `cache_dir/cache_key.json` records the encoder (id, revision, config and feature-extractor fingerprints):
-a cache built for another encoder, or for other clips, is refused rather than silently used.
+`encoder_states` (T', C). `cache_dir/cache_key.json` records the encoder (id, revision, config and
+feature-extractor fingerprints): a cache built for another encoder, or for other clips, is refused rather than
+silently used.
 """
 
 from __future__ import annotations
