@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
-COMMANDS = ("info", "prepare", "push", "train")
+COMMANDS = ("info", "prepare", "push", "train", "continue_writing")
 
 
 def build_parser() -> argparse.ArgumentParser:

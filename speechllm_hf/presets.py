@@ -14,7 +14,7 @@ import os
 import string
 from dataclasses import dataclass, field
 
-from tokenizers import Tokenizer, decoders, models, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
     AutoFeatureExtractor,
@@ -99,16 +99,25 @@ _CONFIG_KEYS = ("freeze_encoder", "freeze_text_model", "encoder_train_mode_augme
 
 
 def tiny_tokenizer(audio_token: str = "<audio>") -> PreTrainedTokenizerFast:
-    """A character-level tokenizer built in code (no download): ASCII letters, digits, punctuation and specials."""
+    """A small BPE tokenizer built in code (no download): merges learnt from the bundled corpus' training transcripts,
+    on a base alphabet of every printable ASCII character, so any English text tokenizes and corpus words are one
+    token each (which lets a tiny random LLM learn from a few minutes of CPU training)."""
+    from .corpus import load_split
+
     specials = ["<unk>", "<s>", "</s>", "<pad>", audio_token, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    characters = list(string.ascii_letters + string.digits + string.punctuation + " \n")
-    vocab = {token: index for index, token in enumerate(specials + characters)}
-    # BPE without merges splits text into characters; Fuse joins them back without spaces when decoding.
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=specials,
+        initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation + "\n"),
+        show_progress=False,
     )
+    backend.train_from_iterator(sorted(row["text"] for row in load_split("train")), trainer)
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",

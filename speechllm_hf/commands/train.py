@@ -40,9 +40,13 @@ class DataArguments:
 def methods() -> dict:
     """--method -> (trainer class, arguments class); the pretraining methods register here as they land."""
     from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
+    from speechllm_hf.training.continuation import ContinuationTrainer, ContinuationTrainingArguments
     from speechllm_hf.training.trainer import SpeechLlmTrainer
 
-    return {"asr": (SpeechLlmTrainer, SpeechLlmTrainingArguments)}
+    return {
+        "asr": (SpeechLlmTrainer, SpeechLlmTrainingArguments),
+        "continuation": (ContinuationTrainer, ContinuationTrainingArguments),
+    }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -69,6 +69,10 @@ class SpeechLlmCausalLMOutputWithPast(ModelOutput):
         past_key_values (`Cache`, *optional*): the LLM's key/value cache.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): the LLM's hidden states, embeddings first.
         attentions (`tuple(torch.FloatTensor)`, *optional*): the LLM's attention weights.
+        audio_hidden_states (`torch.FloatTensor` of shape `(num_clips, N, hidden_size)`, *optional*): the projector
+            outputs (audio features in the LLM's embedding space), when audio was given.
+        audio_lengths (`torch.LongTensor` of shape `(num_clips,)`, *optional*): valid positions of each clip's
+            `audio_hidden_states`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -76,6 +80,8 @@ class SpeechLlmCausalLMOutputWithPast(ModelOutput):
     past_key_values: object | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    audio_hidden_states: torch.FloatTensor | None = None
+    audio_lengths: torch.LongTensor | None = None
 
 
 class SpeechLlmWhisperEncoder(WhisperEncoder):
@@ -680,16 +686,23 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             labels: (B, L) next-token targets; audio positions are set to `ignore_index` whatever they hold.
             **kwargs: passed to the LLM (e.g. `num_items_in_batch` for the loss, `output_hidden_states`).
         """
+        has_audio = input_features is not None or encoder_hidden_states is not None
+        audio_embeds = audio_lengths = None
+        if has_audio:
+            audio_embeds, audio_lengths = self.get_audio_features(
+                input_features, feature_attention_mask, encoder_hidden_states, encoder_lengths
+            )
+            if input_ids is None and inputs_embeds is None:
+                # Audio alone: the projected features, without running the LLM (contrastive pretraining at the
+                # embedding level goes through here, so that DDP sees one forward of the wrapped model).
+                return SpeechLlmCausalLMOutputWithPast(audio_hidden_states=audio_embeds, audio_lengths=audio_lengths)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if input_features is not None or encoder_hidden_states is not None:
+        if has_audio:
             if input_ids is None:
                 raise ValueError("Audio inputs need input_ids to locate the audio tokens.")
-            audio_embeds, audio_lengths = self.get_audio_features(
-                input_features, feature_attention_mask, encoder_hidden_states, encoder_lengths
-            )
             inputs_embeds = self.merge_audio_features(input_ids, inputs_embeds, audio_embeds, audio_lengths)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.audio_token_id, self.config.ignore_index)
@@ -712,6 +725,8 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            audio_hidden_states=audio_embeds,
+            audio_lengths=audio_lengths,
         )
 
     _AUDIO_INPUTS = ("input_features", "feature_attention_mask", "encoder_hidden_states", "encoder_lengths")

@@ -1,0 +1,124 @@
+"""`speechllm-hf continue-writing --preset NAME | --text_model ID --manifest M --output_file F.jsonl`.
+
+The text LLM continues every transcript (BLSP's continuation data, methods.md B; see
+`speechllm_hf.data.continuation`). Runs on one process as is, or split over several under `accelerate launch
+--num_processes N -m speechllm_hf continue-writing ...`; rerunning the same command after an interruption resumes it.
+Several CPU processes: `accelerate launch --multi_gpu --num_processes N -m speechllm_hf continue-writing --cpu ...`
+(`accelerate launch --cpu` starts a single process; `--cpu` here puts the processes in one gloo group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "continue-writing",
+        help="let the text LLM continue each transcript (BLSP continuation data for `train --method continuation`)",
+    )
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--preset", help="use the LLM of this preset (tiny, hubert-qformer, whisper-cnn)")
+    model.add_argument(
+        "--text_model", help="a causal LM: Hub id or local folder (e.g. the stage-1 instruction-tuned LLM)"
+    )
+    parser.add_argument("--manifest", required=True, help="jsonl file, parquet file or folder of parquet files")
+    parser.add_argument("--output_file", required=True, help="output .jsonl; F.report.json is written beside it")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="longest continuation, in tokens")
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts per generate call on each process")
+    parser.add_argument(
+        "--prompt", choices=["blsp", "chat"], default="blsp", help="BLSP's ###[Human]: format, or the chat template"
+    )
+    parser.add_argument("--instruction", help="replace BLSP's continuation instruction")
+    parser.add_argument("--max_input_tokens", type=int, default=192, help="drop prompts of this many tokens or more")
+    parser.add_argument("--normalize", action="store_true", help="apply Whisper's English normaliser to transcripts")
+    parser.add_argument(
+        "--normalizer_file", help="Whisper's normalizer.json (British -> American spellings); implies --normalize"
+    )
+    parser.add_argument("--text_column", default="text", help="transcript column")
+    parser.add_argument("--audio_column", default="audio", help="audio column (kept as is)")
+    parser.add_argument("--output_column", default=None, help="column of the continuation (default: continuation)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype of the LLM"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed (random presets such as tiny are built from it)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="run on CPU even where a GPU is available (also ACCELERATE_USE_CPU=1)"
+    )
+    parser.set_defaults(func=run)
+
+
+def load_text_model(preset: str | None, text_model: str | None, dtype: str = "auto", seed: int = 0):
+    """The text LLM and its tokenizer: `text_model`, or the LLM a preset names (built randomly from `seed` for "tiny").
+
+    Returns:
+        `(model, tokenizer, name)`, name saying what the model is (for the resume check).
+    """
+    import torch
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from speechllm_hf.models.speechllm.modeling_speechllm import from_pretrained_or_explain
+    from speechllm_hf.presets import PRESETS, from_preset
+
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        text_model = PRESETS[preset].text_name_or_path
+        if text_model is None:  # a random LLM with its own tokenizer; the encoder is built (and discarded) too
+            set_seed(seed)  # every process builds the same weights
+            speech_model, processor = from_preset(preset)
+            model = speech_model.language_model
+            if dtype != "auto":
+                model = model.to(getattr(torch, dtype))
+            return model, processor.tokenizer, f"preset:{preset} (random, seed {seed})"
+    tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, text_model, "tokenizer")
+    model = from_pretrained_or_explain(AutoModelForCausalLM.from_pretrained, text_model, "text model", dtype=dtype)
+    return model, tokenizer, text_model
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from speechllm_hf.data.continuation import (
+        BLSP_CONTINUATION_INSTRUCTION,
+        OUTPUT_COLUMN,
+        make_normalizer,
+        write_continuations,
+    )
+
+    # Without cpu=True, processes on a machine without GPU do not form a group (each would write everything).
+    state = PartialState(cpu=args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    try:
+        model, tokenizer, name = load_text_model(args.preset, args.text_model, args.dtype, args.seed)
+        normalize = args.normalize or args.normalizer_file is not None
+        normalizer = make_normalizer(args.normalizer_file) if normalize else None
+        report = write_continuations(
+            model.to(state.device),
+            tokenizer,
+            args.manifest,
+            args.output_file,
+            model_name=name,
+            state=state,
+            text_column=args.text_column,
+            audio_column=args.audio_column,
+            output_column=args.output_column or OUTPUT_COLUMN,
+            style=args.prompt,
+            instruction=args.instruction or BLSP_CONTINUATION_INSTRUCTION,
+            max_new_tokens=args.max_new_tokens,
+            max_input_tokens=args.max_input_tokens,
+            batch_size=args.batch_size,
+            normalizer=normalizer,
+        )
+    except ValueError as err:  # a bad manifest, preset or resume: a message, not a traceback
+        print(f"speechllm-hf continue-writing: error: {err}", file=sys.stderr)
+        return 2
+    if report is not None:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+__all__ = ["register", "run", "load_text_model"]
