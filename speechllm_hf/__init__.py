@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
+from . import inference  # noqa: F401  (registers the "speech-llm" pipeline task)
 from .models.speechllm import (
     SpeechLlmCnnProjector,
     SpeechLlmConfig,

@@ -11,6 +11,9 @@ import torch  # noqa: E402
 
 from speechllm_hf import from_preset  # noqa: E402
 
+# Tiny models gain nothing from intra-op threads; with `pytest -n 2` on 2 cores they only oversubscribe.
+torch.set_num_threads(1)
+
 ENCODERS = ("hubert", "whisper", "wav2vec2")
 PROJECTORS = ("qformer", "cnn", "mlp")
 _MODELS: dict = {}

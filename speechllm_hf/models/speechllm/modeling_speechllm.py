@@ -290,6 +290,7 @@ class SpeechLlmPreTrainedModel(PreTrainedModel):
     config_class = SpeechLlmConfig
     base_model_prefix = ""
     main_input_name = "input_ids"
+    input_modalities = ("audio", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     # The LLM supports flash attention; the Q-Former does not and keeps its own (eager/SDPA) attention.

@@ -1,0 +1,186 @@
+"""`speechllm-hf generate --model DIR_OR_ID | --preset NAME --input_file in.jsonl --output_file out.jsonl`.
+
+BLSP's jsonl format: each input line holds `audio` (a path; relative paths resolve against the input file's folder)
+and optionally `instruction` (else `--instruction`, else the prompt file's ASR instruction) and `reference`; every
+field is kept and `response` is added (null, with an `error` field, for a row whose audio is unusable).
+
+Output rows are written in input order and flushed as soon as the rows before them are done. Rerunning with the same
+files resumes: the rows already in the output file are skipped (a line cut off by a kill is dropped and redone),
+so the finished file equals one uninterrupted run, without duplicates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model to load (`--model` or `--preset`), where to run it, its prompts and the batching."""
+    from speechllm_hf.presets import ENCODER_TYPES, PRESETS
+
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="saved model folder or Hub id (projector-only or full save)")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="build a preset instead (tiny: random, offline)")
+    parser.add_argument("--encoder_type", choices=ENCODER_TYPES, help="with --preset: replace the encoder")
+    parser.add_argument("--projector_type", choices=["qformer", "cnn", "mlp"], help="with --preset")
+    parser.add_argument("--prompts", help="prompt file: default, blsp or a YAML path (user_template, instructions)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights' dtype")
+    parser.add_argument("--seed", type=int, default=0, help="seeds sampling and a preset's random weights")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--sort_window", type=int, help="rows sorted by duration together (default 32 batches)")
+
+
+def load_model_and_processor(args: argparse.Namespace):
+    """`(model, processor)` from `--model` or `--preset`, in eval mode on `--device`."""
+    import torch
+
+    from speechllm_hf import SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
+
+    torch.manual_seed(args.seed)
+    dtype = {"dtype": args.dtype} if args.dtype else {}
+    if args.model and (args.encoder_type or args.projector_type):
+        raise SystemExit("--encoder_type and --projector_type apply to --preset only; a saved model has its own.")
+    if args.model:
+        model = SpeechLlmForConditionalGeneration.from_pretrained(args.model, **dtype)
+        processor = SpeechLlmProcessor.from_pretrained(args.model)
+    else:
+        model, processor = from_preset(
+            args.preset, encoder_type=args.encoder_type, projector_type=args.projector_type, **dtype
+        )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), processor
+
+
+def generation_settings(args: argparse.Namespace) -> dict:
+    """The generation keywords the command line set (sampling ones only when given)."""
+    settings = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": args.do_sample}
+    settings.update({k: getattr(args, k) for k in ("temperature", "top_p") if getattr(args, k) is not None})
+    return settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="answer a jsonl of audio (+ instruction) rows in batches; resumable, BLSP's format"
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--input_file", required=True, help="jsonl: audio, optional instruction and reference")
+    parser.add_argument("--output_file", required=True, help="jsonl: the input rows with `response` added")
+    parser.add_argument("--instruction", help="instruction for rows without one (default: the ASR instruction)")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top_p", type=float)
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--stop_at_newline", action="store_true", help="end each response at its first newline")
+    parser.set_defaults(func=run)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON-lines file (blank lines skipped)."""
+    with open(path, encoding="utf-8") as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+def completed_rows(path: Path) -> list[dict]:
+    """The complete rows of an output file left by an earlier run; a trailing partial line is cut off the file."""
+    if not path.exists():
+        return []
+    rows, keep = [], 0
+    with open(path, "rb") as file:
+        for line in file:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            rows.append(row)
+            keep += len(line)
+    if keep < path.stat().st_size:
+        logger.warning("Dropping an incomplete last line of %s (an interrupted write); it is redone.", path)
+        with open(path, "r+b") as file:
+            file.truncate(keep)
+    return rows
+
+
+def _resolve_audio(audio, base: Path):
+    return str(base / audio) if isinstance(audio, str) and not os.path.isabs(audio) else audio
+
+
+def _instruction(row: dict, default: str | None) -> str | None:
+    return row["instruction"] if row.get("instruction") is not None else default
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from speechllm_hf.data.tasks import PromptConfig
+    from speechllm_hf.inference.generate import iter_generate
+
+    input_path, output_path = Path(args.input_file), Path(args.output_file)
+    try:
+        rows = read_jsonl(input_path)
+    except (OSError, json.JSONDecodeError) as err:
+        print(f"speechllm-hf generate: error: cannot read {input_path}: {err}", file=sys.stderr)
+        return 2
+    done = completed_rows(output_path)
+    mismatch = len(done) > len(rows) or any(d.get("audio") != r.get("audio") for d, r in zip(done, rows))
+    if mismatch:
+        print(
+            f"speechllm-hf generate: error: {output_path} does not continue {input_path} (more rows, or other audio): "
+            "remove it or choose another --output_file.",
+            file=sys.stderr,
+        )
+        return 2
+    if done:
+        logger.info("%s already holds %d of %d rows; generating the rest.", output_path, len(done), len(rows))
+    if len(done) == len(rows):
+        return 0
+
+    model, processor = load_model_and_processor(args)
+    prompts = PromptConfig.from_file(args.prompts)
+    base = input_path.resolve().parent
+    start = len(done)
+    requests = (
+        {"audio": _resolve_audio(row.get("audio"), base), "instruction": _instruction(row, args.instruction)}
+        for row in rows[start:]
+    )
+    results = iter_generate(
+        model,
+        processor,
+        requests,
+        batch_size=args.batch_size,
+        sort_window=args.sort_window,
+        prompts=prompts,
+        stop_at_newline=args.stop_at_newline,
+        **generation_settings(args),
+    )
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    pending, written, errors = {}, start, 0
+    with open(output_path, "a", encoding="utf-8") as out, tqdm(total=len(rows), initial=start, unit="row") as bar:
+        for index, result in results:
+            pending[start + index] = result
+            bar.update()
+            # Rows finish out of order (length sorting): write the done prefix, so a rerun knows where to go on.
+            while written in pending:
+                result = pending.pop(written)
+                row = {**rows[written], "response": result.response}
+                if result.error is not None:
+                    row["error"] = result.error
+                    errors += 1
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                written += 1
+            out.flush()
+    logger.info("%s: %d rows written, %d with unusable audio.", output_path, written - start, errors)
+    return 0
+
+
+__all__ = ["register", "run", "add_model_arguments", "load_model_and_processor", "generation_settings"]

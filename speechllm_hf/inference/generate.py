@@ -1,0 +1,366 @@
+"""Batched generation: (audio, instruction) requests -> response texts, robust to unusable audio.
+
+Each request's audio is loaded and checked on its own first (unreadable, empty, NaN/inf, too short or too long for
+the encoder): a bad row gets an `error` and never reaches a batch. Usable rows are sorted by duration within a window
+of `sort_window` requests (similar lengths share a batch, so little padding is computed), left-padded, generated
+together, and returned in input order. Greedy decoding by default; only the new tokens are decoded.
+
+`stream_generate` yields the text of one request piece by piece with transformers' `TextIteratorStreamer`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import logging
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from speechllm_hf.data.audio import AudioSource, load_audio
+from speechllm_hf.data.tasks import PromptConfig
+
+logger = logging.getLogger(__name__)
+
+# BLSP's generate.py: greedy, at most 128 new tokens. `do_sample=False` is explicit so that a checkpoint whose
+# generation_config samples (Llama-3.1-Instruct: temperature 0.6, top_p 0.9) still decodes greedily unless asked.
+DEFAULT_GENERATE_KWARGS = {"max_new_tokens": 128, "do_sample": False, "num_beams": 1}
+_SAMPLING_ONLY = ("temperature", "top_p", "top_k")
+# Token ids whose text holds a newline, per tokenizer (computing them decodes the whole vocabulary once).
+_NEWLINE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class GenerationRequest:
+    """One clip to answer.
+
+    Attributes:
+        audio: A file path, encoded bytes, an array of samples (with `sampling_rate`) or a `datasets` Audio dict.
+        instruction: The task instruction; None uses the prompt file's ASR instruction.
+        sampling_rate: The rate of `audio` when it is an array without one.
+    """
+
+    audio: AudioSource
+    instruction: str | None = None
+    sampling_rate: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    """The answer to one request: `response` when it succeeded, else `error` saying why the row was unusable."""
+
+    response: str | None = None
+    error: str | None = None
+
+
+def _as_request(request: GenerationRequest | dict) -> GenerationRequest:
+    if isinstance(request, GenerationRequest):
+        return request
+    if request.get("audio") is None:
+        raise ValueError(f"A request needs an 'audio' field; got the fields {sorted(request)}.")
+    return GenerationRequest(request["audio"], request.get("instruction"), request.get("sampling_rate"))
+
+
+@functools.cache
+def default_prompts() -> PromptConfig:
+    """The packaged prompt file, read once (callers must not modify it)."""
+    return PromptConfig.from_file()
+
+
+def build_prompt(processor, instruction: str | None = None, prompts: PromptConfig | None = None) -> str:
+    """The generation prompt of one request: the chat template around the prompt file's user turn.
+
+    Args:
+        processor: A `SpeechLlmProcessor`.
+        instruction: The instruction; None uses the prompt file's ASR instruction.
+        prompts: The prompt file (`user_template`, instructions); None uses the packaged defaults.
+
+    Returns:
+        The rendered prompt, ending with the assistant header, holding one audio placeholder.
+    """
+    prompts = prompts or default_prompts()
+    if instruction is None:
+        instruction = prompts.instructions["asr"]
+    user = prompts.user_template.replace("<audio>", processor.audio_token).format(instruction=instruction)
+    return processor.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+
+
+def load_request_audio(processor, request: GenerationRequest | dict) -> np.ndarray:
+    """Loads a request's clip at the processor's rate and checks that the model accepts it on its own.
+
+    Raises:
+        ValueError: If the clip is unreadable, empty, holds NaN/inf samples, or is too short or too long for the
+            encoder; the message names the problem.
+    """
+    request = _as_request(request)
+    waveform = load_audio(request.audio, request.sampling_rate, target_rate=processor.sampling_rate)
+    # The processor alone knows the encoder's limits (too few samples for one audio token, Whisper's 30 s).
+    processor(text=processor.audio_token, audio=waveform, sampling_rate=processor.sampling_rate, return_tensors=None)
+    return waveform
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """Ids of the (non-special) tokens whose text holds a newline, e.g. "\\n", "\\n\\n" or ".\\n" in Llama-3."""
+    if tokenizer not in _NEWLINE_IDS:
+        special = set(tokenizer.all_special_ids)
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+        _NEWLINE_IDS[tokenizer] = [i for i, text in enumerate(texts) if "\n" in text and i not in special]
+    return _NEWLINE_IDS[tokenizer]
+
+
+def build_generation_config(model, processor, *, stop_at_newline: bool = False, **generate_kwargs) -> GenerationConfig:
+    """The model's generation config with this call's settings on top.
+
+    Args:
+        model: The `SpeechLlmForConditionalGeneration`.
+        processor: Its processor (for the pad and newline tokens).
+        stop_at_newline: Also stop a row at the first token holding a newline (the contrastive paper's evaluation
+            stopped "at newline or <|eot_id|>"); the text after the newline is dropped when decoding.
+        **generate_kwargs: Any `GenerationConfig` field (`max_new_tokens`, `do_sample`, `temperature`, `top_p`,
+            `num_beams`, ...) over `DEFAULT_GENERATE_KWARGS`.
+
+    Returns:
+        A new `GenerationConfig`; the model's own is left untouched.
+
+    Raises:
+        ValueError: On a keyword that is not a generation setting.
+    """
+    settings = {**DEFAULT_GENERATE_KWARGS, **generate_kwargs}
+    if not settings["do_sample"]:
+        # The model's sampling defaults would only make generate() warn that they are ignored.
+        settings = {**dict.fromkeys(_SAMPLING_ONLY), **settings}
+    config = copy.deepcopy(model.generation_config)
+    unknown = config.update(**settings, return_dict_in_generate=False)
+    if unknown:
+        raise ValueError(f"Unknown generation settings: {sorted(unknown)}.")
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if stop_at_newline:
+        eos += [i for i in newline_token_ids(processor.tokenizer) if i not in eos]
+    config.eos_token_id = eos or None
+    if config.pad_token_id is None:
+        config.pad_token_id = processor.tokenizer.pad_token_id
+    return config
+
+
+def model_inputs(model, processor, prompts: Sequence[str], waveforms: Sequence[np.ndarray]):
+    """A left-padded batch of prompts and their (validated, resampled) clips on the model's device."""
+    batch = processor(
+        text=list(prompts),
+        audio=list(waveforms),
+        sampling_rate=processor.sampling_rate,
+        padding=True,
+        padding_side="left",  # generation appends on the right; explicit, whatever the saved tokenizer says
+        add_special_tokens=False,  # the chat template writes BOS where it belongs
+        return_tensors="pt",
+    )
+    return batch.to(model.device)
+
+
+def finish_text(text: str, stop_at_newline: bool) -> str:
+    """A decoded response as returned: cut at the first newline when stopping there, stripped."""
+    if stop_at_newline:
+        text = text.split("\n", 1)[0]
+    return text.strip()
+
+
+def generate_texts(
+    model, processor, prompts: Sequence[str], waveforms: Sequence[np.ndarray], config: GenerationConfig
+) -> list[str]:
+    """Generates one batch (no validation, no sorting): the decoded new tokens of each row, untrimmed."""
+    batch = model_inputs(model, processor, prompts, waveforms)
+    sequences = model.generate(**batch, generation_config=config)
+    return processor.batch_decode(sequences[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def iter_generate(
+    model,
+    processor,
+    requests: Iterable[GenerationRequest | dict],
+    *,
+    batch_size: int = 8,
+    sort_window: int | None = None,
+    prompts: PromptConfig | None = None,
+    stop_at_newline: bool = False,
+    **generate_kwargs,
+) -> Iterator[tuple[int, GenerationResult]]:
+    """Generates responses batch by batch, yielding `(input index, result)` as each batch finishes.
+
+    Requests are read lazily, `sort_window` at a time: those are loaded and checked one by one (a bad clip is
+    yielded at once with its `error`), sorted by duration, longest first (a batch that does not fit in memory fails
+    early), and generated `batch_size` at a time. So results come in input order only across windows.
+
+    Args:
+        model: A `SpeechLlmForConditionalGeneration` (in eval mode).
+        processor: Its `SpeechLlmProcessor`.
+        requests: `GenerationRequest`s or dicts with `audio` and optional `instruction` / `sampling_rate`.
+        batch_size: Rows generated together.
+        sort_window: Requests sorted together; default 32 batches. A larger window pads less, a smaller one returns
+            results in input order sooner (what a resumable writer can save).
+        prompts: The prompt file; None uses the packaged defaults.
+        stop_at_newline: See `build_generation_config`.
+        **generate_kwargs: Generation settings (`max_new_tokens=128`, greedy by default).
+
+    Yields:
+        `(index, GenerationResult)` for every request, each exactly once.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
+    config = build_generation_config(model, processor, stop_at_newline=stop_at_newline, **generate_kwargs)
+    prompts = prompts or default_prompts()
+    window = sort_window or 32 * batch_size
+    numbered = enumerate(requests)
+    while chunk := list(itertools.islice(numbered, window)):
+        ready = []
+        for index, request in chunk:
+            try:
+                request = _as_request(request)
+                waveform = load_request_audio(processor, request)
+            except ValueError as err:
+                logger.warning("Request %d skipped: %s", index, err)
+                yield index, GenerationResult(error=str(err))
+                continue
+            ready.append((index, build_prompt(processor, request.instruction, prompts), waveform))
+        ready.sort(key=lambda item: -len(item[2]))  # stable: equal lengths keep their input order
+        for start in range(0, len(ready), batch_size):
+            batch = ready[start : start + batch_size]
+            texts = generate_texts(model, processor, [p for _, p, _ in batch], [w for _, _, w in batch], config)
+            for (index, _, _), text in zip(batch, texts):
+                yield index, GenerationResult(response=finish_text(text, stop_at_newline))
+
+
+def generate_responses(
+    model, processor, requests: Sequence[GenerationRequest | dict], **kwargs
+) -> list[GenerationResult]:
+    """Generates a response for every request, batched and length-sorted; results in input order.
+
+    Args:
+        model: A `SpeechLlmForConditionalGeneration` (in eval mode).
+        processor: Its `SpeechLlmProcessor`.
+        requests: `GenerationRequest`s or dicts with `audio` and optional `instruction` / `sampling_rate`.
+        **kwargs: `batch_size`, `sort_window`, `prompts`, `stop_at_newline` and generation settings, as for
+            `iter_generate`.
+
+    Returns:
+        One `GenerationResult` per request: `response` set, or `error` for a row whose audio was unusable.
+    """
+    results: list[GenerationResult | None] = [None] * len(requests)
+    for index, result in iter_generate(model, processor, requests, **kwargs):
+        results[index] = result
+    return results
+
+
+class _StopEvent(StoppingCriteria):
+    """Stops every row once `event` is set: a stream whose reader went away stops generating."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _tidy_stream(pieces: Iterable[str], stop_at_newline: bool) -> Iterator[str]:
+    """The pieces of `finish_text(full text)`: leading whitespace dropped, trailing whitespace held back until more
+    text follows, and nothing after the first newline when stopping there."""
+    started, pending = False, ""
+    for piece in pieces:
+        done = stop_at_newline and "\n" in piece
+        if done:
+            piece = piece.split("\n", 1)[0]
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        body = piece.rstrip()
+        if body:
+            yield pending + body
+            pending = piece[len(body) :]
+        else:
+            pending += piece
+        if done:
+            return
+
+
+def stream_generate(
+    model,
+    processor,
+    audio: AudioSource,
+    instruction: str | None = None,
+    *,
+    sampling_rate: int | None = None,
+    prompts: PromptConfig | None = None,
+    stop_at_newline: bool = False,
+    **generate_kwargs,
+) -> Iterator[str]:
+    """Streams the response to one clip as text pieces while it is generated (in a background thread).
+
+    The pieces concatenate to what `generate_responses` returns for the same request and settings.
+
+    Args:
+        model: A `SpeechLlmForConditionalGeneration` (in eval mode).
+        processor: Its `SpeechLlmProcessor`.
+        audio: The clip (path, bytes, array with `sampling_rate`, or `datasets` Audio dict).
+        instruction: The instruction; None uses the prompt file's ASR instruction.
+        sampling_rate: The rate of `audio` when it is an array.
+        prompts: The prompt file; None uses the packaged defaults.
+        stop_at_newline: See `build_generation_config`.
+        **generate_kwargs: Generation settings (`max_new_tokens=128`, greedy by default).
+
+    Yields:
+        Text pieces.
+
+    Raises:
+        ValueError: If the clip is unusable (before anything is yielded).
+    """
+    request = GenerationRequest(audio, instruction, sampling_rate)
+    waveform = load_request_audio(processor, request)
+    config = build_generation_config(model, processor, stop_at_newline=stop_at_newline, **generate_kwargs)
+    batch = model_inputs(model, processor, [build_prompt(processor, instruction, prompts)], [waveform])
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            model.generate(
+                **batch,
+                generation_config=config,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_StopEvent(stop)]),
+            )
+        except Exception as err:  # re-raised in the reader's thread; end the stream so that the reader wakes up
+            errors.append(err)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield from _tidy_stream(streamer, stop_at_newline)
+    finally:
+        stop.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+__all__ = [
+    "DEFAULT_GENERATE_KWARGS",
+    "GenerationRequest",
+    "GenerationResult",
+    "build_generation_config",
+    "build_prompt",
+    "default_prompts",
+    "finish_text",
+    "generate_responses",
+    "generate_texts",
+    "iter_generate",
+    "load_request_audio",
+    "model_inputs",
+    "newline_token_ids",
+    "stream_generate",
+]
