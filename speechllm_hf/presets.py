@@ -116,8 +116,9 @@ def tiny_tokenizer(audio_token: str = "<audio>") -> PreTrainedTokenizerFast:
     )
     backend.train_from_iterator(sorted(row["text"] for row in load_split("train")), trainer)
     bos = backend.token_to_id("<s>")
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", bos)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",

@@ -41,11 +41,13 @@ def methods() -> dict:
     """--method -> (trainer class, arguments class); the pretraining methods register here as they land."""
     from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
     from speechllm_hf.training.continuation import ContinuationTrainer, ContinuationTrainingArguments
+    from speechllm_hf.training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
     from speechllm_hf.training.trainer import SpeechLlmTrainer
 
     return {
         "asr": (SpeechLlmTrainer, SpeechLlmTrainingArguments),
         "continuation": (ContinuationTrainer, ContinuationTrainingArguments),
+        "contrastive": (ContrastiveTrainer, ContrastiveTrainingArguments),
     }
 
 

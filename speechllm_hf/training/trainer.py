@@ -119,6 +119,10 @@ class SpeechLlmTrainer(Trainer):
         prefix = "eval_" if mode == "eval" else ""
         averaged = {f"{prefix}{k}": sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
         self._metrics[mode].clear()
+        if averaged and self.args.world_size > 1:  # every process logs at the same steps: average over them
+            keys = sorted(averaged)
+            values = torch.tensor([averaged[k] for k in keys], device=self.args.device)
+            averaged = dict(zip(keys, self.accelerator.reduce(values, reduction="mean").tolist()))
         super().log({**logs, **averaged}, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------------------------

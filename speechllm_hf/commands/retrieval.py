@@ -1,0 +1,51 @@
+"""`speechllm-hf retrieval --model DIR | --preset NAME --manifest M --output_dir D`: speech <-> text retrieval
+(R@1, R@5 both ways) and the contrastive loss per LLM layer on held-out data, with a similarity heat map per layer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("retrieval", help="held-out speech<->text retrieval and contrastive loss per layer")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a saved model (folder or Hub id)")
+    source.add_argument("--preset", help="a preset, e.g. tiny")
+    parser.add_argument("--manifest", required=True, help="held-out jsonl/parquet manifest with audio and text")
+    parser.add_argument("--output_dir", required=True, help="where retrieval.json and the heat maps go")
+    parser.add_argument("--layers", default="all", help="'all', one index or a comma-separated list")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=0.1, help="temperature of the reported loss")
+    parser.add_argument("--text_column", default="text")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from speechllm_hf import SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
+    from speechllm_hf.data.prepare import prepare_dataset
+    from speechllm_hf.evaluation.retrieval import evaluate_retrieval, write_retrieval_report
+
+    if args.model:
+        model = SpeechLlmForConditionalGeneration.from_pretrained(args.model)
+        processor = SpeechLlmProcessor.from_pretrained(args.model)
+    else:
+        model, processor = from_preset(args.preset)
+    rows, report = prepare_dataset(args.manifest, text_column=args.text_column)
+    results, similarities = evaluate_retrieval(
+        model,
+        processor,
+        rows,
+        layers=args.layers,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        text_column=args.text_column,
+    )
+    write_retrieval_report(
+        {**results, "data": {k: report[k] for k in ("total", "kept", "dropped")}}, similarities, args.output_dir
+    )
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+__all__ = ["register", "run"]

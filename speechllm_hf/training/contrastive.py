@@ -1,0 +1,326 @@
+"""ContrastiveTrainer: task-independent contrastive pretraining of the projector (methods.md A).
+
+Faithful default (`ContrastiveTrainingArguments()`): the transcript tokens alone (no BOS/EOS, template or
+instruction) and the projector output alone (no prompt) each go through the frozen LLM separately (not at all for
+layer 0); each sequence is mean-pooled over its valid positions, L2-normalised, and the InfoNCE loss text -> speech
+with tau = 0.1 and in-batch negatives is SUMMED over the hidden-state layers {0, 5, 10, 15, 20, 25, last}. The text
+branch runs under `torch.no_grad()`: it builds no graph (the original computed its gradient for nothing).
+
+Departures, each off by default and documented on its argument: a single layer or a list, the symmetric loss, a
+learnable temperature, negatives gathered across processes, an added ASR cross-entropy, a random position shift
+applied to both branches, the Wasserstein (Sinkhorn) variant, and the encoder's train-mode augmentation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..data.collator import SpeechLlmCollator
+from ..models.speechllm.modeling_speechllm import lengths_to_mask
+from .arguments import SpeechLlmTrainingArguments
+from .contrastive_losses import (
+    LearnableTemperature,
+    contrastive_layer_indices,
+    info_nce,
+    mean_pool,
+    summed_layer_loss,
+    wasserstein_contrastive_loss,
+)
+from .trainer import SpeechLlmTrainer
+
+logger = logging.getLogger(__name__)
+
+TEMPERATURE_FILE = "contrastive_temperature.safetensors"
+
+
+@dataclass
+class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
+    """Arguments of `ContrastiveTrainer`; defaults reproduce the paper's pretraining (methods.md A)."""
+
+    contrastive_layers: str = field(
+        default="all",
+        metadata={
+            "help": "'all' = hidden states {0,5,10,15,20,25,last} (spaced alike for other depths), one index "
+            "k, or a comma-separated list. Index 0 is the embedding level: the LLM is not run for it."
+        },
+    )
+    contrastive_loss: str = field(
+        default="infonce", metadata={"help": "'infonce' (default) or 'wasserstein' (Sinkhorn, embedding level only)."}
+    )
+    temperature: float = field(default=0.1, metadata={"help": "InfoNCE temperature tau."})
+    learnable_temperature: bool = field(
+        default=False, metadata={"help": "Departure: learn tau (CLIP style, initialised at `temperature`)."}
+    )
+    symmetric: bool = field(default=False, metadata={"help": "Departure: add the speech -> text direction."})
+    gather_negatives: bool = field(
+        default=False, metadata={"help": "Departure: negatives from every process under DDP (gradient kept local)."}
+    )
+    ce_weight: float = field(
+        default=0.0, metadata={"help": "Weight of an added ASR cross-entropy (the paper's variant used 1.0)."}
+    )
+    position_shift: int = field(
+        default=0,
+        metadata={
+            "help": "Departure: add a random U{0..N-1} shift to the position ids of both branches "
+            "(the paper's variant used 400)."
+        },
+    )
+    sinkhorn_blur: float = field(default=0.05, metadata={"help": "Sinkhorn blur (epsilon = blur**p), p = 2."})
+    encoder_train_mode_augment: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the frozen encoder in train mode (SpecAugment, dropout, LayerDrop), "
+            "as the original trainer did by accident."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.contrastive_loss not in ("infonce", "wasserstein"):
+            raise ValueError(f"contrastive_loss must be 'infonce' or 'wasserstein'; got {self.contrastive_loss!r}.")
+        if self.contrastive_loss == "wasserstein" and self.contrastive_layers not in ("0",):
+            logger.info("The Wasserstein variant compares embedding-level sequences: contrastive_layers set to '0'.")
+            self.contrastive_layers = "0"
+
+
+def _positions(mask: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """Position ids from a right-padded mask, optionally shifted per row (the position-shift variant)."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions if shift is None else positions + shift[:, None]
+
+
+def parse_layers(spec: str) -> str | int | list[int]:
+    if spec == "all":
+        return spec
+    values = [int(v) for v in str(spec).split(",") if v.strip()]
+    return values[0] if len(values) == 1 else values
+
+
+class ContrastiveCollator(SpeechLlmCollator):
+    """The ASR batch (for the optional cross-entropy) plus the two contrastive inputs: the bare transcript tokens
+    (`text_input_ids`) and, per clip, a sequence of its audio tokens alone (`speech_input_ids`, no prompt)."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(rows)
+        tokenizer = self.processor.tokenizer
+        tokens = tokenizer([row[self.text_column] for row in rows], add_special_tokens=False)["input_ids"]
+        batch["text_input_ids"], batch["text_attention_mask"] = _pad(tokens, tokenizer.pad_token_id)
+        if "feature_attention_mask" in batch:
+            feature_lengths = batch["feature_attention_mask"].sum(-1).tolist()
+        else:
+            feature_lengths = [int(row["feature_length"]) for row in rows]
+        speech = [[self.processor.audio_token_id] * self.processor.num_audio_tokens(n) for n in feature_lengths]
+        batch["speech_input_ids"], batch["speech_attention_mask"] = _pad(speech, tokenizer.pad_token_id)
+        return batch
+
+
+def _pad(sequences: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists: (ids, attention mask)."""
+    width = width or max(len(s) for s in sequences)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    return ids, mask
+
+
+def _right_pad(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+def contrastive_states(
+    model,
+    unwrapped,
+    inputs: dict,
+    layers: list[int],
+    *,
+    shift: torch.Tensor | None = None,
+    with_ce: bool = False,
+    pad_token_id: int = 0,
+    num_items_in_batch=None,
+) -> tuple[dict, object]:
+    """Per layer: `(text_states, text_mask, speech_states, speech_mask)` as float32, and the model outputs.
+
+    `model` is what the Trainer gives (possibly DDP-wrapped) and `unwrapped` the bare model. The text branch runs
+    under `no_grad` on the bare model (frozen weights only); the speech branch is ONE forward of `model` (so that
+    DDP sees one forward per step) on the speech-only sequences, plus the ASR sequences as extra rows when
+    `with_ce`; layer 0 alone needs no LLM and takes the projector outputs from an audio-only forward.
+    """
+    if "encoder_hidden_states" in inputs:
+        states, state_lengths = inputs["encoder_hidden_states"], inputs["encoder_lengths"]
+    else:  # the frozen encoder runs once, outside the wrapped forward, which then reuses its output
+        states, state_lengths = unwrapped.encode_audio(inputs["input_features"], inputs["feature_attention_mask"])
+    speech_ids, speech_mask = inputs["speech_input_ids"], inputs["speech_attention_mask"]
+    text_ids, text_mask = inputs["text_input_ids"], inputs["text_attention_mask"]
+    batch_size = speech_ids.shape[0]
+    deep = any(layer > 0 for layer in layers)
+
+    with torch.no_grad():  # the text branch is a fixed target: no gradient, no graph
+        text_embeds = unwrapped.embed_tokens(text_ids)
+        text_hidden = None
+        if deep:
+            text_hidden = unwrapped.language_model(
+                inputs_embeds=text_embeds,
+                attention_mask=text_mask,
+                position_ids=_positions(text_mask, shift),
+                output_hidden_states=True,
+                use_cache=False,
+            ).hidden_states
+
+    if deep or with_ce:
+        ids, mask, labels, positions = speech_ids, speech_mask, None, _positions(speech_mask, shift)
+        if with_ce:
+            width = max(speech_ids.shape[1], inputs["input_ids"].shape[1])
+            ids = torch.cat(
+                [_right_pad(speech_ids, width, pad_token_id), _right_pad(inputs["input_ids"], width, pad_token_id)]
+            )
+            mask = torch.cat([_right_pad(speech_mask, width, 0), _right_pad(inputs["attention_mask"], width, 0)])
+            labels = torch.cat([torch.full_like(ids[:batch_size], -100), _right_pad(inputs["labels"], width, -100)])
+            positions = torch.cat([_right_pad(positions, width, 0), _positions(mask[batch_size:], None)])
+            states, state_lengths = torch.cat([states, states]), torch.cat([state_lengths, state_lengths])
+        outputs = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            encoder_hidden_states=states,
+            encoder_lengths=state_lengths,
+            labels=labels,
+            num_items_in_batch=num_items_in_batch if with_ce else None,
+            output_hidden_states=deep,
+            use_cache=False,
+        )
+    else:
+        outputs = model(encoder_hidden_states=states, encoder_lengths=state_lengths)
+    audio_embeds = outputs.audio_hidden_states[:batch_size]  # (B, N, D)
+    audio_mask = lengths_to_mask(outputs.audio_lengths[:batch_size], audio_embeds.shape[1]).long()
+    per_layer = {}
+    for layer in layers:
+        if layer == 0:
+            per_layer[layer] = (text_embeds.float(), text_mask, audio_embeds.float(), audio_mask)
+        else:
+            speech = outputs.hidden_states[layer][:batch_size, : speech_mask.shape[1]]
+            per_layer[layer] = (text_hidden[layer].float(), text_mask, speech.float(), speech_mask)
+    return per_layer, outputs
+
+
+class ContrastiveTrainer(SpeechLlmTrainer):
+    """Contrastive pretraining; see the module docstring. Logs `loss_layer_<i>`, `loss_contrastive`, `loss_ce`."""
+
+    def __init__(self, model=None, args: ContrastiveTrainingArguments | None = None, data_collator=None, **kwargs):
+        if args is None:
+            raise ValueError("ContrastiveTrainer needs ContrastiveTrainingArguments (at least an output_dir).")
+        processor = kwargs.get("processing_class")
+        if data_collator is None and processor is not None:
+            from ..data.tasks import PromptConfig
+
+            data_collator = ContrastiveCollator(
+                processor,
+                task="asr",
+                prompts=PromptConfig.from_file(args.prompt_file),
+                text_column=args.text_column,
+                audio_column=args.audio_column,
+                max_length=args.max_length,
+                use_cached_features=args.feature_cache_dir is not None,
+            )
+        if args.encoder_train_mode_augment:
+            if args.feature_cache_dir is not None:
+                raise ValueError(
+                    "encoder_train_mode_augment changes the encoder outputs: it excludes a feature cache."
+                )
+            model.config.encoder_train_mode_augment = True
+        self.layers = contrastive_layer_indices(
+            model.config.text_config.num_hidden_layers, parse_layers(args.contrastive_layers)
+        )
+        # The learnable temperature trains with the projector; it is saved beside it in each checkpoint.
+        self.temperature = LearnableTemperature(args.temperature) if args.learnable_temperature else None
+        super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        if self.temperature is not None:
+            self.temperature.to(self.args.device)
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.temperature is not None:
+            optimizer.add_param_group({"params": list(self.temperature.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        # The temperature lives outside the DDP-wrapped model: average its gradient across processes by hand.
+        if self.temperature is not None and self.args.world_size > 1:
+            for parameter in self.temperature.parameters():
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad /= self.args.world_size
+        return loss
+
+    def _tau(self):
+        return self.temperature() if self.temperature is not None else self.args.temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        shift = None
+        if self.args.position_shift > 0 and any(layer > 0 for layer in self.layers):
+            batch_size = inputs["speech_input_ids"].shape[0]
+            shift = torch.randint(0, self.args.position_shift, (batch_size,), device=inputs["speech_input_ids"].device)
+        states, outputs = contrastive_states(
+            model,
+            self.accelerator.unwrap_model(model),
+            inputs,
+            self.layers,
+            shift=shift,
+            with_ce=self.args.ce_weight > 0,
+            pad_token_id=self.processing_class.tokenizer.pad_token_id,
+            num_items_in_batch=num_items_in_batch,
+        )
+        per_layer = {}
+        for layer, (text_states, text_mask, speech_states, speech_mask) in states.items():
+            if self.args.contrastive_loss == "wasserstein":
+                output = wasserstein_contrastive_loss(
+                    text_states,
+                    text_mask,
+                    speech_states,
+                    speech_mask,
+                    temperature=self._tau(),
+                    blur=self.args.sinkhorn_blur,
+                )
+            else:
+                output = info_nce(
+                    mean_pool(text_states, text_mask),
+                    mean_pool(speech_states, speech_mask),
+                    temperature=self._tau(),
+                    symmetric=self.args.symmetric,
+                    gather_negatives=self.args.gather_negatives,
+                )
+            per_layer[layer] = output.loss
+            self.record_metric(f"loss_layer_{layer}", output.loss)
+        loss = summed_layer_loss(per_layer)
+        self.record_metric("loss_contrastive", loss)
+        if self.args.ce_weight > 0:
+            self.record_metric("loss_ce", outputs.loss)
+            loss = loss + self.args.ce_weight * outputs.loss
+        if self.temperature is not None:
+            self.record_metric("temperature", self._tau())
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation reports the contrastive loss (plus the weighted CE, when on) as `eval_loss`."""
+        return super().prediction_step(model, inputs, prediction_loss_only=True, ignore_keys=ignore_keys)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.temperature is not None and self.args.should_save:
+            target = output_dir or self.args.output_dir
+            save_file(
+                {k: v.detach().cpu() for k, v in self.temperature.state_dict().items()},
+                os.path.join(target, TEMPERATURE_FILE),
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, TEMPERATURE_FILE)
+        if self.temperature is not None and os.path.exists(path):
+            self.temperature.load_state_dict(load_file(path))
+
+
+__all__ = ["ContrastiveTrainer", "ContrastiveTrainingArguments", "ContrastiveCollator", "contrastive_states"]

@@ -1,0 +1,212 @@
+"""ContrastiveTrainer: the loss it trains on, what it runs, DDP negatives, retrieval that rises above chance."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from speechllm_hf import from_preset
+from speechllm_hf.corpus import load_split
+from speechllm_hf.evaluation.retrieval import evaluate_retrieval, write_retrieval_report
+from speechllm_hf.training.contrastive import ContrastiveCollator, ContrastiveTrainer, ContrastiveTrainingArguments
+
+SCRIPT = Path(__file__).parent / "scripts" / "contrastive_ddp.py"
+
+
+def make_trainer(tmp_path, model, processor, rows=8, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    args = ContrastiveTrainingArguments(**{**settings, **overrides})
+    data = datasets.Dataset.from_list(load_split("train")[:rows])
+    return ContrastiveTrainer(model=model, args=args, train_dataset=data, processing_class=processor)
+
+
+def hand_loss(text_states, text_mask, speech_states, speech_mask, tau=0.1):
+    """The paper's loss, written out: masked means, cosine similarities / tau, cross-entropy text -> speech."""
+    text = (text_states * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)
+    speech = (speech_states * speech_mask[..., None]).sum(1) / speech_mask.sum(1, keepdim=True)
+    text, speech = text / text.norm(dim=-1, keepdim=True), speech / speech.norm(dim=-1, keepdim=True)
+    logits = text @ speech.T / tau
+    return -(logits.diagonal() - logits.logsumexp(dim=1)).mean()
+
+
+def test_trained_loss_is_the_sum_over_layers_of_the_hand_written_loss(tmp_path):
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny", projector_type="mlp")
+    trainer = make_trainer(tmp_path, model, processor, contrastive_layers="all")
+    assert trainer.layers == [0, 1, 2]  # a 2-layer LLM: "all" is spaced like {0, 5, ..., 25, 32} and ends at the last
+    batch = ContrastiveCollator(processor)(load_split("train")[:4])
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        audio = model(input_features=batch["input_features"], feature_attention_mask=batch["feature_attention_mask"])
+        speech_mask = (torch.arange(audio.audio_hidden_states.shape[1])[None] < audio.audio_lengths[:, None]).long()
+        text_out = model.language_model(
+            inputs_embeds=model.embed_tokens(batch["text_input_ids"]),
+            attention_mask=batch["text_attention_mask"],
+            output_hidden_states=True,
+        )
+        speech_out = model.language_model(
+            inputs_embeds=audio.audio_hidden_states, attention_mask=speech_mask, output_hidden_states=True
+        )
+    expected = [
+        hand_loss(
+            text_out.hidden_states[layer], batch["text_attention_mask"], speech_out.hidden_states[layer], speech_mask
+        )
+        for layer in (0, 1, 2)
+    ]
+    torch.testing.assert_close(loss, sum(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_the_text_branch_is_transcript_tokens_only():
+    _, processor = from_preset("tiny")
+    rows = load_split("train")[:2]
+    batch = ContrastiveCollator(processor)(rows)
+    for i, row in enumerate(rows):
+        ids = batch["text_input_ids"][i][batch["text_attention_mask"][i].bool()]
+        assert processor.tokenizer.decode(ids) == row["text"]
+        assert processor.tokenizer.bos_token_id not in ids.tolist()
+        speech = batch["speech_input_ids"][i][batch["speech_attention_mask"][i].bool()]
+        assert set(speech.tolist()) == {processor.audio_token_id}  # the projector output alone, no prompt
+
+
+def test_layer_zero_never_runs_the_llm(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the LLM ran for a layer-0 loss")
+
+    monkeypatch.setattr(model.language_model, "forward", refuse)
+    trainer = make_trainer(tmp_path, model, processor, contrastive_layers="0")
+    trainer.train()
+    assert "loss_layer_0" in trainer.state.log_history[0]
+
+
+def test_the_text_branch_holds_no_autograd_graph(tmp_path):
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny")
+    calls = []
+    model.language_model.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(output.hidden_states[-1]), with_kwargs=True
+    )
+    trainer = make_trainer(tmp_path, model, processor, contrastive_layers="all")
+    model.train()
+    trainer.compute_loss(model, ContrastiveCollator(processor)(load_split("train")[:4]))
+    text_states, speech_states = calls
+    assert not text_states.requires_grad and text_states.grad_fn is None
+    assert speech_states.requires_grad
+
+
+def test_options_run_and_log_each_loss(tmp_path):
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny")
+    trainer = make_trainer(
+        tmp_path,
+        model,
+        processor,
+        contrastive_layers="0,2",
+        ce_weight=1.0,
+        position_shift=400,
+        symmetric=True,
+        learnable_temperature=True,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert {"loss_layer_0", "loss_layer_2", "loss_contrastive", "loss_ce", "temperature"} <= set(logged)
+    assert logged["loss"] == pytest.approx(logged["loss_contrastive"] + logged["loss_ce"], rel=1e-4)
+    assert "contrastive_temperature.safetensors" in os.listdir(tmp_path / "checkpoint-1")
+
+    wasserstein = make_trainer(tmp_path / "w", *from_preset("tiny"), contrastive_loss="wasserstein")
+    assert wasserstein.layers == [0]
+    wasserstein.train()
+    assert torch.isfinite(torch.tensor(wasserstein.state.log_history[0]["loss"]))
+
+
+def test_gathered_negatives_under_two_processes_equal_one_process_with_the_doubled_batch(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "one"), "8"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    with socket.socket() as probe:  # a free port for the process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # `accelerate launch --cpu` alone starts one process; --multi_gpu starts torchrun and use_cpu=True (in the
+    # script's TrainingArguments) puts both processes in one gloo group on the CPU.
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(SCRIPT),
+        str(tmp_path / "two"),
+        "4",
+    ]
+    double = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name / "result.json").read_text()) for name in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    updated_one, updated_two = (load_file(tmp_path / name / "projector.safetensors") for name in ("one", "two"))
+    for name, tensor in updated_one.items():  # SGD, lr 1: equal updates = equal gradients
+        torch.testing.assert_close(updated_two[name], tensor, atol=1e-5, rtol=1e-5)
+
+
+def test_a_few_hundred_steps_raise_held_out_retrieval_far_above_chance(tmp_path):
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny", encoder_type="whisper", projector_type="qformer")
+    dev = load_split("dev")
+    before, _ = evaluate_retrieval(model, processor, dev, layers="0")
+    trainer = make_trainer(
+        tmp_path,
+        model,
+        processor,
+        rows=320,
+        max_steps=300,
+        per_device_train_batch_size=16,
+        learning_rate=2e-3,
+        contrastive_layers="0",
+        feature_cache_dir=str(tmp_path / "cache"),
+        logging_steps=50,
+    )
+    trainer.train()
+    after, similarities = evaluate_retrieval(model, processor, dev, layers="0")
+    chance = after["layer_0"]["chance_R@1"]
+    print(
+        f"\nheld-out ({len(dev)} clips) text->speech R@1: before {before['layer_0']['text_to_speech/R@1']:.3f}, "
+        f"after {after['layer_0']['text_to_speech/R@1']:.3f}, R@5 after {after['layer_0']['text_to_speech/R@5']:.3f}"
+        f", speech->text R@1 after {after['layer_0']['speech_to_text/R@1']:.3f}; chance {chance:.4f}"
+    )
+    assert after["layer_0"]["text_to_speech/R@1"] >= 5 * chance
+    assert after["layer_0"]["loss"] < before["layer_0"]["loss"]
+    paths = write_retrieval_report(after, similarities, tmp_path / "report")
+    assert json.loads(Path(paths[0]).read_text())["layer_0"]["chance_R@1"] == chance
+    assert Path(paths[1]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
