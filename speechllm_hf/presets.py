@@ -1,9 +1,10 @@
 """Named model recipes: `from_preset(name, **overrides) -> (model, processor)`.
 
-- "hubert-qformer": contrastive task-independent pretraining (methods.md A): HuBERT-large + window Q-Former +
+- "hubert-qformer": contrastive task-independent pretraining (arXiv 2412.15712): HuBERT-large + window Q-Former +
   Llama-3.1-8B-Instruct with its chat template and the paper's system prompt.
-- "whisper-cnn": BLSP (methods.md B): Whisper-small encoder + CNN subsampler/adapter + Llama-2-7B, BLSP prompt.
-- "tiny": a randomly initialised model of a few MB with its own character tokenizer, built without any download:
+- "whisper-cnn": BLSP (arXiv 2309.00916): Whisper-small encoder + CNN subsampler/adapter + Llama-2-7B, BLSP prompt.
+- "tiny": a randomly initialised model of a few MB with its own small BPE tokenizer (merges learnt from the bundled
+  corpus), built without any download:
   the default for tests, examples and the quickstart.
 """
 

@@ -233,7 +233,7 @@ def test_backbone_missing_offline_says_what_to_do(saved, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["text_name_or_path"] = "someone/unavailable-llm"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(OSError, match="huggingface-cli download someone/unavailable-llm"):
+    with pytest.raises(OSError, match="hf download someone/unavailable-llm"):
         AutoModel.from_pretrained(folder, trust_remote_code=True)
 
 

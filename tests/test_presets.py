@@ -39,7 +39,7 @@ def test_whisper_checkpoint_loads_only_its_encoder(local_backbones):
 
 @pytest.mark.parametrize("name", ["hubert-qformer", "whisper-cnn"])
 def test_real_preset_offline_says_what_to_download(name):
-    with pytest.raises(OSError, match=rf"huggingface-cli download {PRESETS[name].encoder_name_or_path}"):
+    with pytest.raises(OSError, match=rf"hf download {PRESETS[name].encoder_name_or_path}"):
         from_preset(name)
 
 

@@ -1,6 +1,6 @@
 """`speechllm-hf continue-writing --preset NAME | --text_model ID --manifest M --output_file F.jsonl`.
 
-The text LLM continues every transcript (BLSP's continuation data, methods.md B; see
+The text LLM continues every transcript (BLSP's continuation data, arXiv 2309.00916; see
 `speechllm_hf.data.continuation`). Runs on one process as is, or split over several under `accelerate launch
 --num_processes N -m speechllm_hf continue-writing ...`; rerunning the same command after an interruption resumes it.
 Several CPU processes: `accelerate launch --multi_gpu --num_processes N -m speechllm_hf continue-writing --cpu ...`

@@ -1,8 +1,9 @@
 """`speechllm-hf evaluate --model DIR_OR_ID | --preset NAME --data_config cfg.yaml --results_dir R`.
 
-Generates answers for every partition of a data config (methods.md A's YAML format; see
-`speechllm_hf.evaluation.data_config`) greedily, at most `--max_new_tokens` (200) new tokens, stopping at a newline,
-and writes `R/<cfg>_preds.json` and `R/<cfg>_scores.json` (see `speechllm_hf.evaluation.runner`).
+Generates answers for every partition of a data config (the contrastive-pretraining code's YAML format:
+docs/evaluation.md and `speechllm_hf.evaluation.data_config`) greedily, at most `--max_new_tokens` (200) new
+tokens, stopping at a newline, and writes `R/<cfg>_preds.json` and `R/<cfg>_scores.json` (see
+`speechllm_hf.evaluation.runner`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate", help="score a model on a YAML data config (ASR WER, ST BLEU/chrF, spoken-QA EM/F1)"
     )
     add_model_arguments(parser)
-    parser.add_argument("--data_config", required=True, help="YAML with a DATA list (methods.md A's format)")
+    parser.add_argument("--data_config", required=True, help="YAML with a DATA list (format: docs/evaluation.md)")
     parser.add_argument("--results_dir", required=True, help="gets <cfg>_preds.json and <cfg>_scores.json")
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--no_comet", dest="comet", action="store_false", help="skip COMET even when installed")

@@ -29,12 +29,19 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     train_manifest: list[str] = field(
-        default_factory=list, metadata={"help": "jsonl/parquet manifests or prepared folders; TASK=PATH sets a task."}
+        default_factory=list,
+        metadata={"help": "jsonl/parquet manifests (validated here as `prepare` does); TASK=PATH sets a task."},
     )
     eval_manifest: list[str] = field(default_factory=list, metadata={"help": "Held-out manifests."})
     num_proc: int = field(default=1, metadata={"help": "Processes validating the manifests."})
     min_duration: float = field(default=0.0, metadata={"help": "Drop clips shorter than this (seconds)."})
     max_duration: float = field(default=30.0, metadata={"help": "Drop clips longer than this (seconds)."})
+    source_language: str | None = field(
+        default=None, metadata={"help": "ST rows without a `source_language` column get this one (default English)."}
+    )
+    target_language: str | None = field(
+        default=None, metadata={"help": "ST rows without a `target_language` column get this one (e.g. German)."}
+    )
 
 
 def methods() -> dict:
@@ -82,6 +89,10 @@ def load_rows(manifests: list[str], args, data_args: DataArguments):
         logger.info("%s: %s", path, json.dumps({k: report[k] for k in ("total", "kept", "dropped")}))
         if task is not None:
             rows = rows.add_column("task", [task] * len(rows))
+        for column in ("source_language", "target_language"):
+            value = getattr(data_args, column)
+            if value is not None and column not in rows.column_names:
+                rows = rows.add_column(column, [value] * len(rows))
         parts.append(rows)
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 

@@ -1,4 +1,4 @@
-"""Continuation writing (BLSP, methods.md B): a text LLM continues every transcript of a manifest.
+"""Continuation writing (BLSP, arXiv 2309.00916): a text LLM continues every transcript of a manifest.
 
 The speech model is later trained to write the same continuation from the audio (`speechllm-hf train --method
 continuation`), so that the LLM behaves the same whether it reads the transcript or hears it.

@@ -1,4 +1,4 @@
-"""YAML data configs of the contrastive-pretraining code (methods.md A) and how their partitions are read.
+"""YAML data configs of the contrastive-pretraining code (arXiv 2412.15712) and how their partitions are read.
 
 ```yaml
 DATA:

@@ -13,7 +13,7 @@ _WARMUP_RATIO_FIELD = "warmup_ratio" in {f.name for f in dataclasses.fields(Trai
 
 @dataclass
 class SpeechLlmTrainingArguments(TrainingArguments):
-    """Defaults follow methods.md A (AdamW, lr 1e-4, cosine, 3% warmup, no weight decay); `remove_unused_columns`
+    """Defaults follow arXiv 2412.15712 (AdamW, lr 1e-4, cosine, 3% warmup, no weight decay); `remove_unused_columns`
     is off because the collator needs the raw audio column."""
 
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of AdamW."})

@@ -1,4 +1,4 @@
-"""BLSP behaviour alignment by continuation writing (methods.md B): `speechllm-hf train --method continuation`.
+"""BLSP behaviour alignment by continuation writing (arXiv 2309.00916): `speechllm-hf train --method continuation`.
 
 Rows hold audio, its transcript (`text`) and the continuation the text LLM wrote for the transcript
 (`speechllm-hf continue-writing`). The speech model gets the continuation instruction with the speech where the
@@ -39,7 +39,7 @@ TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels")
 
 @dataclass
 class ContinuationTrainingArguments(SpeechLlmTrainingArguments):
-    """Defaults follow BLSP stage 2 (methods.md B and its train_stage2 script): AdamW at lr 5e-5 with weight decay
+    """Defaults follow BLSP stage 2 (arXiv 2309.00916 and its train_stage2 script): AdamW at lr 5e-5 with weight decay
     0.05, 1000 warmup steps then transformers' default linear decay, 1 epoch, task "continuation" with the "blsp"
     prompt file, and bf16 mixed precision on GPUs that support it (fp32 on CPU)."""
 

@@ -1,4 +1,4 @@
-"""ContrastiveTrainer: task-independent contrastive pretraining of the projector (methods.md A).
+"""ContrastiveTrainer: task-independent contrastive pretraining of the projector (arXiv 2412.15712).
 
 Faithful default (`ContrastiveTrainingArguments()`): the transcript tokens alone (no BOS/EOS, template or
 instruction) and the projector output alone (no prompt) each go through the frozen LLM separately (not at all for
@@ -40,7 +40,7 @@ TEMPERATURE_FILE = "contrastive_temperature.safetensors"
 
 @dataclass
 class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
-    """Arguments of `ContrastiveTrainer`; defaults reproduce the paper's pretraining (methods.md A)."""
+    """Arguments of `ContrastiveTrainer`; defaults reproduce the paper's pretraining (arXiv 2412.15712)."""
 
     contrastive_layers: str = field(
         default="all",

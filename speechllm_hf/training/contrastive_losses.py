@@ -1,4 +1,4 @@
-"""Contrastive losses between a speech sequence and its transcript (methods.md, section A): pure tensor functions.
+"""Contrastive losses between a speech sequence and its transcript (arXiv 2412.15712): pure tensor functions.
 
 The faithful default, per hidden-state layer `l` of the frozen LLM:
 

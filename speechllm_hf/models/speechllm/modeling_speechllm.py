@@ -128,7 +128,7 @@ class SpeechLlmWhisperEncoder(WhisperEncoder):
 
 
 class SpeechLlmQFormerProjector(nn.Module):
-    """Window-level Q-Former (SALMONN; methods.md A) on transformers' `Blip2QFormerModel`.
+    """Window-level Q-Former (SALMONN; arXiv 2412.15712) on transformers' `Blip2QFormerModel`.
 
     LayerNorm on encoder frames -> non-overlapping windows of `window_size` frames -> `num_queries` learned queries
     cross-attend to each window -> Linear to the LLM width. Shapes: (B, T, C_enc) -> (B, ceil(T / w) * q, D_llm).
@@ -171,7 +171,7 @@ class SpeechLlmQFormerProjector(nn.Module):
 
 
 class SpeechLlmCnnProjector(nn.Module):
-    """BLSP subsampler + adapter (methods.md B).
+    """BLSP subsampler + adapter (arXiv 2309.00916).
 
     `num_layers` x [Conv1d(kernel, stride) -> GLU over channels] (8x downsampling by default), then a residual
     bottleneck `x + up(GELU(down(x)))` without bias and a LayerNorm. Shapes: (B, T, C_enc) -> (B, ~T / 8, D_llm).
@@ -253,8 +253,8 @@ def from_pretrained_or_explain(loader, name_or_path: str, what: str, **kwargs):
     except OSError as err:
         raise OSError(
             f"Cannot load the {what} of {name_or_path!r}: {err}\nIf it is a Hub id, download it first "
-            f"(`huggingface-cli download {name_or_path}`; gated models such as Llama need `huggingface-cli login` "
-            "and an accepted licence) or point to a local folder. Offline, the files must be in the local cache."
+            f"(`hf download {name_or_path}`; gated models such as Llama need `hf auth login` and an accepted "
+            "licence) or point to a local folder. Offline, the files must be in the local cache."
         ) from err
 
 
