@@ -1,5 +1,8 @@
 """Training: losses and trainers for the projector."""
 
+from .arguments import SpeechLlmTrainingArguments
+from .continuation import ContinuationTrainer, ContinuationTrainingArguments
+from .contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
 from .contrastive_losses import (
     ContrastiveOutput,
     LearnableTemperature,
@@ -14,8 +17,17 @@ from .contrastive_losses import (
     summed_layer_loss,
     wasserstein_contrastive_loss,
 )
+from .lora import add_lora
+from .trainer import SpeechLlmTrainer
 
 __all__ = [
+    "SpeechLlmTrainer",
+    "SpeechLlmTrainingArguments",
+    "ContrastiveTrainer",
+    "ContrastiveTrainingArguments",
+    "ContinuationTrainer",
+    "ContinuationTrainingArguments",
+    "add_lora",
     "ContrastiveOutput",
     "mean_pool",
     "contrastive_layer_indices",
