@@ -8,7 +8,17 @@ import logging
 import sys
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
-COMMANDS = ("info", "prepare", "push", "train", "continue_writing", "generate", "evaluate", "retrieval")
+COMMANDS = (
+    "info",
+    "prepare",
+    "push",
+    "train",
+    "continue_writing",
+    "generate",
+    "evaluate",
+    "retrieval",
+    "quickstart",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
