@@ -29,7 +29,10 @@ class SpeechLlmTrainingArguments(TrainingArguments):
 
     task: str = field(
         default="asr",
-        metadata={"help": "Task of rows without a `task` column: asr, st, sqa, continuation, instruction."},
+        metadata={
+            "help": "Task of rows without a `task` column: asr, st, sqa, continuation, instruction; or "
+            "'mixed': next-word prediction on mixed speech-text sequences (rows need word times from align)."
+        },
     )
     prompt_file: str | None = field(
         default=None, metadata={"help": "Prompt YAML (user_template, instructions); 'default', 'blsp' or a path."}

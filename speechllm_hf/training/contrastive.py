@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..data.collator import SpeechLlmCollator
+from ..data.mixed_collator import MixedSpeechTextCollator
 from ..models.speechllm.modeling_speechllm import lengths_to_mask
 from .arguments import SpeechLlmTrainingArguments
 from .contrastive_losses import (
@@ -70,6 +71,13 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
             "(the paper's variant used 400)."
         },
     )
+    speech_input: str = field(
+        default="speech",
+        metadata={
+            "help": "Speech side of the pair: 'speech' (the projector output alone) or 'mixed' (a mixed "
+            "speech-text sequence of the utterance, the paper's variant; rows need word times from align)."
+        },
+    )
     sinkhorn_blur: float = field(default=0.05, metadata={"help": "Sinkhorn blur (epsilon = blur**p), p = 2."})
     encoder_train_mode_augment: bool = field(
         default=False,
@@ -83,6 +91,8 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
         super().__post_init__()
         if self.contrastive_loss not in ("infonce", "wasserstein"):
             raise ValueError(f"contrastive_loss must be 'infonce' or 'wasserstein'; got {self.contrastive_loss!r}.")
+        if self.speech_input not in ("speech", "mixed"):
+            raise ValueError(f"speech_input must be 'speech' or 'mixed'; got {self.speech_input!r}.")
         if self.contrastive_loss == "wasserstein" and self.contrastive_layers not in ("0",):
             logger.info("The Wasserstein variant compares embedding-level sequences: contrastive_layers set to '0'.")
             self.contrastive_layers = "0"
@@ -119,6 +129,16 @@ class ContrastiveCollator(SpeechLlmCollator):
         return batch
 
 
+class MixedContrastiveCollator(MixedSpeechTextCollator):
+    """Mixed speech-text sequences as the speech side of the contrastive pair (and, with `ce_weight`, their
+    next-word loss on the text positions as the cross-entropy term)."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(rows)
+        batch["speech_input_ids"], batch["speech_attention_mask"] = batch["input_ids"], batch["attention_mask"]
+        return batch
+
+
 def _pad(sequences: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists: (ids, attention mask)."""
     width = width or max(len(s) for s in sequences)
@@ -139,6 +159,7 @@ def contrastive_states(
     *,
     shift: torch.Tensor | None = None,
     with_ce: bool = False,
+    mixed: bool = False,
     pad_token_id: int = 0,
     num_items_in_batch=None,
 ) -> tuple[dict, object]:
@@ -147,7 +168,9 @@ def contrastive_states(
     `model` is what the Trainer gives (possibly DDP-wrapped) and `unwrapped` the bare model. The text branch runs
     under `no_grad` on the bare model (frozen weights only); the speech branch is ONE forward of `model` (so that
     DDP sees one forward per step) on the speech-only sequences, plus the ASR sequences as extra rows when
-    `with_ce`; layer 0 alone needs no LLM and takes the projector outputs from an audio-only forward.
+    `with_ce`; layer 0 alone needs no LLM and takes the projector outputs from an audio-only forward. With `mixed`,
+    the speech side is a mixed speech-text sequence (`speech_input_ids` hold text tokens and audio placeholders):
+    its layer 0 is the LLM's input embeddings, so the LLM forward runs for every layer set.
     """
     if "encoder_hidden_states" in inputs:
         states, state_lengths = inputs["encoder_hidden_states"], inputs["encoder_lengths"]
@@ -170,7 +193,7 @@ def contrastive_states(
                 use_cache=False,
             ).hidden_states
 
-    if deep or with_ce:
+    if deep or with_ce or mixed:
         ids, mask, labels, positions = speech_ids, speech_mask, None, _positions(speech_mask, shift)
         if with_ce:
             width = max(speech_ids.shape[1], inputs["input_ids"].shape[1])
@@ -189,17 +212,21 @@ def contrastive_states(
             encoder_lengths=state_lengths,
             labels=labels,
             num_items_in_batch=num_items_in_batch if with_ce else None,
-            output_hidden_states=deep,
+            output_hidden_states=deep or mixed,
             use_cache=False,
         )
     else:
         outputs = model(encoder_hidden_states=states, encoder_lengths=state_lengths)
-    audio_embeds = outputs.audio_hidden_states[:batch_size]  # (B, N, D)
-    audio_mask = lengths_to_mask(outputs.audio_lengths[:batch_size], audio_embeds.shape[1]).long()
+    if not mixed:
+        audio_embeds = outputs.audio_hidden_states[:batch_size]  # (B, N, D)
+        audio_mask = lengths_to_mask(outputs.audio_lengths[:batch_size], audio_embeds.shape[1]).long()
     per_layer = {}
     for layer in layers:
-        if layer == 0:
+        if layer == 0 and not mixed:
             per_layer[layer] = (text_embeds.float(), text_mask, audio_embeds.float(), audio_mask)
+        elif layer == 0:
+            speech = outputs.hidden_states[0][:batch_size, : speech_mask.shape[1]]
+            per_layer[layer] = (text_embeds.float(), text_mask, speech.float(), speech_mask)
         else:
             speech = outputs.hidden_states[layer][:batch_size, : speech_mask.shape[1]]
             per_layer[layer] = (text_hidden[layer].float(), text_mask, speech.float(), speech_mask)
@@ -213,7 +240,11 @@ class ContrastiveTrainer(SpeechLlmTrainer):
         if args is None:
             raise ValueError("ContrastiveTrainer needs ContrastiveTrainingArguments (at least an output_dir).")
         processor = kwargs.get("processing_class")
-        if data_collator is None and processor is not None:
+        if data_collator is None and processor is not None and args.speech_input == "mixed":
+            data_collator = MixedContrastiveCollator(
+                processor, audio_column=args.audio_column, text_column=args.text_column, seed=args.seed
+            )
+        elif data_collator is None and processor is not None:
             from ..data.tasks import PromptConfig
 
             data_collator = ContrastiveCollator(
@@ -270,6 +301,7 @@ class ContrastiveTrainer(SpeechLlmTrainer):
             self.layers,
             shift=shift,
             with_ce=self.args.ce_weight > 0,
+            mixed=self.args.speech_input == "mixed",
             pad_token_id=self.processing_class.tokenizer.pad_token_id,
             num_items_in_batch=num_items_in_batch,
         )
@@ -323,4 +355,10 @@ class ContrastiveTrainer(SpeechLlmTrainer):
             self.temperature.load_state_dict(load_file(path))
 
 
-__all__ = ["ContrastiveTrainer", "ContrastiveTrainingArguments", "ContrastiveCollator", "contrastive_states"]
+__all__ = [
+    "ContrastiveTrainer",
+    "ContrastiveTrainingArguments",
+    "ContrastiveCollator",
+    "MixedContrastiveCollator",
+    "contrastive_states",
+]

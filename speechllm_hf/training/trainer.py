@@ -17,6 +17,7 @@ from transformers import Trainer
 
 from ..data.collator import SpeechLlmCollator
 from ..data.feature_cache import attach_feature_cache, build_feature_cache
+from ..data.mixed_collator import MixedSpeechTextCollator
 from ..data.sampler import LengthGroupedSampler
 from ..data.tasks import PromptConfig
 from ..models.speechllm.hub_speechllm import PROJECTOR_WEIGHTS_NAME
@@ -54,9 +55,13 @@ class SpeechLlmTrainer(Trainer):
         use_cache = args.feature_cache_dir is not None
         if use_cache and train_dataset is not None:
             train_dataset = self._with_feature_cache(model, processing_class, train_dataset, args)
-        if data_collator is None:
-            if processing_class is None:
-                raise ValueError("Pass processing_class (the SpeechLlmProcessor) or a data_collator.")
+        if data_collator is None and processing_class is None:
+            raise ValueError("Pass processing_class (the SpeechLlmProcessor) or a data_collator.")
+        if data_collator is None and args.task == "mixed":
+            data_collator = MixedSpeechTextCollator(
+                processing_class, audio_column=args.audio_column, text_column=args.text_column, seed=args.seed
+            )
+        elif data_collator is None:
             data_collator = SpeechLlmCollator(
                 processing_class,
                 task=args.task,

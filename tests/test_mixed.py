@@ -1,0 +1,80 @@
+"""Mixed speech-text sequences: the collator's labels, the next-word training mode and the contrastive variant."""
+
+import datasets
+import torch
+
+from speechllm_hf import from_preset
+from speechllm_hf.corpus import load_split
+from speechllm_hf.data.collator import IGNORE_INDEX
+from speechllm_hf.data.mixed import end_of_turn_token
+from speechllm_hf.data.mixed_collator import MixedSpeechTextCollator
+from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
+from speechllm_hf.training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
+from speechllm_hf.training.trainer import SpeechLlmTrainer
+
+# The 12 `aligned` clips were synthesised word by word: their word times are exact.
+ROWS = load_split("aligned")
+
+
+def test_labels_cover_the_text_spans_and_end_of_turn_only():
+    _, processor = from_preset("tiny")
+    collator = MixedSpeechTextCollator(processor, seed=3)
+    batch = collator(ROWS[:4])
+    tokenizer = processor.tokenizer
+    for i, row in enumerate(ROWS[:4]):
+        spans = collator.spans(row)
+        assert spans == collator.spans(row)  # the same spans every time: resumable, order-independent
+        labelled = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX]
+        text_words = [w for span in spans if span["kind"] == "text" for w in span["words"]]
+        expected = " ".join(text_words) + end_of_turn_token(tokenizer)  # the tiny template's <|end|>
+        assert tokenizer.decode(labelled).split() == expected.split()
+        audio = batch["input_ids"][i] == processor.audio_token_id
+        assert (batch["labels"][i][audio] == IGNORE_INDEX).all()
+    speech_spans = sum(span["kind"] == "speech" for row in ROWS[:4] for span in collator.spans(row))
+    assert batch["input_features"].shape[0] == speech_spans  # each speech span is its own clip
+
+
+def test_next_word_training_on_mixed_sequences(tmp_path):
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny", projector_type="mlp")
+    before = {n: p.detach().clone() for n, p in model.projector.named_parameters()}
+    args = SpeechLlmTrainingArguments(
+        output_dir=str(tmp_path),
+        task="mixed",
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        warmup_steps=0,
+    )
+    trainer = SpeechLlmTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(ROWS), processing_class=processor
+    )
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+    assert any(not torch.equal(before[n], p) for n, p in model.projector.named_parameters())
+
+
+def test_contrastive_between_a_mixed_sequence_and_its_text(tmp_path):
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny")
+    args = ContrastiveTrainingArguments(
+        output_dir=str(tmp_path),
+        speech_input="mixed",
+        contrastive_layers="0,2",
+        ce_weight=1.0,
+        max_steps=1,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = ContrastiveTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(ROWS), processing_class=processor
+    )
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert {"loss_layer_0", "loss_layer_2", "loss_ce"} <= set(logged)
