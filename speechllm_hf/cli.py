@@ -18,6 +18,7 @@ COMMANDS = (
     "evaluate",
     "retrieval",
     "quickstart",
+    "demo",
 )
 
 

@@ -1,0 +1,99 @@
+"""The Gradio demo in a real headless browser: upload the shipped clip, ask, see a streamed answer, ask again.
+
+Needs gradio, playwright (the pip package only) and Debian's chromium at /usr/bin/chromium; skipped otherwise.
+Set `SPEECHLLM_ARTIFACTS` to also copy the screenshot to `test-artifacts/demo.png` in the repository root.
+"""
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from conftest import tiny
+
+from speechllm_hf.corpus import load_split
+
+CHROMIUM = "/usr/bin/chromium"
+# Headless and offline: no GPU, no QUIC, none of chromium's own background calls home.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# The bot message of the n-th answer holds text and the chat's progress tracker is hidden: that answer is complete.
+ANSWER_DONE = """n => {
+    const bots = document.querySelectorAll('#chat [data-testid="bot"]');
+    const tracker = document.querySelector('#chat [data-testid="status-tracker"]');
+    return bots.length >= n && bots[n - 1].innerText.trim().length > 0 && tracker.classList.contains('hide');
+}"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def demo_url():
+    pytest.importorskip("gradio", reason='the demo extra is not installed: pip install "speechllm_hf[demo]"')
+    from speechllm_hf.demo import build_demo
+
+    model, processor = tiny()
+    demo = build_demo(model, processor, max_new_tokens=16)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def test_demo_in_browser(demo_url, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"no browser at {CHROMIUM}: apt-get install chromium")
+    outside = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.set_default_timeout(30_000)
+            local = (demo_url, "data:", "blob:")
+            page.on("request", lambda request: None if request.url.startswith(local) else outside.append(request.url))
+            page.goto(demo_url)
+
+            page.locator("#audio input[type=file]").set_input_files(load_split("dev")[0]["audio"])
+            page.locator("#audio [aria-label=Download]").wait_for()  # shown once the upload has reached the server
+            page.locator("#instruction textarea").fill("Transcribe the audio.")
+            page.locator("#send").click()
+            page.wait_for_function(ANSWER_DONE, arg=1)
+
+            # A text-only follow-up asks about the same clip.
+            page.locator("#instruction textarea").fill("What is said?")
+            page.locator("#instruction textarea").press("Enter")
+            page.wait_for_function(ANSWER_DONE, arg=2)
+
+            screenshot = tmp_path / "demo.png"
+            page.screenshot(path=screenshot, full_page=True)
+            chat = page.locator("#chat")
+            # One player for the clip: the follow-up reused it rather than posting it again.
+            assert chat.locator("[data-testid=user][aria-label*='of type audio']").count() == 1
+            assert "What is said?" in chat.locator("[data-testid=user]").all_inner_texts()[-1]
+            answers = [text.strip() for text in chat.locator("[data-testid=bot]").all_inner_texts()]
+            assert len(answers) == 2 and all(answers), answers
+        finally:
+            browser.close()
+    assert not outside, f"the page fetched from outside the demo server: {outside}"
+    print(f"screenshot: {screenshot}")
+    if os.environ.get("SPEECHLLM_ARTIFACTS"):
+        artefact = Path(__file__).resolve().parents[1] / "test-artifacts" / "demo.png"
+        artefact.parent.mkdir(exist_ok=True)
+        shutil.copy(screenshot, artefact)
+        print(f"screenshot copied to {artefact}")
