@@ -109,13 +109,18 @@ class SpeechLlmCollator:
                 response = response[:room]
             sequences.append(prompt + response)
             labels.append([IGNORE_INDEX] * len(prompt) + response)
-        width = max(len(s) for s in sequences)
-        pad = tokenizer.pad_token_id
         # Right padding: position ids come from the attention mask, so the side does not change the result.
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
-        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-        label_tensor = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels])
+        input_ids, attention_mask = pad_token_lists(sequences, tokenizer.pad_token_id)
+        label_tensor, _ = pad_token_lists(labels, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor, **audio}
+
+
+def pad_token_lists(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to the longest: (B, L) ids and (B, L) attention mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    return ids, mask
 
 
 def _pad_encoder_states(states: list) -> dict[str, torch.Tensor]:
@@ -127,4 +132,4 @@ def _pad_encoder_states(states: list) -> dict[str, torch.Tensor]:
     }
 
 
-__all__ = ["SpeechLlmCollator", "IGNORE_INDEX"]
+__all__ = ["SpeechLlmCollator", "IGNORE_INDEX", "pad_token_lists"]

@@ -13,6 +13,7 @@ import random
 import torch
 
 from .audio import load_audio
+from .collator import pad_token_lists
 from .mixed import cut_audio, mixed_labels, mixed_sequence_layout, sample_spans
 
 
@@ -64,9 +65,7 @@ class MixedSpeechTextCollator:
         batch = dict(processor(texts, audio=clips or None, sampling_rate=rate, add_special_tokens=False))
         batch["labels"] = mixed_labels(batch["input_ids"], batch["attention_mask"], processor.audio_token_id)
         tokens = tokenizer([row[self.text_column] for row in rows], add_special_tokens=False)["input_ids"]
-        width = max(len(t) for t in tokens)
-        batch["text_input_ids"] = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in tokens])
-        batch["text_attention_mask"] = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens])
+        batch["text_input_ids"], batch["text_attention_mask"] = pad_token_lists(tokens, tokenizer.pad_token_id)
         return batch
 
 

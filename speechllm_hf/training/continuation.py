@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available
 
-from ..data.collator import IGNORE_INDEX, SpeechLlmCollator
+from ..data.collator import IGNORE_INDEX, SpeechLlmCollator, pad_token_lists
 from ..data.tasks import PromptConfig
 from .arguments import SpeechLlmTrainingArguments
 from .trainer import SpeechLlmTrainer
@@ -150,11 +150,10 @@ class ContinuationCollator(SpeechLlmCollator):
             response = student_labels[student_labels != IGNORE_INDEX].tolist()
             sequences.append(prompt + response)
             labels.append([IGNORE_INDEX] * len(prompt) + response)
-        width = max(len(s) for s in sequences)
-        pad = tokenizer.pad_token_id
-        batch["teacher_input_ids"] = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
-        batch["teacher_attention_mask"] = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-        batch["teacher_labels"] = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels])
+        batch["teacher_input_ids"], batch["teacher_attention_mask"] = pad_token_lists(
+            sequences, tokenizer.pad_token_id
+        )
+        batch["teacher_labels"], _ = pad_token_lists(labels, IGNORE_INDEX)
         return batch
 
 

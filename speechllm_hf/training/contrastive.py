@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..data.collator import SpeechLlmCollator
+from ..data.collator import SpeechLlmCollator, pad_token_lists
 from ..data.mixed_collator import MixedSpeechTextCollator
 from ..models.speechllm.modeling_speechllm import lengths_to_mask
 from .arguments import SpeechLlmTrainingArguments
@@ -119,13 +119,13 @@ class ContrastiveCollator(SpeechLlmCollator):
         batch = super().__call__(rows)
         tokenizer = self.processor.tokenizer
         tokens = tokenizer([row[self.text_column] for row in rows], add_special_tokens=False)["input_ids"]
-        batch["text_input_ids"], batch["text_attention_mask"] = _pad(tokens, tokenizer.pad_token_id)
+        batch["text_input_ids"], batch["text_attention_mask"] = pad_token_lists(tokens, tokenizer.pad_token_id)
         if "feature_attention_mask" in batch:
             feature_lengths = batch["feature_attention_mask"].sum(-1).tolist()
         else:
             feature_lengths = [int(row["feature_length"]) for row in rows]
         speech = [[self.processor.audio_token_id] * self.processor.num_audio_tokens(n) for n in feature_lengths]
-        batch["speech_input_ids"], batch["speech_attention_mask"] = _pad(speech, tokenizer.pad_token_id)
+        batch["speech_input_ids"], batch["speech_attention_mask"] = pad_token_lists(speech, tokenizer.pad_token_id)
         return batch
 
 
@@ -137,14 +137,6 @@ class MixedContrastiveCollator(MixedSpeechTextCollator):
         batch = super().__call__(rows)
         batch["speech_input_ids"], batch["speech_attention_mask"] = batch["input_ids"], batch["attention_mask"]
         return batch
-
-
-def _pad(sequences: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists: (ids, attention mask)."""
-    width = width or max(len(s) for s in sequences)
-    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-    return ids, mask
 
 
 def _right_pad(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
