@@ -1,0 +1,23 @@
+"""The documentation site builds without warnings (what `mkdocs build --strict` enforces: no broken links or nav)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_mkdocs_build_strict(tmp_path):
+    if shutil.which("mkdocs") is None:
+        pytest.skip("mkdocs is not installed (it is in the dev extra)")
+    result = subprocess.run(
+        ["mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "site" / "index.html").exists()
