@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import BaseModelOutput, ModelOutput
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
 
 from .configuration_speechllm import SpeechLlmConfig, conv_output_length
@@ -61,25 +61,18 @@ def convs_output_lengths(lengths: torch.Tensor, convs: list[list[int]]) -> torch
 
 
 @dataclass
-class SpeechLlmCausalLMOutputWithPast(ModelOutput):
+class SpeechLlmCausalLMOutputWithPast(CausalLMOutputWithPast):
     """
+    The fields of transformers' `CausalLMOutputWithPast` (`loss`, `logits`, the LLM's key/value cache, `hidden_states`,
+    `attentions`; the cache field is `past_key_values` on transformers 4.x and `cache` on newer 5.x), plus:
+
     Args:
-        loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token cross-entropy when `labels` are given.
-        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LLM prediction scores.
-        past_key_values (`Cache`, *optional*): the LLM's key/value cache.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the LLM's hidden states, embeddings first.
-        attentions (`tuple(torch.FloatTensor)`, *optional*): the LLM's attention weights.
         audio_hidden_states (`torch.FloatTensor` of shape `(num_clips, N, hidden_size)`, *optional*): the projector
             outputs (audio features in the LLM's embedding space), when audio was given.
         audio_lengths (`torch.LongTensor` of shape `(num_clips,)`, *optional*): valid positions of each clip's
             `audio_hidden_states`.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     audio_hidden_states: torch.FloatTensor | None = None
     audio_lengths: torch.LongTensor | None = None
 
@@ -297,7 +290,7 @@ class SpeechLlmPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _no_split_modules = ["SpeechLlmQFormerProjector", "SpeechLlmCnnProjector", "SpeechLlmMlpProjector"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]  # the cache's name on transformers 4.x and 5.x
 
     def _init_weights(self, module: nn.Module) -> None:
         # Projector modules initialise themselves in their constructors (PyTorch defaults, N(0, 0.02) queries) and
@@ -670,7 +663,6 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         encoder_lengths: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: object | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -685,7 +677,9 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             encoder_hidden_states, encoder_lengths: precomputed encoder outputs (num_clips, T', C) and their valid
                 lengths, instead of `input_features` (a feature cache).
             labels: (B, L) next-token targets; audio positions are set to `ignore_index` whatever they hold.
-            **kwargs: passed to the LLM (e.g. `num_items_in_batch` for the loss, `output_hidden_states`).
+            **kwargs: passed to the LLM: its key/value cache (`past_key_values` on transformers 4.x, `cache` on newer
+                5.x: left unnamed here so that either version's name passes through), `num_items_in_batch` for the
+                loss, `output_hidden_states`, ...
         """
         has_audio = input_features is not None or encoder_hidden_states is not None
         audio_embeds = audio_lengths = None
@@ -714,29 +708,25 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **{**kwargs, "return_dict": True},
         )
+        # `**outputs` carries the cache under this transformers version's field name.
         return SpeechLlmCausalLMOutputWithPast(
-            loss=outputs.loss,
-            logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            audio_hidden_states=audio_embeds,
-            audio_lengths=audio_lengths,
+            **outputs, audio_hidden_states=audio_embeds, audio_lengths=audio_lengths
         )
 
     _AUDIO_INPUTS = ("input_features", "feature_attention_mask", "encoder_hidden_states", "encoder_lengths")
 
-    def prepare_inputs_for_generation(self, *args, past_key_values=None, **kwargs):
+    def prepare_inputs_for_generation(self, *args, **kwargs):
         audio = {name: kwargs.pop(name, None) for name in self._AUDIO_INPUTS}
-        model_inputs = super().prepare_inputs_for_generation(*args, past_key_values=past_key_values, **kwargs)
-        # Audio is encoded once, in the prefill step; later steps read the LLM's cache.
-        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        # Audio is encoded once, in the prefill step; later steps read the LLM's cache (named `past_key_values` on
+        # transformers 4.x, `cache` on newer 5.x).
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefill = cache is None or cache.get_seq_length() == 0
         model_inputs.update({name: value if prefill else None for name, value in audio.items()})
         return model_inputs
 
