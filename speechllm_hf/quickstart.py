@@ -24,8 +24,9 @@ from transformers import AutoModel, AutoProcessor, DataCollatorForLanguageModeli
 
 from .corpus import load_split
 from .data.tasks import PromptConfig, build_turns
-from .evaluation.metrics import corpus_wer, mean_utterance_wer
+from .evaluation.metrics import corpus_wer, mean_utterance_wer, require_optional
 from .evaluation.retrieval import evaluate_retrieval, plot_similarity
+from .inference.generate import generate_responses
 from .presets import from_preset
 from .training.arguments import SpeechLlmTrainingArguments
 from .training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
@@ -100,28 +101,22 @@ def _save_backbones(model, processor, output_dir: str) -> None:
     model.config.text_name_or_path = os.path.abspath(text_dir)
 
 
-@torch.no_grad()
 def transcribe(model, processor, rows, batch_size: int = 16, max_new_tokens: int = 40) -> list[str]:
-    """Greedy transcriptions of `rows` (audio paths), batched with left padding."""
-    from .data.audio import load_audio
-
-    model.eval()
-    prompts = PromptConfig.from_file()
-    user, _ = build_turns({"text": "-"}, "asr", prompts, audio_token=processor.audio_token)
-    prompt = processor.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
-    hypotheses = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        clips = [load_audio(row["audio"], target_rate=processor.sampling_rate) for row in batch]
-        inputs = processor(
-            [prompt] * len(batch), audio=clips, sampling_rate=processor.sampling_rate, add_special_tokens=False
-        )
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        hypotheses += processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [h.strip() for h in hypotheses]
+    """Greedy transcriptions of `rows` (audio paths) with the prompt file's ASR instruction, batched."""
+    results = generate_responses(
+        model,
+        processor,
+        [{"audio": row["audio"]} for row in rows],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
+    failed = [f"{row['audio']}: {r.error}" for row, r in zip(rows, results) if r.error]
+    if failed:  # the bundled clips are all usable: a failure here is a bug, not a row to skip
+        raise RuntimeError(f"{len(failed)} dev clips could not be transcribed, e.g. {failed[0]}")
+    return [r.response for r in results]
 
 
-def _plot_losses(histories: dict[str, list[dict]], key_by_stage: dict[str, str], path: str) -> None:
+def _plot_losses(histories: dict[str, list[dict]], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,11 +124,11 @@ def _plot_losses(histories: dict[str, list[dict]], key_by_stage: dict[str, str],
 
     figure, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5))
     for axis, (stage, history) in zip(axes, histories.items()):
-        points = [(h["step"], h[key_by_stage[stage]]) for h in history if key_by_stage[stage] in h]
+        points = [(h["step"], h["loss"]) for h in history if "loss" in h]
         axis.plot(*zip(*points), marker=".")
         axis.set_title(stage)
         axis.set_xlabel("step")
-        axis.set_ylabel(key_by_stage[stage])
+        axis.set_ylabel("training loss")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -142,6 +137,8 @@ def _plot_losses(histories: dict[str, list[dict]], key_by_stage: dict[str, str],
 def run_quickstart(output_dir: str, config: QuickstartConfig | None = None) -> dict:
     """Run the whole pipeline into `output_dir`; returns the figures written to `report.md` / `results.json`."""
     config = config or QuickstartConfig()
+    # WER needs jiwer (the `eval` extra): say so now rather than after minutes of training.
+    require_optional("jiwer")
     os.makedirs(output_dir, exist_ok=True)
     started = time.time()
     torch.manual_seed(config.seed)
@@ -162,6 +159,7 @@ def run_quickstart(output_dir: str, config: QuickstartConfig | None = None) -> d
         per_device_train_batch_size=config.batch_size,
         logging_steps=10,
         save_strategy="no",
+        report_to="none",
         use_cpu=True,
         seed=config.seed,
         disable_tqdm=True,
@@ -234,7 +232,6 @@ def run_quickstart(output_dir: str, config: QuickstartConfig | None = None) -> d
             "stage 2: contrastive": contrastive.state.log_history,
             "stage 3: ASR": asr.state.log_history,
         },
-        {"stage 1: text LM": "loss", "stage 2: contrastive": "loss", "stage 3: ASR": "loss"},
         os.path.join(output_dir, "losses.png"),
     )
     plot_similarity(

@@ -2,6 +2,9 @@
 
 import json
 import os
+import sys
+
+import pytest
 
 from speechllm_hf.cli import main
 
@@ -21,7 +24,9 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
     ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["retrieval_R@1"]["after"]) == {"layer_0", "layer_1", "layer_2"}
+    layers = {"layer_0", "layer_1", "layer_2"}
+    assert set(results["retrieval_R@1"]["before"]) == layers and set(results["retrieval_R@1"]["after"]) == layers
+    assert {"mean_utterance", "corpus"} == set(results["wer"]["before"])
     assert {"mean_utterance", "corpus"} == set(results["wer"]["after"])
     # The reloaded model came from a projector-only save whose backbones are referenced by folder.
     assert "projector.safetensors" in results["saved_files"] and "model.safetensors" not in results["saved_files"]
@@ -31,3 +36,10 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
     assert "R@1" in report and "WER" in report
     for image in ("losses.png", "similarity.png"):
         assert (out / image).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quickstart_without_jiwer_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jiwer", None)  # makes `import jiwer` raise ImportError
+    with pytest.raises(ImportError, match=r"speechllm_hf\[eval\]"):
+        main(["quickstart", "--output_dir", str(tmp_path / "q")])
+    assert not (tmp_path / "q").exists()  # nothing was trained or written

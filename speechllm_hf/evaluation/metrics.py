@@ -28,7 +28,7 @@ _ASCII_PUNCTUATION = frozenset(string.punctuation)
 _SQUAD_ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
-def _require(module: str, hint: str = _EVAL_EXTRA_HINT) -> ModuleType:
+def require_optional(module: str, hint: str = _EVAL_EXTRA_HINT) -> ModuleType:
     """Imports an optional dependency, or raises an ImportError that says how to install it."""
     try:
         return importlib.import_module(module)
@@ -96,7 +96,7 @@ def corpus_wer(references: Sequence[str], predictions: Sequence[str], normalize:
         ValueError: On empty or mismatched inputs, or when every reference is empty (a zero denominator).
     """
     _check_pairs(references, predictions)
-    jiwer = _require("jiwer")
+    jiwer = require_optional("jiwer")
     refs, hyps = _words(references, normalize), _words(predictions, normalize)
     total_ref_words = sum(len(r.split()) for r in refs)
     if total_ref_words == 0:
@@ -128,7 +128,7 @@ def mean_utterance_wer(references: Sequence[str], predictions: Sequence[str], no
         ValueError: On empty or mismatched inputs.
     """
     _check_pairs(references, predictions)
-    jiwer = _require("jiwer")
+    jiwer = require_optional("jiwer")
     refs, hyps = _words(references, normalize), _words(predictions, normalize)
     scores = [jiwer.wer(r, h) if r else float(bool(h)) for r, h in zip(refs, hyps)]
     return sum(scores) / len(scores)
@@ -187,7 +187,7 @@ def sacrebleu_score(
     if metric not in classes:
         raise ValueError(f"`metric` must be one of {sorted(classes)}; got {metric!r}.")
     _check_pairs(references, predictions)
-    sacrebleu = _require("sacrebleu")
+    sacrebleu = require_optional("sacrebleu")
     scorer = getattr(sacrebleu, classes[metric])(**kwargs)
     result = scorer.corpus_score(list(predictions), _reference_streams(references))
     return CorpusScore(score=float(result.score), signature=str(scorer.get_signature()))
@@ -248,7 +248,9 @@ def comet(
     """
     _check_pairs(sources, references, ("sources", "references"))
     _check_pairs(sources, predictions, ("sources", "predictions"))
-    comet_module = _require("comet", hint="pip install unbabel-comet (it downloads the COMET model on first use)")
+    comet_module = require_optional(
+        "comet", hint="pip install unbabel-comet (it downloads the COMET model on first use)"
+    )
     scorer = comet_module.load_from_checkpoint(comet_module.download_model(model))
     data = [{"src": s, "mt": p, "ref": r} for s, r, p in zip(sources, references, predictions)]
     output = scorer.predict(data, batch_size=batch_size, gpus=int(torch.cuda.is_available()))
@@ -374,6 +376,7 @@ __all__ = [
     "corpus_wer",
     "mean_utterance_wer",
     "normalize_text",
+    "require_optional",
     "retrieval_metrics",
     "retrieval_recall_at_k",
     "sacrebleu_score",
