@@ -64,8 +64,8 @@ launch train --method continuation --preset whisper-cnn --text_name_or_path "$ST
 speechllm-hf generate --model "$WORK/stage2" --prompts blsp --dtype bfloat16 \
     --input_file "$TEST_FILE" --output_file "$WORK/responses.jsonl" --batch_size 16
 
-# 5. The original's Gradio chat demo has no counterpart in speechllm_hf; speechllm_hf.inference.stream_generate
-#    streams one answer piece by piece for a UI of your own (docs/evaluation.md).
+# 5. The Gradio chat demo (the `demo` extra) on the stage-2 model; it blocks until Ctrl+C, so it is left for you:
+#    speechllm-hf demo --model "$WORK/stage2" --prompts blsp --dtype bfloat16
 
 # 6. Publish the adapter (about 47M parameters; the encoder and the LLM are referenced by id and revision).
 if [[ -n "$HUB_REPO" ]]; then
