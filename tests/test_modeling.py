@@ -186,24 +186,38 @@ def test_frozen_parts_stay_in_eval_mode_and_encoder_runs_without_grad():
     assert augmenting.train().encoder.training
 
 
-def test_gradient_checkpointing_still_reaches_the_projector():
+def test_gradient_checkpointing_recomputes_the_frozen_llm_without_dropout():
+    """`model.train()` alone must make checkpointing act in the frozen LLM (each layer runs again in backward) while
+    its dropout stays off (the gradients equal those of a run without checkpointing)."""
     torch.manual_seed(0)
-    model, processor = from_preset("tiny", projector_type="mlp")
-    model.train()
-    model.projector.requires_grad_(True)
-    for module in model.projector.modules():  # dropout-free comparison
-        module.eval()
+    model, processor = from_preset("tiny", projector_type="mlp")  # a projector without dropout
+    layers = model.language_model.get_decoder().layers
+    for layer in layers:  # would change the gradients if the frozen LLM's attention ran in training mode
+        layer.self_attn.attention_dropout = 0.5
+    layer_calls = []
+    for layer in layers:
+        layer.mlp.register_forward_pre_hook(lambda *_: layer_calls.append(1))
     inputs = batch(processor)
-    model(**inputs, labels=inputs["input_ids"]).loss.backward()
-    reference = {n: p.grad.clone() for n, p in model.projector.named_parameters()}
-    model.zero_grad()
+
+    def train_step():
+        layer_calls.clear()
+        model.zero_grad()
+        model.train()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        return len(layer_calls), {n: p.grad.clone() for n, p in model.projector.named_parameters()}
+
+    plain_calls, reference = train_step()
     # transformers 5.x renamed gradient_checkpointing_enable; both versions must work with their own default.
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    assert any(getattr(m, "gradient_checkpointing", False) for m in model.language_model.modules())
-    model.language_model.train()  # checkpointing is only active in train mode
-    model(**inputs, labels=inputs["input_ids"]).loss.backward()
-    for name, parameter in model.projector.named_parameters():
-        torch.testing.assert_close(parameter.grad, reference[name], atol=1e-6, rtol=1e-5)
+    checkpointed_calls, grads = train_step()
+    assert plain_calls == len(layers)
+    assert checkpointed_calls == 2 * len(layers)  # every layer recomputed once during backward
+    assert not any(layer.self_attn.training or layer.mlp.training for layer in layers)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], atol=1e-6, rtol=1e-5)
+
+    model.eval()
+    assert not any(module.training for module in model.modules())
 
 
 def test_sdpa_and_eager_give_the_same_logits():

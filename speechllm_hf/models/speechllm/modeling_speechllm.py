@@ -27,6 +27,7 @@ from transformers import (
 )
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
 
@@ -560,12 +561,21 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
     # ----------------------------------------------------------------------------------------------------------------
 
     def train(self, mode: bool = True):
-        """Frozen sub-models stay in eval mode (no dropout, no SpecAugment) unless augmentation is asked for."""
+        """Frozen sub-models stay in eval mode (no dropout, no SpecAugment) unless augmentation is asked for.
+
+        With gradient checkpointing enabled (call this after enabling it; the Trainer calls it at every step), the
+        frozen LLM's checkpointed decoder layers are flagged as training, because transformers checkpoints only
+        layers in training mode; their sub-modules (attention, dropout) stay in eval mode, so no dropout acts.
+        """
         super().train(mode)
         if not _has_trainable(self.encoder) and not self.config.encoder_train_mode_augment:
             self.encoder.eval()
         if not _has_trainable(self.language_model):
             self.language_model.eval()
+            if mode:
+                for module in self.language_model.modules():
+                    if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+                        module.training = True
         return self
 
     def encoder_output_lengths(self, feature_lengths: torch.Tensor) -> torch.Tensor:
