@@ -114,6 +114,26 @@ def test_audio_token_count_mismatch_names_both_counts():
         )
 
 
+def test_audio_tokens_without_audio_are_refused():
+    model, processor = tiny()
+    inputs = batch(processor, seconds=(1.0,), texts=["<audio> hi"])
+    num_audio_tokens = int((inputs["input_ids"] == model.config.audio_token_id).sum())
+    with pytest.raises(ValueError, match=rf"input_ids hold {num_audio_tokens} audio tokens .* no audio was given"):
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+
+def test_config_without_audio_token_id_runs_text_and_explains_audio():
+    model, processor = tiny()
+    config = SpeechLlmConfig(**{**model.config.to_dict(), "audio_token_id": None})
+    torch.manual_seed(0)
+    bare = SpeechLlmForConditionalGeneration(config).eval()
+    text = processor(["just text"])
+    with torch.no_grad():
+        assert torch.isfinite(bare(**text, labels=text["input_ids"]).loss)
+        with pytest.raises(ValueError, match="config.audio_token_id is not set"):
+            bare(**batch(processor, seconds=(1.0,), texts=["<audio> hi"]))
+
+
 def test_text_only_input():
     model, processor = tiny()
     inputs = processor(["just text", "more text here"])

@@ -638,9 +638,16 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         audio_embeds, audio_lengths = self.projector(hidden_states.to(projector_dtype), lengths)
         return audio_embeds, audio_lengths
 
+    def _audio_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) True where `input_ids` hold the audio token (nowhere when the config sets no `audio_token_id`)."""
+        if self.config.audio_token_id is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == self.config.audio_token_id
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """LLM input embeddings; audio tokens (which may lie outside the LLM vocabulary) embed as id 0."""
-        text_ids = input_ids.masked_fill(input_ids == self.config.audio_token_id, 0)
+        """LLM input embeddings; audio tokens (which may lie outside the LLM vocabulary) embed as id 0, a stand-in
+        that `merge_audio_features` overwrites."""
+        text_ids = input_ids.masked_fill(self._audio_positions(input_ids), 0)
         return self.get_input_embeddings()(text_ids)
 
     def merge_audio_features(
@@ -651,9 +658,14 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         audio_lengths: torch.Tensor,
     ) -> torch.Tensor:
         """Scatter the valid audio features, clip after clip, into the audio-token positions of `inputs_embeds`."""
+        if self.config.audio_token_id is None:
+            raise ValueError(
+                "config.audio_token_id is not set, so the audio features have no positions to go to: set it to the "
+                "tokenizer's id of the audio token (SpeechLlmProcessor.audio_token_id)."
+            )
         valid = lengths_to_mask(audio_lengths, audio_embeds.shape[1])
         features = audio_embeds[valid]  # (total audio tokens, D)
-        audio_positions = input_ids == self.config.audio_token_id
+        audio_positions = self._audio_positions(input_ids)
         num_tokens, num_features = int(audio_positions.sum()), features.shape[0]
         if num_tokens != num_features:
             raise ValueError(
@@ -703,6 +715,15 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
                 return SpeechLlmCausalLMOutputWithPast(audio_hidden_states=audio_embeds, audio_lengths=audio_lengths)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if not has_audio and input_ids is not None and _cached_length(kwargs) == 0:
+            # Later generation steps legitimately come without audio: it was encoded in the prefill step.
+            num_audio_tokens = int(self._audio_positions(input_ids).sum())
+            if num_audio_tokens:
+                raise ValueError(
+                    f"input_ids hold {num_audio_tokens} audio tokens ({self.config.audio_token!r}) but no audio was "
+                    "given: pass the input_features and feature_attention_mask that SpeechLlmProcessor returned with "
+                    "these input_ids (or encoder_hidden_states and encoder_lengths)."
+                )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if has_audio:
@@ -710,7 +731,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
                 raise ValueError("Audio inputs need input_ids to locate the audio tokens.")
             inputs_embeds = self.merge_audio_features(input_ids, inputs_embeds, audio_embeds, audio_lengths)
         if labels is not None and input_ids is not None:
-            labels = labels.masked_fill(input_ids == self.config.audio_token_id, self.config.ignore_index)
+            labels = labels.masked_fill(self._audio_positions(input_ids), self.config.ignore_index)
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # Left padding must not shift positions: count only real tokens (also for the cached decode steps).
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
@@ -733,16 +754,21 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
     def prepare_inputs_for_generation(self, *args, **kwargs):
         audio = {name: kwargs.pop(name, None) for name in self._AUDIO_INPUTS}
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        # Audio is encoded once, in the prefill step; later steps read the LLM's cache (named `past_key_values` on
-        # transformers 4.x, `cache` on newer 5.x).
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        prefill = cache is None or cache.get_seq_length() == 0
+        # Audio is encoded once, in the prefill step; later steps read the LLM's cache.
+        prefill = _cached_length(kwargs) == 0
         model_inputs.update({name: value if prefill else None for name, value in audio.items()})
         return model_inputs
 
 
 def _has_trainable(module: nn.Module) -> bool:
     return any(parameter.requires_grad for parameter in module.parameters())
+
+
+def _cached_length(kwargs: dict) -> int:
+    """Tokens already in the LLM's key/value cache among `kwargs` (`past_key_values` on transformers 4.x, `cache` on
+    newer 5.x); 0 in a prefill step."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return 0 if cache is None else cache.get_seq_length()
 
 
 __all__ = [
