@@ -222,7 +222,9 @@ def from_preset(
         chat_template, system_prompt: replace the preset's prompt format.
         **kwargs: `freeze_encoder`, `freeze_text_model`, `encoder_train_mode_augment`, `audio_token`,
             `ignore_index` go to `SpeechLlmConfig`; anything else (dtype, device_map, attn_implementation,
-            quantization_config, token, cache_dir, local_files_only, ...) to the backbones' `from_pretrained`.
+            quantization_config, token, cache_dir, local_files_only, ...) to
+            `SpeechLlmForConditionalGeneration.from_backbones`, which honours dtype and attn_implementation for
+            random tiny backbones too and gives quantization_config to the LLM only.
 
     Returns:
         `(model, processor)`.

@@ -106,6 +106,18 @@ def test_model_card_names_bases_counts_memory_and_licence(saved):
         assert needle in card
 
 
+def test_auto_model_honours_attn_implementation_and_dtype(saved):
+    """AutoConfig takes `attn_implementation` (it never reaches the model's kwargs); both backbones must get it."""
+    folder, _, _, _ = saved
+    default = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    eager = AutoModel.from_pretrained(
+        folder, trust_remote_code=True, attn_implementation="eager", dtype=torch.bfloat16
+    )
+    assert default.language_model.config._attn_implementation == "sdpa"
+    assert eager.encoder.config._attn_implementation == eager.language_model.config._attn_implementation == "eager"
+    assert {parameter.dtype for parameter in eager.parameters()} == {torch.bfloat16}
+
+
 def test_round_trip_with_the_package(saved):
     folder, _, model, processor = saved
     loaded = AutoModel.from_pretrained(folder, trust_remote_code=True)
@@ -130,7 +142,9 @@ def run_loader(python: str, folder: Path, expected: Path) -> dict:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["attn_implementation"] == ["eager", "eager"] and report["dtypes"] == ["torch.bfloat16"]
+    return report
 
 
 def test_round_trip_without_the_package_on_transformers_5(saved):

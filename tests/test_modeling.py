@@ -245,17 +245,55 @@ def test_sdpa_and_eager_give_the_same_logits():
     eager, processor = from_preset("tiny", attn_implementation="eager")
     torch.manual_seed(0)
     sdpa, _ = from_preset("tiny", attn_implementation="sdpa")
-    assert sdpa.language_model.config._attn_implementation == "sdpa"
+    for model, implementation in ((eager, "eager"), (sdpa, "sdpa")):
+        assert model.language_model.config._attn_implementation == implementation
+        assert model.encoder.config._attn_implementation == implementation
     inputs = batch(processor)
+    valid = inputs["attention_mask"].bool()  # a fully masked (left-padding) query row is undefined in either one
     with torch.no_grad():
-        torch.testing.assert_close(eager.eval()(**inputs).logits, sdpa.eval()(**inputs).logits, atol=1e-5, rtol=1e-4)
+        eager_logits, sdpa_logits = eager.eval()(**inputs).logits, sdpa.eval()(**inputs).logits
+    torch.testing.assert_close(eager_logits[valid], sdpa_logits[valid], atol=1e-5, rtol=1e-4)
 
 
-def test_bfloat16_forward():
+def test_bfloat16_is_honoured_by_from_preset_and_from_pretrained(tmp_path):
     torch.manual_seed(0)
     model, processor = from_preset("tiny", dtype=torch.bfloat16)
-    model = model.to(torch.bfloat16).eval()
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
     inputs = batch(processor)
     with torch.no_grad():
-        logits = model(**inputs).logits
+        logits = model.eval()(**inputs).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+    from_preset("tiny")[0].save_pretrained(tmp_path)  # float32 weights
+    loaded = SpeechLlmForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {parameter.dtype for parameter in loaded.parameters()} == {torch.bfloat16}
+
+
+def test_quantization_goes_to_the_llm_only_and_whisper_stays_off_flash_attention(local_backbones, monkeypatch):
+    """Flash attention and quantisation need a GPU; what each backbone's from_pretrained is asked is checked here."""
+    from speechllm_hf.models.speechllm import modeling_speechllm
+
+    class Stop(Exception):
+        pass
+
+    asked = {}
+
+    def record(loader, name_or_path, what, **kwargs):
+        asked[what] = kwargs
+        if what == "text model":
+            raise Stop
+        return loader(name_or_path, **kwargs)
+
+    monkeypatch.setattr(modeling_speechllm, "from_pretrained_or_explain", record)
+    config = tiny("whisper", "cnn")[0].config.to_dict()
+    config.update(
+        encoder_name_or_path=str(local_backbones / "whisper"), text_name_or_path=str(local_backbones / "llm")
+    )
+    quantization = object()
+    with pytest.raises(Stop):
+        SpeechLlmForConditionalGeneration.from_backbones(
+            SpeechLlmConfig(**config), quantization_config=quantization, attn_implementation="flash_attention_2"
+        )
+    assert "quantization_config" not in asked["encoder"] and asked["encoder"]["attn_implementation"] == "sdpa"
+    assert asked["text model"]["quantization_config"] is quantization
+    assert asked["text model"]["attn_implementation"] == "flash_attention_2"

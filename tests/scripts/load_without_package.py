@@ -33,4 +33,13 @@ with torch.no_grad():
 np.testing.assert_allclose(logits, expected["logits"], rtol=1e-5, atol=1e-5)
 generated = model.generate(**inputs, max_new_tokens=8, do_sample=False).numpy()
 np.testing.assert_array_equal(generated, expected["generated"])
-print(json.dumps({"transformers": transformers.__version__, "model_class": type(model).__module__, "ok": True}))
+
+# The attention implementation and dtype asked of AutoModel reach both backbones and the projector.
+bf16 = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager", dtype=torch.bfloat16)
+report = {
+    "transformers": transformers.__version__,
+    "model_class": type(model).__module__,
+    "attn_implementation": [bf16.encoder.config._attn_implementation, bf16.language_model.config._attn_implementation],
+    "dtypes": sorted({str(parameter.dtype) for parameter in bf16.parameters()}),
+}
+print(json.dumps(report))

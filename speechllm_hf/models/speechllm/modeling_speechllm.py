@@ -229,9 +229,21 @@ class SpeechLlmMlpProjector(nn.Module):
 PROJECTOR_CLASSES = {"qformer": SpeechLlmQFormerProjector, "cnn": SpeechLlmCnnProjector, "mlp": SpeechLlmMlpProjector}
 
 
+def encoder_attn_implementation(config: SpeechLlmConfig) -> str | None:
+    """The attention implementation the encoder gets: the one requested on `config.encoder_config` (None: the
+    default), except that a Whisper encoder keeps SDPA when flash attention is requested, because
+    `SpeechLlmWhisperEncoder` masks padded clips with a 4-D additive mask, which flash attention cannot take."""
+    # `_attn_implementation` is where transformers records the request on a config (AutoConfig puts it there).
+    requested = config.encoder_config._attn_implementation
+    if config.encoder_config.model_type == "whisper" and requested and "flash" in requested:
+        return "sdpa"
+    return requested
+
+
 def build_encoder(config: SpeechLlmConfig) -> PreTrainedModel:
     """A randomly initialised encoder for `config.encoder_config` (weights are loaded separately)."""
     encoder_config = config.encoder_config
+    encoder_config._attn_implementation = encoder_attn_implementation(config)
     if encoder_config.model_type == "whisper":
         return SpeechLlmWhisperEncoder(encoder_config)
     encoder = AutoModel.from_config(encoder_config)
@@ -255,11 +267,15 @@ def from_pretrained_or_explain(loader, name_or_path: str, what: str, **kwargs):
 def load_pretrained_encoder(config: SpeechLlmConfig, **kwargs) -> PreTrainedModel:
     """Load the encoder named by `config.encoder_name_or_path` at `config.encoder_revision`.
 
-    `kwargs` (dtype, device_map, attn_implementation, token, cache_dir, local_files_only, ...) go to
-    `from_pretrained`. Whisper checkpoints (full encoder-decoder models) load into `SpeechLlmWhisperEncoder`: only
-    the encoder's tensors are read.
+    `kwargs` (dtype, device_map, token, cache_dir, local_files_only, ...) go to `from_pretrained`; the attention
+    implementation defaults to `encoder_attn_implementation(config)`. Whisper checkpoints (full encoder-decoder
+    models) load into `SpeechLlmWhisperEncoder`: only the encoder's tensors are read.
     """
-    kwargs = {**kwargs, "revision": config.encoder_revision}
+    kwargs = {
+        "attn_implementation": encoder_attn_implementation(config),
+        **kwargs,
+        "revision": config.encoder_revision,
+    }
     if config.encoder_config.model_type == "whisper":
         # Map `model.encoder.*` (WhisperForConditionalGeneration) and `encoder.*` (WhisperModel) to the encoder.
         kwargs["key_mapping"] = {r"^(model\.)?encoder\.": ""}
@@ -273,8 +289,16 @@ def load_pretrained_encoder(config: SpeechLlmConfig, **kwargs) -> PreTrainedMode
 
 
 def load_pretrained_text_model(config: SpeechLlmConfig, **kwargs) -> PreTrainedModel:
-    """Load the causal LLM named by `config.text_name_or_path` at `config.text_revision`."""
-    kwargs = {**kwargs, "revision": config.text_revision}
+    """Load the causal LLM named by `config.text_name_or_path` at `config.text_revision`.
+
+    `kwargs` go to `from_pretrained`; the attention implementation defaults to the one requested on
+    `config.text_config` (None: the default).
+    """
+    kwargs = {
+        "attn_implementation": config.text_config._attn_implementation,
+        **kwargs,
+        "revision": config.text_revision,
+    }
     return from_pretrained_or_explain(
         AutoModelForCausalLM.from_pretrained, config.text_name_or_path, "text model", **kwargs
     )
@@ -287,7 +311,7 @@ class SpeechLlmPreTrainedModel(PreTrainedModel):
     input_modalities = ("audio", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    # The LLM supports flash attention; the Q-Former does not and keeps its own (eager/SDPA) attention.
+    # The LLM supports flash attention; the Q-Former and a Whisper encoder do not and keep eager/SDPA attention.
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _no_split_modules = ["SpeechLlmQFormerProjector", "SpeechLlmCnnProjector", "SpeechLlmMlpProjector"]
@@ -330,10 +354,19 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         """A model whose encoder and LLM are loaded from `config.encoder_name_or_path` / `config.text_name_or_path`
         (a sub-model whose id is None is built randomly from its config) and whose projector is new.
 
-        `kwargs` (dtype, device_map, attn_implementation, quantization_config, token, cache_dir,
-        local_files_only, ...) are passed to each backbone's `from_pretrained`.
+        `kwargs` (dtype, device_map, token, cache_dir, local_files_only, ...) are passed to each backbone's
+        `from_pretrained`, except `quantization_config`, which only the LLM gets: quantisation is meant to shrink
+        the large LLM, while the small frozen encoder keeps the precision its features were trained in.
+        `attn_implementation` (a name for both backbones, or a dict keyed by `"encoder_config"` / `"text_config"`,
+        as transformers takes it) is recorded on the config, so that backbones built from config honour it as well
+        as loaded ones; a Whisper encoder keeps SDPA when flash attention is asked for (see
+        `encoder_attn_implementation`). `dtype` applies to every part.
         """
-        encoder = load_pretrained_encoder(config, **kwargs) if config.encoder_name_or_path else None
+        if "attn_implementation" in kwargs:
+            # The property setter that transformers uses for configs: it passes the request on to the sub-configs.
+            config._attn_implementation = kwargs.pop("attn_implementation")
+        encoder_kwargs = {k: v for k, v in kwargs.items() if k != "quantization_config"}
+        encoder = load_pretrained_encoder(config, **encoder_kwargs) if config.encoder_name_or_path else None
         language_model = load_pretrained_text_model(config, **kwargs) if config.text_name_or_path else None
         # Pin what was actually loaded: a Hub checkpoint reports its commit, which a later load then asks for.
         if encoder is not None and config.encoder_revision is None:
