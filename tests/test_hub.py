@@ -104,6 +104,7 @@ def test_model_card_names_bases_counts_memory_and_licence(saved):
     card = (saved[0] / "README.md").read_text()
     for needle in ("projector", "parameters", "GiB", "trust_remote_code=True", "licence", "hubert", "llm"):
         assert needle in card
+    assert "holds only the projector weights (`projector.safetensors`)" in card and "all the weights" not in card
 
 
 def test_auto_model_honours_attn_implementation_and_dtype(saved):
@@ -194,10 +195,14 @@ def test_full_save_round_trip(local_backbones, tmp_path):
         assert torch.equal(tensor, model.state_dict()[name]), name
 
 
-def test_backbones_without_an_id_are_saved_in_full(tmp_path):
+def test_backbones_without_an_id_are_saved_in_full_with_a_warning(tmp_path, caplog):
     model, _ = from_preset("tiny")
-    model.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        model.save_pretrained(tmp_path)
+    assert "saving all weights, backbones included" in caplog.text
     assert "model.safetensors" in os.listdir(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "holds all the weights (encoder, projector and LLM" in card and "only the projector" not in card
     loaded = AutoModel.from_pretrained(tmp_path)
     assert torch.equal(
         loaded.encoder.state_dict()["feature_projection.projection.weight"],
@@ -283,20 +288,55 @@ def hub_commits(monkeypatch):
     return commits
 
 
-def test_push_to_hub_sends_exactly_the_saved_files(saved, hub_commits):
+HUB_IDS = {"encoder_name_or_path": "someone/hubert-tiny", "text_name_or_path": "someone/llama-tiny"}
+
+
+def with_hub_ids(folder: Path) -> Path:
+    """The saved backbones are local folders; a folder to publish must name them by Hub ids."""
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **HUB_IDS}))
+    return folder
+
+
+def test_push_to_hub_sends_exactly_the_saved_files(saved, hub_commits, monkeypatch):
     import yaml
 
     folder, _, model, processor = saved
+    for field, hub_id in HUB_IDS.items():
+        monkeypatch.setattr(model.config, field, hub_id)
     model.push_to_hub("me/tiny-speechllm", processor=processor)
     assert hub_commits == [{"repo_id": "me/tiny-speechllm", "files": set(os.listdir(folder))}]
     card = (folder / "README.md").read_text()
     assert yaml.safe_load(card.split("---")[1])["tags"] == ["speechllm_hf", "speech-llm"]  # valid card metadata
 
 
+def test_publishing_refuses_backbones_named_by_local_folders(saved, hub_commits, tmp_path):
+    from speechllm_hf.cli import main
+
+    folder, _, model, processor = saved
+    with pytest.raises(ValueError, match=r"names the encoder_name_or_path '.*hubert', a local folder.*Hub id"):
+        model.push_to_hub("me/tiny-speechllm", processor=processor)
+    copy = copy_saved(folder, tmp_path / "copy")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "encoder_name_or_path": HUB_IDS["encoder_name_or_path"]}))
+    with pytest.raises(ValueError, match=r"names the text_name_or_path '.*llm', a local folder"):
+        main(["push", "--model", str(copy), "--repo_id", "me/ckpt"])
+    assert hub_commits == []
+
+
+def test_pushing_backbones_without_an_id_needs_save_full_model(hub_commits):
+    model, processor = from_preset("tiny")
+    with pytest.raises(ValueError, match="no Hub id to be loaded from .* save_full_model=True"):
+        model.push_to_hub("me/tiny", processor=processor)
+    assert hub_commits == []
+    model.push_to_hub("me/tiny", processor=processor, save_full_model=True)
+    assert "model.safetensors" in hub_commits[0]["files"] and "projector.safetensors" not in hub_commits[0]["files"]
+
+
 def test_cli_push_leaves_training_state_out_and_refuses_full_weights(saved, hub_commits, tmp_path):
     from speechllm_hf.cli import main
 
-    checkpoint = copy_saved(saved[0], tmp_path / "checkpoint-10")
+    checkpoint = with_hub_ids(copy_saved(saved[0], tmp_path / "checkpoint-10"))
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
         (checkpoint / name).write_bytes(b"state")
     assert main(["push", "--model", str(checkpoint), "--repo_id", "me/ckpt"]) == 0

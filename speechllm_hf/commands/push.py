@@ -1,6 +1,7 @@
 """`speechllm-hf push --model DIR --repo_id ID`: publish a saved model folder (projector, config, code, processor,
-card) to the Hub. Training state in a checkpoint folder (optimizer, scheduler, RNG) is never uploaded, and a folder
-holding full backbone weights is refused unless `--allow_full_model` is given."""
+card) to the Hub. Training state in a checkpoint folder (optimizer, scheduler, RNG) is never uploaded, a folder
+holding full backbone weights is refused unless `--allow_full_model` is given, and so is a config.json that names its
+encoder or LLM by a local folder path (nobody else could load it: set the Hub ids first)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ itself requires: safetensors, huggingface_hub) and the standard library.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -103,6 +104,33 @@ def publishable_files(folder: str | os.PathLike, allow_full_model: bool = False)
     return [n for n in names if n not in _TRAINING_STATE and not (n.startswith("rng_state") and n.endswith(".pth"))]
 
 
+def check_backbone_ids_are_public(folder: str | os.PathLike) -> None:
+    """Refuse a saved folder whose config.json names its encoder or LLM by a local folder path.
+
+    Raises:
+        ValueError: naming the field to set to a Hub id; nobody else can load backbones from a path on this machine.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    with open(os.path.join(folder, "config.json")) as file:
+        config = json.load(file)
+    for field in ("encoder_name_or_path", "text_name_or_path"):
+        name = config.get(field)
+        if name is None:
+            continue
+        try:
+            validate_repo_id(name)
+            is_local = os.path.isdir(name)
+        except HFValidationError:
+            is_local = True
+        if is_local:
+            raise ValueError(
+                f"{folder}/config.json names the {field} {name!r}, a local folder: nobody else could load the model "
+                f"from it. Set model.config.{field} (and its revision) to the Hub id of that checkpoint, then save "
+                "and publish again."
+            )
+
+
 def upload_saved_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -114,10 +142,15 @@ def upload_saved_folder(
     revision: str | None = None,
     create_pr: bool = False,
 ):
-    """Create `repo_id` if needed and upload the publishable files of `folder` in one commit."""
+    """Create `repo_id` if needed and upload the publishable files of `folder` in one commit.
+
+    Raises:
+        ValueError: see `publishable_files` and `check_backbone_ids_are_public`.
+    """
     from huggingface_hub import CommitOperationAdd, HfApi
 
     names = publishable_files(folder, allow_full_model)
+    check_backbone_ids_are_public(folder)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     operations = [CommitOperationAdd(name, os.path.join(folder, name)) for name in names]
@@ -137,11 +170,31 @@ def _human(count: float) -> str:
     return str(int(count))
 
 
-def model_card(model, repo_id: str | None = None) -> str:
-    """A README.md for a saved speech LLM: base models, what was trained, sizes, memory, how to load, licence."""
+def model_card(model, repo_id: str | None = None, full_model: bool = False) -> str:
+    """A README.md for a saved speech LLM: base models, what was trained, what the folder holds (projector only or
+    `full_model`: every weight), sizes, memory, how to load, licence."""
     config = model.config
     repo = repo_id or "path/to/this/folder"
-    encoder, text = config.encoder_name_or_path or "(saved in this folder)", config.text_name_or_path or "(saved)"
+
+    def source(name_or_path: str | None, revision: str | None) -> str:
+        if full_model:
+            return "this repository" + (f" (initialised from `{name_or_path}`)" if name_or_path else "")
+        return f"`{name_or_path}` (revision `{revision or 'default'}`)"
+
+    if full_model:
+        holds = (
+            "all the weights (encoder, projector and LLM, in `model*.safetensors`), the configuration, the processor "
+            "files and the model code: it loads without downloading the base models."
+        )
+    else:
+        adapter = f" and the LLM's LoRA adapter (`{LORA_FOLDER}/`)" if model.has_lora else ""
+        holds = (
+            f"only the projector weights (`{PROJECTOR_WEIGHTS_NAME}`){adapter}, the configuration, the processor "
+            "files and the model code: the encoder and the LLM are downloaded from their own repositories at the "
+            "revisions recorded in `config.json`."
+        )
+    text = f"`{config.text_name_or_path}`" if config.text_name_or_path else "the LLM saved here"
+    trained = "LoRA adapter" if model.has_lora else "no"
     projector, total = _count(model.projector), _count(model)
     bytes_per_parameter = torch.finfo(model.language_model.dtype).bits // 8
     memory = total * bytes_per_parameter * 1.2 / 2**30  # weights + ~20% for activations and the KV cache
@@ -158,14 +211,12 @@ trained **{config.projector_type}** projector whose outputs are spliced into the
 
 | part | source | parameters | trained |
 |---|---|---|---|
-| encoder | `{encoder}` (revision `{config.encoder_revision or "default"}`) | {_human(_count(model.encoder))} | no |
-| projector | this repository (`{PROJECTOR_WEIGHTS_NAME}`) | {_human(projector)} | yes |
-| LLM | `{text}` (revision `{config.text_revision or "default"}`) | {_human(_count(model.language_model))} | no |
+| encoder | {source(config.encoder_name_or_path, config.encoder_revision)} | {_human(_count(model.encoder))} | no |
+| projector | this repository | {_human(projector)} | yes |
+| LLM | {source(config.text_name_or_path, config.text_revision)} | {_human(_count(model.language_model))} | {trained} |
 
 Total {_human(total)} parameters; running it in {model.language_model.dtype} needs about {memory:.1f} GiB of
-accelerator memory. This repository holds only the projector weights, the configuration, the processor files and the
-model code: the encoder and the LLM are downloaded from their own repositories at the revisions recorded in
-`config.json`.
+accelerator memory. This repository holds {holds}
 
 ## Use
 
@@ -185,7 +236,7 @@ print(processor.batch_decode(model.generate(**inputs, max_new_tokens=128), skip_
 ## Licence
 
 The projector is released with this repository; the licences of the base models apply to their weights and to the
-combined model, in particular the LLM's licence (`{text}`).
+combined model, in particular the LLM's licence ({text}).
 """
 
 
@@ -199,5 +250,6 @@ __all__ = [
     "load_projector_state",
     "model_card",
     "publishable_files",
+    "check_backbone_ids_are_public",
     "upload_saved_folder",
 ]

@@ -413,8 +413,8 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         When encoder and LLM are frozen and referenced by id (`config.encoder_name_or_path`,
         `config.text_name_or_path`), only the projector is written (`projector.safetensors`), with config.json,
         generation_config.json, the model code (`auto_map`), the processor files (when `processor` is given) and a
-        model card. `save_full_model=True` writes every weight instead; so does a model whose backbones have no id
-        to be loaded from (such as the tiny preset), since nothing else could restore them.
+        model card. `save_full_model=True` writes every weight instead; so does, with a warning, a model whose
+        backbones have no id to be loaded from (such as the tiny preset), since nothing else could restore them.
 
         Args:
             save_directory: target folder.
@@ -428,15 +428,20 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             processor.save_pretrained(save_directory)
         if save_full_model and self.has_lora:
             raise ValueError("A full save of a model with a LoRA adapter: call model.merge_lora() first.")
-        if save_full_model or not self.references_backbones:
+        full_model = save_full_model or not self.references_backbones
+        if full_model:
             if not save_full_model:
-                logger.info("The backbones have no Hub id or folder to be loaded from: saving all weights.")
+                logger.warning(
+                    "The encoder and/or LLM have no Hub id or folder to be loaded from (config.encoder_name_or_path / "
+                    "config.text_name_or_path): saving all weights, backbones included, to %s.",
+                    save_directory,
+                )
             super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
         elif is_main_process:
             self._save_projector_only(save_directory, state_dict)
         if is_main_process:
             with open(os.path.join(save_directory, "README.md"), "w") as card:
-                card.write(model_card(self))
+                card.write(model_card(self, full_model=full_model))
 
     @property
     def has_lora(self) -> bool:
@@ -554,15 +559,27 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         create_pr: bool = False,
         save_full_model: bool = False,
     ):
-        """Upload exactly what `save_pretrained` writes (by default: projector, config, code, processor, card)."""
+        """Upload exactly what `save_pretrained` writes (by default: projector, config, code, processor, card).
+
+        Raises:
+            ValueError: when the backbones have no Hub id to be loaded from and `save_full_model` is off (publishing
+                would mean uploading every weight), or when their ids are local folders nobody else can read.
+        """
+        if not (self.references_backbones or save_full_model):
+            raise ValueError(
+                "The encoder and/or LLM have no Hub id to be loaded from (config.encoder_name_or_path / "
+                "config.text_name_or_path), so publishing this model means uploading all its weights, encoder and "
+                "LLM included. Set those ids to publish the projector only, or pass save_full_model=True to upload "
+                "everything."
+            )
         with tempfile.TemporaryDirectory() as work_dir:
             self.save_pretrained(work_dir, processor=processor, save_full_model=save_full_model)
             with open(os.path.join(work_dir, "README.md"), "w") as card:
-                card.write(model_card(self, repo_id))
+                card.write(model_card(self, repo_id, full_model=save_full_model))
             return upload_saved_folder(
                 work_dir,
                 repo_id,
-                allow_full_model=save_full_model or not self.references_backbones,
+                allow_full_model=save_full_model,
                 commit_message=commit_message,
                 private=private,
                 token=token,
