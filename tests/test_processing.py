@@ -149,6 +149,31 @@ def test_apply_chat_template_with_audio_content():
     assert with_system.apply_chat_template(conversation).startswith("<s><|system|>Be brief.<|end|><|user|>")
 
 
+def test_truncation_that_cuts_audio_tokens_is_refused():
+    _, processor = tiny()
+    needed = processor.num_audio_tokens(16000)
+    inputs = processor(["<audio> hello"], audio=[clip(1.0)], sampling_rate=16000, truncation=True, max_length=64)
+    assert int((inputs["input_ids"] == processor.audio_token_id).sum()) == needed  # room for every audio token
+    with pytest.raises(
+        ValueError, match=rf"Text 1 holds 4 audio tokens after tokenization but its audio needs {needed}"
+    ):
+        processor(["hi", "<audio> hello"], audio=[clip(1.0)], sampling_rate=16000, truncation=True, max_length=5)
+
+
+def test_audio_content_item_without_audio_is_named():
+    _, processor = tiny()
+    wave = clip(0.5)
+    conversation = [
+        {"role": "user", "content": [{"type": "audio", "array": wave, "sampling_rate": 16000}]},
+        {"role": "user", "content": [{"type": "audio", "sampling_rate": 16000}, {"type": "text", "text": "hi"}]},
+    ]
+    assert processor.apply_chat_template(conversation).count("<audio>") == 2  # rendering text needs no audio
+    with pytest.raises(ValueError, match=r"Audio content items \[1\] .* hold no audio: .*'audio' \(or 'array'\)"):
+        processor.apply_chat_template(conversation, tokenize=True)
+    inputs = processor.apply_chat_template(conversation[:1], tokenize=True)
+    assert int(inputs["feature_attention_mask"].sum()) == len(wave)
+
+
 def test_batch_decode_round_trip():
     _, processor = tiny()
     ids = processor(["hello there", "hi"])["input_ids"]

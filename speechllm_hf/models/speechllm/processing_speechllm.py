@@ -170,6 +170,19 @@ class SpeechLlmProcessor(ProcessorMixin):
             expanded.append(first + "".join(self.audio_token * next(token_counts) + piece for piece in rest))
         return expanded
 
+    def _check_audio_tokens(self, input_ids, texts: list[str], feature_lengths: Sequence[int]) -> None:
+        """Each text must keep every audio token its clips need: truncation may have cut some."""
+        token_counts = iter([self.num_audio_tokens(int(length)) for length in feature_lengths])
+        for index, (text, ids) in enumerate(zip(texts, input_ids)):
+            expected = sum(next(token_counts) for _ in range(text.count(self.audio_token)))
+            found = int((np.asarray(ids) == self.audio_token_id).sum())
+            if found != expected:
+                raise ValueError(
+                    f"Text {index} holds {found} audio tokens after tokenization but its audio needs {expected}: the "
+                    "tokenizer cut them (truncation / max_length). Raise max_length, shorten the text or the audio, "
+                    "or leave truncation off."
+                )
+
     def _extract(self, waveform: np.ndarray, index: int) -> np.ndarray:
         """Features of one clip at its real length, time on the last axis."""
         # Extracting clip by clip keeps each clip's features independent of the batch (Whisper's STFT edges and
@@ -240,6 +253,7 @@ class SpeechLlmProcessor(ProcessorMixin):
         expanded = self.expand_audio_placeholders(texts, lengths)
         tokenizer_kwargs.setdefault("return_token_type_ids", False)  # the model takes none (4.x tokenizers add them)
         data = dict(self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **tokenizer_kwargs))
+        self._check_audio_tokens(data["input_ids"], texts, lengths)
         if features:
             padded = np.zeros((len(features), *features[0].shape[:-1], max(lengths)), dtype=np.float32)
             mask = np.zeros((len(features), max(lengths)), dtype=np.int64)
@@ -260,8 +274,8 @@ class SpeechLlmProcessor(ProcessorMixin):
         """Render conversations whose message contents may hold `{"type": "audio", ...}` items.
 
         Audio items become the audio placeholder; text items are concatenated. With `tokenize=True`, the audio of
-        the items (`"audio"`: array with `"sampling_rate"`, or `"path"`) is processed too and a `BatchFeature` is
-        returned. When a conversation has no system message and `system_prompt` is set, it is inserted.
+        the items (`"audio"` or `"array"`: samples with `"sampling_rate"`, or `"path"`) is processed too and a
+        `BatchFeature` is returned. When a conversation has no system message and `system_prompt` is set, it is inserted.
         """
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
@@ -277,7 +291,9 @@ class SpeechLlmProcessor(ProcessorMixin):
                     for item in content:
                         if item["type"] == "audio":
                             parts.append(self.audio_token)
-                            clips.append(item.get("audio", item.get("path")))
+                            clips.append(
+                                next((item[k] for k in ("audio", "array", "path") if item.get(k) is not None), None)
+                            )
                             rates.append(item.get("sampling_rate"))
                         else:
                             parts.append(item["text"])
@@ -293,6 +309,12 @@ class SpeechLlmProcessor(ProcessorMixin):
             )
         if not tokenize:
             return texts if batched else texts[0]
+        empty = [index for index, clip in enumerate(clips) if clip is None]
+        if empty:
+            raise ValueError(
+                f"Audio content items {empty} (counted in order over the conversations) hold no audio: give the "
+                "samples as 'audio' (or 'array') with 'sampling_rate', or a file as 'path'."
+            )
         kwargs.setdefault("add_special_tokens", False)  # the template already wrote BOS where it belongs
         return self(text=texts, audio=clips or None, sampling_rate=rates, **kwargs)
 
