@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -24,6 +25,9 @@ from speechllm_hf.data import (
     load_prepared,
     prepare_dataset,
 )
+from speechllm_hf.data.audio import unwrap_audio
+from speechllm_hf.data.feature_cache import audio_key
+from speechllm_hf.data.tasks import PromptConfig, build_turns
 
 SECONDS, RATE = 0.5, 16000
 
@@ -116,7 +120,16 @@ def bad_manifest(tmp_path: Path, make_clip) -> Path:
     return path
 
 
-EXPECTED_DROPPED = {"unreadable": 2, "empty": 1, "too_short": 0, "too_long": 1, "non_finite": 1, "missing_text": 1}
+EXPECTED_DROPPED = {
+    "unreadable": 2,
+    "empty": 1,
+    "too_short": 0,
+    "too_long": 1,
+    "non_finite": 1,
+    "unknown_task": 0,
+    "missing_text": 1,
+    "missing_field": 0,
+}
 
 
 def test_prepare_reports_every_bad_row(bad_manifest: Path, tmp_path: Path) -> None:
@@ -282,3 +295,65 @@ def test_counts_always_add_up(rows: list[tuple[int, bool, str | None]]) -> None:
         assert 0.2 <= row["duration"] <= 2.0 and np.isfinite(waveform).all() and row["text"].strip()
     valid = [0.2 <= n / 1000 <= 2.0 and not nan and bool(text) for n, nan, text in rows]
     assert report["kept"] == sum(valid)
+
+
+def test_prepare_checks_each_row_against_its_own_task(tmp_path: Path, corpus_clip: Path) -> None:
+    audio = str(corpus_clip)
+    rows = [
+        {"id": "asr", "text": "hello"},
+        {"id": "asr-blank", "text": " "},
+        {"id": "st", "task": "st", "translation": "hallo", "target_language": "German"},  # no `text`: kept
+        {"id": "st-blank", "task": "st", "translation": "", "target_language": "German"},
+        {"id": "st-no-language", "task": "st", "translation": "hallo"},
+        {"id": "sqa", "task": "sqa", "question": "who?", "answer": ["me", "I"]},
+        {"id": "sqa-no-answer", "task": "sqa", "question": "who?", "answer": []},
+        {"id": "sqa-no-question", "task": "sqa", "answer": ["me"]},
+        {"id": "summary", "task": "summarise", "text": "hello"},
+    ]
+    manifest = tmp_path / "mixed.jsonl"
+    manifest.write_text("".join(json.dumps({"audio": audio, **row}) + "\n" for row in rows))
+    kept, report = prepare_dataset(manifest, tmp_path / "out")
+    assert kept["id"] == ["asr", "st", "sqa"]
+    assert {reason: count for reason, count in report["dropped"].items() if count} == {
+        "unknown_task": 1,
+        "missing_text": 3,
+        "missing_field": 2,
+    }
+    dropped = [json.loads(line) for line in (tmp_path / "out" / "dropped.jsonl").read_text().splitlines()]
+    assert [(d["index"], d["reason"]) for d in dropped] == [
+        (1, "missing_text"),
+        (3, "missing_text"),
+        (4, "missing_field"),
+        (6, "missing_text"),
+        (7, "missing_field"),
+        (8, "unknown_task"),
+    ]
+    assert "target_language" in dropped[2]["detail"] and "'summarise'" in dropped[5]["detail"]
+    # Every kept row makes a training example; every dropped one would have stopped the collator.
+    prompts = PromptConfig.from_file()
+    for row in kept:
+        build_turns(row, row["task"] or "asr", prompts)
+    for index in (3, 4, 6, 7):
+        with pytest.raises(ValueError, match="needs non-empty"):
+            build_turns(rows[index], rows[index]["task"], prompts)
+
+
+def test_prepare_refuses_a_task_whose_columns_are_missing(bad_manifest: Path) -> None:
+    with pytest.raises(ValueError, match=r"st rows need the column\(s\) \['target_language', 'translation'\]"):
+        prepare_dataset(bad_manifest, task="st")
+    with pytest.raises(ValueError, match="Unknown task 'transcribe'"):
+        prepare_dataset(bad_manifest, task="transcribe")
+    kept, report = prepare_dataset(bad_manifest, task="st", require_text=False, max_duration=3.0)
+    assert report["kept"] == 3  # audio checks only: the good, stereo and text-less clips
+
+
+def test_parquet_bytes_are_the_clip_whatever_their_path_says(corpus_clip: Path) -> None:
+    data = corpus_clip.read_bytes()
+    parquet_style = {"bytes": data, "path": corpus_clip.name}  # the original file name, not a file here
+    assert unwrap_audio(parquet_style) == (data, None)
+    assert audio_key(parquet_style) == audio_key(data) != audio_key({"bytes": data[:-2], "path": corpus_clip.name})
+    assert audio_key({"bytes": None, "path": str(corpus_clip)}).startswith(os.path.abspath(corpus_clip))
+    samples = np.zeros(160, dtype=np.float32)
+    assert audio_key({"array": samples, "sampling_rate": 16000}) != audio_key(
+        {"array": samples, "sampling_rate": 8000}
+    )

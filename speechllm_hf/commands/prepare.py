@@ -18,13 +18,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max_duration", type=float, default=30.0, help="longest clip kept, in seconds")
     parser.add_argument("--target_rate", type=int, default=16000, help="sampling rate the model reads")
     parser.add_argument("--audio_column", default="audio")
-    parser.add_argument("--text_column", default="text")
-    parser.add_argument("--no_require_text", dest="require_text", action="store_false", help="keep rows without text")
+    parser.add_argument("--text_column", default="text", help="transcript column of ASR rows")
+    parser.add_argument("--task", default="asr", help="task of rows without a `task` column: asr, st, sqa, ...")
+    parser.add_argument("--prompt_file", help="prompt YAML whose instruction fields rows must fill in")
+    parser.add_argument(
+        "--no_require_text",
+        dest="require_text",
+        action="store_false",
+        help="check the audio only, not the fields each row's task needs",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from speechllm_hf.data import prepare_dataset
+    from speechllm_hf.data.tasks import PromptConfig
 
     try:
         _, report = prepare_dataset(
@@ -36,9 +44,11 @@ def run(args: argparse.Namespace) -> int:
             target_rate=args.target_rate,
             audio_column=args.audio_column,
             text_column=args.text_column,
+            task=args.task,
+            prompts=PromptConfig.from_file(args.prompt_file),
             require_text=args.require_text,
         )
-    except ValueError as err:  # a bad manifest or bad bounds: a message, not a traceback
+    except (ValueError, OSError) as err:  # a bad manifest, task, prompt file or bounds: a message, not a traceback
         print(f"speechllm-hf prepare: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))

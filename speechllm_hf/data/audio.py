@@ -29,8 +29,25 @@ def _normalise(source: AudioSource) -> AudioSource:
     return source
 
 
-def _unwrap(source: AudioSource, sampling_rate: int | None) -> tuple[AudioSource, int | None]:
-    """A `datasets` Audio dict -> the one reference it carries (array, bytes or path), preferring in-memory data."""
+def unwrap_audio(source: AudioSource, sampling_rate: int | None = None) -> tuple[AudioSource, int | None]:
+    """The one reference a clip source carries, preferring in-memory data, and its sampling rate when known.
+
+    A parquet `{"bytes", "path"}` dict often holds the clip's bytes with its original file name as `path`, a file that
+    does not exist here: the bytes are the clip. Decoding, durations and the feature cache's clip keys all go
+    through this function, so they agree on which data a row's audio is.
+
+    Args:
+        source: Any input `load_audio` accepts.
+        sampling_rate: The rate of `source` when it is an array without one.
+
+    Returns:
+        `(reference, rate)`: a path string, encoded bytes or an array of samples; and the rate of an array (None for
+        paths and bytes, whose headers carry it).
+
+    Raises:
+        ValueError: If an audio dict holds none of 'array', 'bytes' and 'path'.
+    """
+    source = _normalise(source)
     if not isinstance(source, dict):
         return source, sampling_rate
     if source.get("array") is not None:
@@ -74,7 +91,7 @@ def decode_audio(source: AudioSource, sampling_rate: int | None = None) -> tuple
     Raises:
         ValueError: If the clip cannot be decoded or an array has no sampling rate.
     """
-    source, sampling_rate = _unwrap(_normalise(source), sampling_rate)
+    source, sampling_rate = unwrap_audio(source, sampling_rate)
     if isinstance(source, bytes):
         source, sampling_rate = load_audio_file(io.BytesIO(source))
     elif isinstance(source, str):
@@ -97,7 +114,7 @@ def audio_duration(source: AudioSource, sampling_rate: int | None = None) -> flo
     Raises:
         ValueError: If the header cannot be read or an array has no sampling rate.
     """
-    source, sampling_rate = _unwrap(_normalise(source), sampling_rate)
+    source, sampling_rate = unwrap_audio(source, sampling_rate)
     if isinstance(source, (bytes, str)):
         import soundfile
 
@@ -114,4 +131,4 @@ def audio_duration(source: AudioSource, sampling_rate: int | None = None) -> flo
     return (max(shape) if len(shape) == 2 else shape[0] if shape else 0) / sampling_rate
 
 
-__all__ = ["AudioSource", "load_audio", "decode_audio", "audio_duration"]
+__all__ = ["AudioSource", "load_audio", "decode_audio", "audio_duration", "unwrap_audio"]

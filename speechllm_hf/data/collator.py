@@ -13,11 +13,12 @@ import numpy as np
 import torch
 
 from .audio import load_audio
-from .tasks import PromptConfig, build_turns
+from .tasks import TASKS, PromptConfig, build_turns
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+CACHE_COLUMNS = ("feature_length", "encoder_states")
 
 
 class SpeechLlmCollator:
@@ -31,7 +32,9 @@ class SpeechLlmCollator:
         audio_column: the audio column (path, bytes, array or `datasets` Audio dict).
         max_length: longest sequence; longer responses are cut at the end (counted in `num_truncated`).
         use_cached_features: read `encoder_states` / `feature_length` columns (see `data.feature_cache`) instead
-            of decoding audio.
+            of decoding audio; every dataset it serves, evaluation sets included, needs them.
+        return_task_ids: add `task_ids`, (B,) indices into `TASKS` of each row's task, for per-task loss metrics;
+            the model does not take them, so whatever runs the model must remove them (`SpeechLlmTrainer` does).
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class SpeechLlmCollator:
         audio_column: str = "audio",
         max_length: int = 2048,
         use_cached_features: bool = False,
+        return_task_ids: bool = False,
     ):
         self.processor = processor
         self.task = task
@@ -51,12 +55,18 @@ class SpeechLlmCollator:
         self.audio_column = audio_column
         self.max_length = max_length
         self.use_cached_features = use_cached_features
+        self.return_task_ids = return_task_ids
         self.num_truncated = 0
+
+    def row_task(self, row: dict) -> str:
+        """The row's own task (its `task` column), else the collator's."""
+        return row.get("task") or self.task
 
     def prompt_and_response(self, row: dict) -> tuple[str, str]:
         """The rendered prompt (ending with the assistant header) and the response text with its end-of-turn."""
-        task = row.get("task") or self.task
-        user, response = build_turns(row, task, self.prompts, self.text_column, self.processor.audio_token)
+        user, response = build_turns(
+            row, self.row_task(row), self.prompts, self.text_column, self.processor.audio_token
+        )
         prompt = self.processor.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
         full = self.processor.apply_chat_template(
             [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
@@ -72,6 +82,12 @@ class SpeechLlmCollator:
         prompts, responses = zip(*(self.prompt_and_response(row) for row in rows))
         tokenizer = self.processor.tokenizer
         if self.use_cached_features:
+            if any(column not in row for row in rows for column in CACHE_COLUMNS):
+                raise ValueError(
+                    f"This collator reads cached encoder features, but a row has no {' / '.join(CACHE_COLUMNS)} "
+                    f"columns (it has {sorted(rows[0])}): attach the cache to every dataset it serves "
+                    "(attach_feature_cache; SpeechLlmTrainer does it for its train_dataset and eval_dataset)."
+                )
             lengths = [int(row["feature_length"]) for row in rows]
             expanded = self.processor.expand_audio_placeholders(list(prompts), lengths)
             prompt_ids = tokenizer(expanded, add_special_tokens=False)["input_ids"]
@@ -112,7 +128,10 @@ class SpeechLlmCollator:
         # Right padding: position ids come from the attention mask, so the side does not change the result.
         input_ids, attention_mask = pad_token_lists(sequences, tokenizer.pad_token_id)
         label_tensor, _ = pad_token_lists(labels, IGNORE_INDEX)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor, **audio}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor, **audio}
+        if self.return_task_ids:
+            batch["task_ids"] = torch.tensor([TASKS.index(self.row_task(row)) for row in rows])
+        return batch
 
 
 def pad_token_lists(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,4 +151,4 @@ def _pad_encoder_states(states: list) -> dict[str, torch.Tensor]:
     }
 
 
-__all__ = ["SpeechLlmCollator", "IGNORE_INDEX", "pad_token_lists"]
+__all__ = ["SpeechLlmCollator", "IGNORE_INDEX", "CACHE_COLUMNS", "pad_token_lists"]

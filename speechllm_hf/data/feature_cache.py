@@ -20,11 +20,14 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
-from .audio import load_audio
+from .audio import load_audio, unwrap_audio
 
 logger = logging.getLogger(__name__)
 
 KEY_FILE = "cache_key.json"
+ARROW_FILE = "encoder_states.arrow"
+# Rows read at a time when keying a dataset's clips: the audio column (arrays or encoded bytes) is never held whole.
+_KEY_BATCH = 256
 
 
 def _fingerprint(payload: dict) -> str:
@@ -47,14 +50,31 @@ def encoder_cache_key(model, processor) -> dict:
 
 
 def audio_key(audio) -> str:
-    """Identity of a clip: path + size + modification time for files, a content hash for in-memory audio."""
-    if isinstance(audio, dict):
-        audio = audio.get("path") or audio.get("bytes") or audio.get("array")
-    if isinstance(audio, (str, os.PathLike)):
-        stat = os.stat(audio)
-        return f"{os.path.abspath(audio)}:{stat.st_size}:{stat.st_mtime_ns}"
-    data = audio if isinstance(audio, bytes) else np.ascontiguousarray(np.asarray(audio)).tobytes()
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    """Identity of a clip: path + size + modification time for files, a content hash for in-memory audio.
+
+    The clip is the one `load_audio` decodes (see `unwrap_audio`): the bytes of a parquet `{"bytes", "path"}` dict,
+    never its `path`, which names the original file. An array's key covers its sampling rate, dtype and shape too.
+    """
+    source, rate = unwrap_audio(audio)
+    if isinstance(source, str):
+        stat = os.stat(source)
+        return f"{os.path.abspath(source)}:{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256()
+    if isinstance(source, bytes):
+        digest.update(source)
+    else:
+        array = np.ascontiguousarray(np.asarray(source))
+        digest.update(f"{rate}:{array.dtype.str}:{array.shape}:".encode())
+        digest.update(array.tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _audio_keys(dataset: datasets.Dataset, audio_column: str) -> list[str]:
+    return [
+        audio_key(audio)
+        for batch in dataset.select_columns([audio_column]).iter(batch_size=_KEY_BATCH)
+        for audio in batch[audio_column]
+    ]
 
 
 def build_feature_cache(
@@ -91,7 +111,7 @@ def build_feature_cache(
         for start in tqdm(range(0, len(dataset), batch_size), desc="encoding audio for the feature cache"):
             batch = dataset[start : start + batch_size][audio_column]
             clips = [load_audio(audio, target_rate=rate) for audio in batch]
-            inputs = processor(["<audio>"] * len(clips), audio=clips, sampling_rate=rate)
+            inputs = processor([processor.audio_token] * len(clips), audio=clips, sampling_rate=rate)
             hidden, lengths = model.encode_audio(inputs["input_features"], inputs["feature_attention_mask"])
             feature_lengths = inputs["feature_attention_mask"].sum(-1)
             for audio, states, length, feature_length in zip(batch, hidden, lengths, feature_lengths):
@@ -110,7 +130,7 @@ def build_feature_cache(
     )
     os.makedirs(cache_dir, exist_ok=True)
     # Streamed to an Arrow file row by row, so that a large corpus never has to fit in memory.
-    arrow_path = os.path.join(cache_dir, "encoder_states.arrow")
+    arrow_path = os.path.join(cache_dir, ARROW_FILE)
     with torch.no_grad(), ArrowWriter(features=features, path=arrow_path) as writer:
         for row in rows():
             writer.write(row)
@@ -128,6 +148,9 @@ def attach_feature_cache(
 ) -> datasets.Dataset:
     """`dataset` with the cached `feature_length` and `encoder_states` columns added.
 
+    `encoder_states` reads as numpy arrays straight from the memory-mapped Arrow file: as nested Python lists (the
+    default format) converting a batch back to a tensor would cost more than the encoder it replaces.
+
     Raises:
         ValueError: when the cache was built for another encoder or feature extractor, or for other clips.
     """
@@ -141,14 +164,14 @@ def attach_feature_cache(
             f"cache {[stored.get(k) for k in differing]} vs model {[expected[k] for k in differing]}). "
             "Rebuild it (delete the folder) or point to the right one."
         )
-    cache = datasets.Dataset.from_file(os.path.join(cache_dir, "encoder_states.arrow"))
-    keys = [audio_key(audio) for audio in dataset[audio_column]]
-    if len(cache) != len(dataset) or keys != cache["audio_key"]:
+    cache = datasets.Dataset.from_file(os.path.join(cache_dir, ARROW_FILE))
+    if len(cache) != len(dataset) or _audio_keys(dataset, audio_column) != cache["audio_key"]:
         raise ValueError(
             f"The feature cache in {cache_dir} holds other clips than this dataset ({len(cache)} cached rows, "
             f"{len(dataset)} rows, or files changed since). Rebuild it."
         )
-    return datasets.concatenate_datasets([dataset, cache.remove_columns("audio_key")], axis=1)
+    attached = datasets.concatenate_datasets([dataset, cache.remove_columns("audio_key")], axis=1)
+    return attached.with_format("numpy", columns=["encoder_states"], output_all_columns=True)
 
 
 __all__ = ["build_feature_cache", "attach_feature_cache", "encoder_cache_key", "audio_key"]

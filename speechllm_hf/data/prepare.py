@@ -19,12 +19,23 @@ from speechllm_hf.models.speechllm.processing_speechllm import resample
 
 from .audio import audio_duration, decode_audio
 from .manifest import cast_audio_undecoded, load_manifest
+from .tasks import TASKS, PromptConfig, check_columns, check_task, missing_fields, response_column
 
 logger = logging.getLogger(__name__)
 
 # One reason per row, the first check that fails: the header (unreadable, empty, too_short, too_long) before the
-# samples, so that an over-long file is never decoded; then decoding (unreadable), non_finite, and the text last.
-REASONS: tuple[str, ...] = ("unreadable", "empty", "too_short", "too_long", "non_finite", "missing_text")
+# samples, so that an over-long file is never decoded; then decoding (unreadable), non_finite, and the row's fields
+# last: its task (unknown_task), its response text (missing_text), the fields its instruction reads (missing_field).
+REASONS: tuple[str, ...] = (
+    "unreadable",
+    "empty",
+    "too_short",
+    "too_long",
+    "non_finite",
+    "unknown_task",
+    "missing_text",
+    "missing_field",
+)
 DATASET_DIR = "dataset"
 REPORT_FILE = "report.json"
 DROPPED_FILE = "dropped.jsonl"
@@ -81,18 +92,34 @@ def _check_audio(
     return None, duration, ""
 
 
+def _check_fields(row: dict[str, Any], task: str, prompts: PromptConfig, text_column: str) -> tuple[str | None, str]:
+    """(reason or None, detail) for the fields of one row, checked against its own task."""
+    task = row.get("task") or task
+    if task not in TASKS:
+        return "unknown_task", f"task {task!r}"
+    missing = missing_fields(row, task, prompts, text_column)
+    if not missing:
+        return None, ""
+    column = response_column(task, text_column)
+    reason = "missing_text" if column in missing else "missing_field"
+    return reason, f"{task} row without {', '.join(f'{name} {row.get(name)!r}' for name in missing)}"
+
+
 def _check_row(
-    audio: Any,
-    text: Any = None,
+    row: dict[str, Any],
     *,
-    require_text: bool,
+    audio_column: str,
+    text_column: str,
+    task: str,
+    prompts: PromptConfig | None,
     min_duration: float,
     max_duration: float,
     target_rate: int,
 ) -> dict[str, Any]:
+    audio = row[audio_column]
     reason, duration, detail = _check_audio(audio, min_duration, max_duration, target_rate)
-    if reason is None and require_text and (text is None or (isinstance(text, str) and not text.strip())):
-        reason, detail = "missing_text", f"text {text!r}"
+    if reason is None and prompts is not None:
+        reason, detail = _check_fields(row, task, prompts, text_column)
     return {"duration": duration, _REASON: reason or "", _DETAIL: detail, _REF: _audio_ref(audio)}
 
 
@@ -116,6 +143,8 @@ def prepare_dataset(
     target_rate: int = 16000,
     audio_column: str = "audio",
     text_column: str = "text",
+    task: str = "asr",
+    prompts: PromptConfig | None = None,
     require_text: bool = True,
 ) -> tuple[datasets.Dataset, dict[str, Any]]:
     """Validates every row of a manifest and keeps the good ones.
@@ -123,7 +152,11 @@ def prepare_dataset(
     Each row is checked once, in parallel over `num_proc` processes. A row is dropped with the first reason of
     `REASONS` that applies: `unreadable` (missing file, undecodable data), `empty` (0 samples, also after resampling
     to `target_rate`), `too_short` / `too_long` (outside `[min_duration, max_duration]` seconds), `non_finite`
-    (NaN/inf samples) or `missing_text` (None or blank text, when `require_text`). A bad row never stops the run.
+    (NaN/inf samples); then, when `require_text`, against the row's own task (its `task` column, else `task`):
+    `unknown_task`, `missing_text` (no response text: transcript, translation, answer, continuation or response) or
+    `missing_field` (a field the task's instruction reads, such as `target_language` or `question`). Every row is
+    checked against the fields its own task needs, so multi-task manifests keep their ST and QA rows. A bad row never
+    stops the run.
 
     Args:
         source: Anything `load_manifest` accepts: a jsonl file, a parquet file or folder, or a `datasets.Dataset`.
@@ -135,8 +168,11 @@ def prepare_dataset(
         max_duration: Longest clip kept, in seconds.
         target_rate: The rate the model's feature extractor reads; clips must survive resampling to it.
         audio_column: The audio column (path, `{"bytes", "path"}` or `{"array", "sampling_rate"}`).
-        text_column: The transcript column.
-        require_text: Drop rows whose text is None or blank (and require the column to exist).
+        text_column: The transcript column of ASR rows.
+        task: The task of rows without a `task` column (see `speechllm_hf.data.tasks`).
+        prompts: The prompts whose instruction fields rows must fill in; the packaged defaults when None.
+        require_text: Check each row's fields against its task (and, without a `task` column, that the columns
+            `task` needs exist); False checks the audio only.
 
     Returns:
         `(kept, report)`: the kept rows, with their audio as given (paths stay paths, arrays stay arrays) and a float
@@ -145,21 +181,28 @@ def prepare_dataset(
         duration could be read).
 
     Raises:
-        ValueError: If the manifest cannot be loaded (see `load_manifest`) or the duration bounds are inconsistent.
+        ValueError: If the manifest cannot be loaded (see `load_manifest`), the duration bounds are inconsistent,
+            `task` is unknown, or (without a `task` column) the manifest lacks a column `task` needs.
     """
     if not 0 <= min_duration <= max_duration:
         raise ValueError(f"Need 0 <= min_duration <= max_duration; got {min_duration} and {max_duration}.")
-    dataset = load_manifest(source, audio_column=audio_column, text_column=text_column if require_text else None)
-    has_text = text_column in dataset.column_names
+    if require_text:
+        check_task(task)
+        prompts = prompts or PromptConfig.from_file()
+    dataset = load_manifest(source, audio_column=audio_column, text_column=None)
+    if require_text and "task" not in dataset.column_names:
+        check_columns(dataset.column_names, [task], prompts, text_column)
     feature = dataset.features[audio_column]
     if isinstance(feature, dict) and "array" in feature:
         # Sample arrays read as numpy, not as Python lists of floats: validation runs several times faster.
         dataset = dataset.with_format("numpy", columns=[audio_column], output_all_columns=True)
     checked = dataset.map(
         _check_row,
-        input_columns=[audio_column, text_column] if has_text else [audio_column],
         fn_kwargs={
-            "require_text": require_text,
+            "audio_column": audio_column,
+            "text_column": text_column,
+            "task": task,
+            "prompts": prompts if require_text else None,
             "min_duration": float(min_duration),
             "max_duration": float(max_duration),
             "target_rate": target_rate,

@@ -13,6 +13,8 @@ A row may carry its own `task` column (multi-task data); otherwise the dataset's
 
 from __future__ import annotations
 
+import string
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -58,6 +60,78 @@ class PromptConfig:
         )
 
 
+def check_task(task: str) -> None:
+    """Raises a `ValueError` naming the known tasks when `task` is not one of them."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+
+
+def response_column(task: str, text_column: str = "text") -> str:
+    """The column holding what a `task` row teaches: the transcript column for ASR, fixed names otherwise."""
+    return text_column if task == "asr" else RESPONSE_COLUMNS[task]
+
+
+def instruction_fields(task: str, prompts: PromptConfig) -> list[str]:
+    """The row fields that `task`'s instruction template reads and that have no default (e.g. `target_language`)."""
+    names = [name for _, name, _, _ in string.Formatter().parse(prompts.instructions.get(task, "")) if name]
+    return [name for name in dict.fromkeys(names) if name not in DEFAULT_FIELDS]
+
+
+def required_columns(task: str, prompts: PromptConfig, text_column: str = "text") -> list[str]:
+    """Every column a `task` row needs: its instruction's fields, then its response column."""
+    check_task(task)
+    return [*instruction_fields(task, prompts), response_column(task, text_column)]
+
+
+def _present(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _response(row: dict, task: str, text_column: str):
+    response = row.get(response_column(task, text_column))
+    if isinstance(response, (list, tuple)):  # Spoken-SQuAD lists several gold answers; learn the first
+        response = response[0] if response else None
+    return response
+
+
+def missing_fields(row: dict, task: str, prompts: PromptConfig, text_column: str = "text") -> list[str]:
+    """The fields that `row` lacks, or leaves blank, among those its `task` needs (instruction fields, then the
+    response column). `prepare_dataset` drops such rows; `build_turns` refuses them.
+
+    Raises:
+        ValueError: for an unknown task.
+    """
+    check_task(task)
+    missing = [name for name in instruction_fields(task, prompts) if not _present(row.get(name))]
+    if not _present(_response(row, task, text_column)):
+        missing.append(response_column(task, text_column))
+    return missing
+
+
+def check_columns(
+    column_names: Iterable[str], tasks: Iterable[str], prompts: PromptConfig, text_column: str = "text"
+) -> None:
+    """Checks, before any row is read, that `tasks` are known and that their columns exist.
+
+    Args:
+        column_names: The dataset's columns.
+        tasks: The tasks its rows have (the dataset's task, and the values of its `task` column).
+        prompts: The prompts whose instructions the rows fill in.
+        text_column: The transcript column of ASR rows.
+
+    Raises:
+        ValueError: naming an unknown task, or the columns a task needs that the dataset lacks.
+    """
+    column_names = list(column_names)
+    for task in sorted(set(tasks)):
+        absent = [name for name in required_columns(task, prompts, text_column) if name not in column_names]
+        if absent:
+            raise ValueError(
+                f"{task} rows need the column(s) {absent}, which the dataset lacks; its columns are {column_names}. "
+                "Name the transcript column with --text_column, or add the missing fields."
+            )
+
+
 def build_turns(
     row: dict, task: str, prompts: PromptConfig, text_column: str = "text", audio_token: str = "<audio>"
 ) -> tuple[str, str]:
@@ -66,23 +140,24 @@ def build_turns(
     Raises:
         ValueError: for an unknown task, or a row missing a field its task needs (naming the field).
     """
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    missing = missing_fields(row, task, prompts, text_column)
+    if missing:
+        raise ValueError(f"A {task} row needs non-empty {missing} field(s); the row has {sorted(row)}.")
     fields = {**DEFAULT_FIELDS, **{k: v for k, v in row.items() if isinstance(v, str)}}
-    try:
-        instruction = prompts.instructions[task].format_map(fields)
-    except KeyError as err:
-        raise ValueError(
-            f"A {task} row needs the field {err.args[0]!r} for its instruction; the row has {sorted(row)}."
-        ) from err
-    column = text_column if task == "asr" else RESPONSE_COLUMNS[task]
-    response = row.get(column)
-    if isinstance(response, (list, tuple)):  # Spoken-SQuAD lists several gold answers; learn the first
-        response = response[0] if response else None
-    if not isinstance(response, str) or not response.strip():
-        raise ValueError(f"A {task} row needs a non-empty {column!r} field; the row has {sorted(row)}.")
+    instruction = prompts.instructions[task].format_map(fields)
     user = prompts.user_template.replace("<audio>", audio_token).format(instruction=instruction)
-    return user, response
+    return user, _response(row, task, text_column)
 
 
-__all__ = ["TASKS", "RESPONSE_COLUMNS", "PromptConfig", "build_turns"]
+__all__ = [
+    "TASKS",
+    "RESPONSE_COLUMNS",
+    "PromptConfig",
+    "check_task",
+    "response_column",
+    "instruction_fields",
+    "required_columns",
+    "missing_fields",
+    "check_columns",
+    "build_turns",
+]
