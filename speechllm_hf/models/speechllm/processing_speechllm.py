@@ -275,7 +275,8 @@ class SpeechLlmProcessor(ProcessorMixin):
 
         Audio items become the audio placeholder; text items are concatenated. With `tokenize=True`, the audio of
         the items (`"audio"` or `"array"`: samples with `"sampling_rate"`, or `"path"`) is processed too and a
-        `BatchFeature` is returned. When a conversation has no system message and `system_prompt` is set, it is inserted.
+        `BatchFeature` is returned. When a conversation has no system message and `system_prompt` is set, it is
+        inserted.
         """
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
