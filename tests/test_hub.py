@@ -14,7 +14,7 @@ import torch
 from conftest import clip
 from filelock import FileLock
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor
 
 from speechllm_hf import from_preset
@@ -269,6 +269,37 @@ def test_nothing_is_unpickled_on_load(saved, local_backbones, tmp_path, monkeypa
     monkeypatch.setattr(torch, "load", refuse)
     AutoModel.from_pretrained(saved[0], trust_remote_code=True)
     AutoModel.from_pretrained(full, trust_remote_code=True)
+
+
+def test_full_save_is_read_from_safetensors_only(tmp_path):
+    from_preset("tiny")[0].save_pretrained(tmp_path)
+    torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModel.from_pretrained(tmp_path)
+
+
+def test_lora_adapter_loads_frozen_and_from_safetensors_only(local_backbones, tmp_path):
+    from speechllm_hf.training.lora import add_lora
+
+    model, processor = trained_tiny(local_backbones)
+    add_lora(model, r=2)
+    with torch.no_grad():  # lora_B starts at zero, which would make any adapter look loaded
+        for name, parameter in model.language_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.1)
+    model.save_pretrained(tmp_path, processor=processor)
+    loaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+    assert loaded.has_lora and not any(p.requires_grad for p in loaded.language_model.parameters())
+    inputs = processor(["<|user|><audio> hi<|end|>"], audio=[clip(0.6)], sampling_rate=16000)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits)
+
+    adapter = tmp_path / "lora" / "adapter_model.safetensors"
+    torch.save(load_file(adapter), adapter.with_suffix(".bin"))
+    os.remove(adapter)
+    with pytest.raises(ValueError, match="no lora/adapter_model.safetensors: adapters are read from safetensors only"):
+        AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoModel,
@@ -490,6 +490,8 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         """
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         if resolve_file(pretrained_model_name_or_path, PROJECTOR_WEIGHTS_NAME, **hub_kwargs) is None:
+            # A full save: never fall back to a pickled pytorch_model.bin, which can run code when read.
+            kwargs["use_safetensors"] = True
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         # AutoModel passes the config it loaded, an instance of the Hub copy of SpeechLlmConfig (a class object of
         # its own), so check for any config rather than for this module's class.
@@ -527,24 +529,33 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         expected = {k: v for k, v in self.state_dict().items() if is_projector_key(k)}
         state = load_projector_state(projector_file, expected)
         self.projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items()}, strict=True)
-        if resolve_file(name_or_path, f"{LORA_FOLDER}/adapter_config.json", **hub_kwargs) is None:
+        adapter_config = resolve_file(name_or_path, f"{LORA_FOLDER}/adapter_config.json", **hub_kwargs)
+        if adapter_config is None:
             return
         try:
-            from peft import PeftModel, set_peft_model_state_dict
+            from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
         except ImportError as err:
             raise ImportError(
                 f"{name_or_path} holds a LoRA adapter of the LLM: `pip install peft` to load it."
             ) from err
-        if self.has_lora:  # resuming training: the adapter exists, only its weights are read
-            from safetensors.torch import load_file
-
-            adapter = load_file(resolve_file(name_or_path, f"{LORA_FOLDER}/adapter_model.safetensors", **hub_kwargs))
-            result = set_peft_model_state_dict(self.language_model, adapter)
-            if result.unexpected_keys:
-                raise ValueError(f"The LoRA adapter in {name_or_path} does not fit: {result.unexpected_keys[:5]}")
-        else:
-            self.language_model = PeftModel.from_pretrained(
-                self.language_model, name_or_path, subfolder=LORA_FOLDER, **hub_kwargs
+        # Read from safetensors only: peft's own loader falls back to a pickled adapter_model.bin.
+        adapter_file = resolve_file(name_or_path, f"{LORA_FOLDER}/adapter_model.safetensors", **hub_kwargs)
+        if adapter_file is None:
+            raise ValueError(
+                f"{name_or_path} holds {LORA_FOLDER}/adapter_config.json but no "
+                f"{LORA_FOLDER}/adapter_model.safetensors: adapters are read from safetensors only, as a pickled .bin "
+                "can run code. Save the adapter again with peft's save_pretrained (safetensors by default)."
+            )
+        if not self.has_lora:  # when resuming training the adapter exists already and only its weights are read
+            peft_config = PeftConfig.from_pretrained(os.path.dirname(adapter_config))
+            peft_config.inference_mode = True  # frozen, as for PeftModel.from_pretrained
+            self.language_model = get_peft_model(self.language_model, peft_config)
+        result = set_peft_model_state_dict(self.language_model, load_file(adapter_file))
+        missing = [key for key in result.missing_keys if "lora_" in key]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"The LoRA adapter in {name_or_path} does not fit the LLM: missing {missing[:5] or 'none'}, "
+                f"unexpected {result.unexpected_keys[:5] or 'none'}."
             )
 
     def push_to_hub(
