@@ -1,22 +1,27 @@
-"""SpeechLlmTrainer: parameters that move, gradient accumulation, exact resume, feature cache, bad rows, LoRA."""
+"""SpeechLlmTrainer: parameters that move, gradient accumulation, exact resume, feature cache, bad rows, LoRA,
+best-model reloading, per-task losses, early argument checks and the train command's argument parsing."""
 
 import json
 import os
+from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import yaml
 from conftest import clip
+from safetensors.torch import load_file
 
 from speechllm_hf import SpeechLlmForConditionalGeneration, from_preset
 from speechllm_hf.corpus import load_split
 from speechllm_hf.data.collator import IGNORE_INDEX, SpeechLlmCollator
 from speechllm_hf.data.prepare import prepare_dataset
+from speechllm_hf.data.sampler import LengthGroupedSampler
 from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
-from speechllm_hf.training.lora import add_lora
-from speechllm_hf.training.trainer import SpeechLlmTrainer
+from speechllm_hf.training.lora import LORA_TARGET_MODULES, add_lora
+from speechllm_hf.training.trainer import SpeechLlmTrainer, subset
 
 
 def tiny_with_ids(local_backbones, projector_type="qformer"):
@@ -29,11 +34,11 @@ def tiny_with_ids(local_backbones, projector_type="qformer"):
     )
 
 
-def corpus(n=16):
-    return datasets.Dataset.from_list(load_split("train")[:n])
+def corpus(n=16, start=0):
+    return datasets.Dataset.from_list(load_split("train")[start : start + n])
 
 
-def train(model, processor, output_dir, dataset=None, **overrides):
+def arguments(output_dir, **overrides):
     settings = dict(
         output_dir=str(output_dir),
         max_steps=4,
@@ -44,9 +49,19 @@ def train(model, processor, output_dir, dataset=None, **overrides):
         seed=0,
         use_cpu=True,
         disable_tqdm=True,
+        report_to="none",
     )
-    args = SpeechLlmTrainingArguments(**{**settings, **overrides})
-    trainer = SpeechLlmTrainer(model=model, args=args, train_dataset=dataset or corpus(), processing_class=processor)
+    return SpeechLlmTrainingArguments(**{**settings, **overrides})
+
+
+def train(model, processor, output_dir, dataset=None, eval_dataset=None, **overrides):
+    trainer = SpeechLlmTrainer(
+        model=model,
+        args=arguments(output_dir, **overrides),
+        train_dataset=dataset or corpus(),
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+    )
     trainer.train(resume_from_checkpoint=overrides.get("resume_from_checkpoint"))
     return trainer
 
@@ -80,6 +95,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     for batch_size, accumulation in ((4, 1), (2, 2)):
         torch.manual_seed(0)
         model, processor = from_preset("tiny", projector_type="mlp")  # no dropout: the two runs see the same net
+        initial = {n: p.detach().clone() for n, p in model.projector.named_parameters()}
         trainer = train(
             model,
             processor,
@@ -87,14 +103,21 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
             max_steps=2,
             per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=accumulation,
+            # Plain SGD: its update is proportional to the gradient (Adam's would hide a doubled one), and no warmup
+            # step at learning rate 0, so both steps' updates are compared.
+            optim="sgd",
+            learning_rate=0.1,
+            warmup_steps=0,
         )
-        results.append((losses(trainer), {n: p.detach().clone() for n, p in model.projector.named_parameters()}))
-    (full_losses, full_state), (accumulated_losses, accumulated_state) = results
+        updates = {n: p.detach() - initial[n] for n, p in model.projector.named_parameters()}
+        results.append((losses(trainer), updates))
+    (full_losses, full_updates), (accumulated_losses, accumulated_updates) = results
     assert full_losses.keys() == accumulated_losses.keys() == {1, 2}
     for step in full_losses:
         assert full_losses[step] == pytest.approx(accumulated_losses[step], rel=1e-5)
-    for name, tensor in full_state.items():
-        torch.testing.assert_close(accumulated_state[name], tensor, atol=1e-6, rtol=1e-5)
+    for name, update in full_updates.items():
+        assert update.abs().max() > 0, name
+        torch.testing.assert_close(accumulated_updates[name], update, atol=1e-7, rtol=1e-4)
 
 
 def test_resume_from_a_projector_only_checkpoint_is_exact(local_backbones, tmp_path):
@@ -239,3 +262,244 @@ def test_cli_train_end_to_end_with_a_multi_task_manifest_list(tmp_path):
     ]
     assert main(argv) == 0
     assert {"checkpoint-1", "checkpoint-2", "config.json"} <= set(os.listdir(out))
+
+
+def dev_rows(n=4):
+    return datasets.Dataset.from_list(load_split("dev")[:n])
+
+
+def test_evaluation_reads_its_own_feature_cache_of_parquet_bytes(tmp_path):
+    # Parquet rows hold `{bytes, path}` with `path` naming the original file, which does not exist here.
+    eval_rows = [
+        {"audio": {"bytes": Path(row["audio"]).read_bytes(), "path": Path(row["audio"]).name}, "text": row["text"]}
+        for row in load_split("dev")[:4]
+    ]
+    results = []
+    for cache in (None, tmp_path / "cache"):
+        torch.manual_seed(0)
+        model, processor = from_preset("tiny", projector_type="mlp")
+        trainer = SpeechLlmTrainer(
+            model=model,
+            args=arguments(tmp_path / "out", feature_cache_dir=cache and str(cache), per_device_eval_batch_size=2),
+            train_dataset=corpus(8),
+            eval_dataset=datasets.Dataset.from_list(eval_rows),
+            processing_class=processor,
+        )
+        results.append(trainer.evaluate()["eval_loss"])
+    assert os.path.exists(tmp_path / "cache" / "eval" / "cache_key.json")
+    assert results[1] == pytest.approx(results[0], rel=1e-6)
+
+
+def test_a_cache_of_other_clips_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny", projector_type="mlp")
+    train(model, processor, tmp_path / "out", max_steps=1, feature_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="holds other clips"):  # same encoder and row count, other clips
+        train(
+            model,
+            processor,
+            tmp_path / "out",
+            dataset=corpus(16, start=16),
+            max_steps=1,
+            feature_cache_dir=str(tmp_path / "cache"),
+        )
+
+
+def test_bad_arguments_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match="Unknown task 'transcribe'"):
+        arguments(tmp_path, task="transcribe")
+    with pytest.raises(ValueError, match="cache would never be read"):
+        arguments(tmp_path, task="mixed", feature_cache_dir=str(tmp_path / "cache"))
+    model, processor = from_preset("tiny", projector_type="mlp")
+    # ST rows need a translation and a target language, which the ASR corpus lacks: refused before any row is read.
+    with pytest.raises(ValueError, match=r"train_dataset: st rows need the column\(s\) \['target_language', 'transl"):
+        SpeechLlmTrainer(
+            model=model, args=arguments(tmp_path, task="st"), train_dataset=corpus(), processing_class=processor
+        )
+    with pytest.raises(ValueError, match="drops the audio and text columns"):
+        SpeechLlmTrainer(
+            model=model,
+            args=arguments(tmp_path, remove_unused_columns=True),
+            train_dataset=corpus(),
+            processing_class=processor,
+        )
+
+
+def test_grouped_loader_keeps_the_trainers_dataloader_settings(tmp_path):
+    model, processor = from_preset("tiny", projector_type="mlp")
+    args = arguments(
+        tmp_path,
+        dataloader_num_workers=1,
+        dataloader_persistent_workers=True,
+        dataloader_prefetch_factor=3,
+        data_seed=0,  # a real seed, not "unset": seed 7 must not replace it
+        seed=7,
+    )
+    trainer = SpeechLlmTrainer(model=model, args=args, train_dataset=corpus(), processing_class=processor)
+    loader = trainer.get_train_dataloader()
+    sampler = loader.batch_sampler.sampler
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.seed == 0
+    assert loader.num_workers == 1 and loader.persistent_workers and loader.prefetch_factor == 3
+    assert loader.worker_init_fn is not None  # transformers' seed_worker: workers seeded per rank
+    assert subset(corpus(), 0.5, 0)["id"] != subset(corpus(), 0.5, 7)["id"]
+    subset_trainer = SpeechLlmTrainer(
+        model=model,
+        args=arguments(tmp_path, data_subset=0.5, data_seed=0, seed=7),
+        train_dataset=corpus(),
+        processing_class=processor,
+    )
+    assert subset_trainer.train_dataset["id"] == subset(corpus(), 0.5, 0)["id"]
+
+
+def test_a_conflicting_transformers_sampling_is_refused(tmp_path):
+    model, processor = from_preset("tiny", projector_type="mlp")
+    with pytest.raises(ValueError, match="train_sampling_strategy='sequential'.*--group_by_duration False"):
+        SpeechLlmTrainer(
+            model=model,
+            args=arguments(tmp_path, train_sampling_strategy="sequential"),
+            train_dataset=corpus(),
+            processing_class=processor,
+        )
+    trainer = SpeechLlmTrainer(
+        model=model,
+        args=arguments(tmp_path, train_sampling_strategy="sequential", group_by_duration=False),
+        train_dataset=corpus(),
+        processing_class=processor,
+    )
+    assert list(trainer.get_train_dataloader().batch_sampler.sampler) == list(range(16))
+
+
+def test_load_best_model_at_end_reloads_the_best_projector(local_backbones, tmp_path):
+    model, processor = tiny_with_ids(local_backbones, projector_type="mlp")
+    trainer = train(
+        model,
+        processor,
+        tmp_path / "out",
+        eval_dataset=dev_rows(),
+        max_steps=3,
+        warmup_steps=0,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # the highest loss: an early checkpoint, never the weights training ends with
+    )
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and os.path.basename(best) != "checkpoint-3"
+    saved = load_file(os.path.join(best, "projector.safetensors"))
+    last = load_file(str(tmp_path / "out" / "checkpoint-3" / "projector.safetensors"))
+    for name, tensor in model.state_dict().items():
+        if name.startswith("projector."):
+            assert torch.equal(tensor, saved[name]), name
+    assert any(not torch.equal(saved[name], last[name]) for name in saved)
+
+
+def test_resuming_a_lora_checkpoint_needs_lora(local_backbones, tmp_path):
+    model, processor = tiny_with_ids(local_backbones, projector_type="mlp")
+    add_lora(model, r=2)
+    train(model, processor, tmp_path / "lora", max_steps=1, save_strategy="steps", save_steps=1)
+    plain, processor = tiny_with_ids(local_backbones, projector_type="mlp")
+    with pytest.raises(ValueError, match=r"holds a LoRA adapter of the LLM .*\(--lora_r"):
+        train(
+            plain,
+            processor,
+            tmp_path / "lora",
+            max_steps=2,
+            resume_from_checkpoint=str(tmp_path / "lora" / "checkpoint-1"),
+        )
+    train(plain, processor, tmp_path / "plain", max_steps=1, save_strategy="steps", save_steps=1)
+    model, _ = tiny_with_ids(local_backbones, projector_type="mlp")
+    add_lora(model, r=2)
+    with pytest.raises(ValueError, match="carries a LoRA adapter but .* holds none"):
+        train(
+            model,
+            processor,
+            tmp_path / "plain",
+            max_steps=2,
+            resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-1"),
+        )
+
+
+def multi_task_rows(n=4):
+    """Dev clips, alternately as ASR rows and as ST rows (translation and target language)."""
+    rows = []
+    for i, row in enumerate(load_split("dev")[:n]):
+        st = i % 2 == 1
+        rows.append(
+            {
+                "audio": row["audio"],
+                "text": row["text"],
+                "task": "st" if st else "asr",
+                "translation": f"übersetzung {i}" if st else None,
+                "target_language": "German" if st else None,
+            }
+        )
+    return datasets.Dataset.from_list(rows)
+
+
+def test_multi_task_data_logs_each_tasks_loss(tmp_path):
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny", projector_type="mlp")
+    mixed = multi_task_rows()
+    trainer = train(model, processor, tmp_path / "out", dataset=mixed, max_steps=2, per_device_train_batch_size=2)
+    assert {"loss_asr", "loss_st"} <= {key for entry in trainer.state.log_history for key in entry}
+
+    # Evaluated one row per batch, a task's loss over the mixed set is the plain loss over that task's rows alone.
+    evaluator = SpeechLlmTrainer(
+        model=model,
+        args=arguments(tmp_path / "eval", per_device_eval_batch_size=1),
+        eval_dataset=mixed,
+        processing_class=processor,
+    )
+    evaluator.evaluate()
+    per_task = evaluator.state.log_history[-1]
+    for task in ("asr", "st"):
+        alone = evaluator.evaluate(mixed.select([i for i, name in enumerate(mixed["task"]) if name == task]))
+        assert per_task[f"eval_loss_{task}"] == pytest.approx(alone["eval_loss"], rel=1e-5)
+    assert not any(
+        key.startswith("loss_")
+        for entry in train(model, processor, tmp_path / "asr", max_steps=1).state.log_history
+        for key in entry
+    )
+
+
+def test_one_lora_default_for_add_lora_and_the_command_line(local_backbones, tmp_path):
+    assert arguments(tmp_path).lora_target_modules.split(",") == list(LORA_TARGET_MODULES)
+    model, _ = tiny_with_ids(local_backbones, projector_type="mlp")
+    add_lora(model, r=2)
+    assert set(model.language_model.peft_config["default"].target_modules) == set(LORA_TARGET_MODULES)
+
+
+def test_train_config_file_and_command_line_flags_merge(tmp_path):
+    from speechllm_hf.commands.train import parse_arguments
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"output_dir": str(tmp_path / "out"), "train_manifest": ["a.jsonl"], "max_steps": 5, "save_steps": 7}
+        )
+    )
+    model_args, data_args, training_args = parse_arguments(
+        SpeechLlmTrainingArguments, str(config), ["--max_steps", "2", "--preset", "whisper-cnn"]
+    )
+    assert training_args.max_steps == 2 and model_args.preset == "whisper-cnn"  # the command line wins
+    assert training_args.save_steps == 7 and data_args.train_manifest == ["a.jsonl"]  # the rest comes from the file
+    assert training_args.output_dir == str(tmp_path / "out")
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "max_step": 5}))
+    with pytest.raises(SystemExit, match=r"unknown keys \['max_step'\]"):
+        parse_arguments(SpeechLlmTrainingArguments, str(config), [])
+
+
+def test_train_command_validates_each_manifest_row_against_its_task(tmp_path):
+    from speechllm_hf.commands.train import DataArguments, load_rows
+
+    audio = load_split("dev")[0]["audio"]
+    st_rows = [
+        {"audio": audio, "translation": "hallo"},  # its target language comes from --target_language
+        {"audio": audio, "translation": " "},  # no translation: dropped, not a crash in the collator
+    ]
+    (tmp_path / "st.jsonl").write_text("".join(json.dumps(row) + "\n" for row in st_rows))
+    rows = load_rows([f"st={tmp_path / 'st.jsonl'}"], arguments(tmp_path), DataArguments(target_language="German"))
+    assert rows["translation"] == ["hallo"] and rows["target_language"] == ["German"] and rows["task"] == ["st"]

@@ -1,14 +1,16 @@
 """`speechllm-hf train --method asr --preset NAME --train_manifest M --output_dir O [TrainingArguments flags]`.
 
 Every `TrainingArguments` flag is accepted under its own name (`--max_steps`, `--save_steps`,
-`--resume_from_checkpoint`, ...), or all of them from `--config cfg.yaml`. Works unchanged under
-`accelerate launch`. Manifests are validated first (as `speechllm-hf prepare` does); a manifest may be given as
-`TASK=PATH` (e.g. `st=mustc_de.parquet`) to set the task of its rows for multi-task fine-tuning.
+`--resume_from_checkpoint`, ...), and any of them from `--config cfg.yaml`; a flag given on the command line wins
+over the same key in the file. Works unchanged under `accelerate launch`. Manifests are validated first (as
+`speechllm-hf prepare` does, each row against its own task); a manifest may be given as `TASK=PATH` (e.g.
+`st=mustc_de.parquet`) to set the task of its rows for multi-task fine-tuning.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -67,39 +69,80 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run, accepts_extra_args=True)
 
 
+def parse_arguments(arguments_class, config: str | None, argv: list[str]):
+    """(ModelArguments, DataArguments, arguments_class instance) from `argv`, over the YAML file `config` if given.
+
+    A flag on the command line wins over the same key in the file; a key no argument class knows is an error.
+
+    Raises:
+        SystemExit: for an unreadable config or unknown keys in it (with the message), or bad flags (argparse's).
+    """
+    import yaml
+    from transformers import HfArgumentParser
+
+    classes = (ModelArguments, DataArguments, arguments_class)
+    parser = HfArgumentParser(classes, prog="speechllm-hf train")
+    if config:
+        try:
+            with open(config) as file:
+                values = yaml.safe_load(file) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise SystemExit(f"speechllm-hf train: cannot read --config {config}: {err}") from err
+        if not isinstance(values, dict):
+            raise SystemExit(f"speechllm-hf train: --config {config} must hold a mapping of argument names to values.")
+        known = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"speechllm-hf train: --config {config} has unknown keys {unknown}.")
+        # The file's values become the parser's defaults, so that flags given on the command line override them.
+        parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(argv)
+
+
 def load_rows(manifests: list[str], args, data_args: DataArguments):
-    """Validate and concatenate manifests; `TASK=PATH` items get a `task` column."""
+    """Validate and concatenate manifests; `TASK=PATH` items get a `task` column, ST rows the languages given.
+
+    Rows are validated after those columns are added, each against its own task's fields, so that an ST manifest
+    relying on --target_language is kept and an ST row without a translation is dropped (and counted).
+    """
     import datasets
 
+    from speechllm_hf.data.manifest import load_manifest
     from speechllm_hf.data.prepare import prepare_dataset
-    from speechllm_hf.data.tasks import TASKS
+    from speechllm_hf.data.tasks import TASKS, PromptConfig
+    from speechllm_hf.training.arguments import MIXED_TASK
 
+    prompts = PromptConfig.from_file(args.prompt_file)
     parts = []
     for item in manifests:
         task, _, path = item.partition("=") if item.split("=", 1)[0] in TASKS else (None, "", item)
-        rows, report = prepare_dataset(
-            path,
-            num_proc=data_args.num_proc,
-            min_duration=data_args.min_duration,
-            max_duration=data_args.max_duration,
-            audio_column=args.audio_column,
-            text_column=args.text_column,
-            require_text=(task or args.task) == "asr",
-        )
-        logger.info("%s: %s", path, json.dumps({k: report[k] for k in ("total", "kept", "dropped")}))
+        rows = load_manifest(path, audio_column=args.audio_column, text_column=None)
         if task is not None:
+            if "task" in rows.column_names:
+                raise ValueError(f"{path} has its own task column: give it without the {task}= prefix.")
             rows = rows.add_column("task", [task] * len(rows))
         for column in ("source_language", "target_language"):
             value = getattr(data_args, column)
             if value is not None and column not in rows.column_names:
                 rows = rows.add_column(column, [value] * len(rows))
+        rows, report = prepare_dataset(
+            rows,
+            num_proc=data_args.num_proc,
+            min_duration=data_args.min_duration,
+            max_duration=data_args.max_duration,
+            audio_column=args.audio_column,
+            text_column=args.text_column,
+            task=args.task,
+            prompts=prompts,
+            # Mixed speech-text rows are not task rows: their word times are checked when they are aligned.
+            require_text=args.task != MIXED_TASK,
+        )
+        logger.info("%s: %s", path, json.dumps({k: report[k] for k in ("total", "kept", "dropped")}))
         parts.append(rows)
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import HfArgumentParser
-
     from speechllm_hf import SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
     from speechllm_hf.training.lora import add_lora
 
@@ -107,11 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method not in available:
         raise SystemExit(f"speechllm-hf train: unknown --method {args.method!r}; choose one of {sorted(available)}.")
     trainer_class, arguments_class = available[args.method]
-    parser = HfArgumentParser((ModelArguments, DataArguments, arguments_class), prog="speechllm-hf train")
-    if args.config:
-        model_args, data_args, training_args = parser.parse_yaml_file(args.config)
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args.extra_args)
+    model_args, data_args, training_args = parse_arguments(arguments_class, args.config, args.extra_args)
     if not data_args.train_manifest:
         raise SystemExit("speechllm-hf train: give at least one --train_manifest.")
 
@@ -146,4 +185,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["register", "run", "ModelArguments", "DataArguments", "methods"]
+__all__ = ["register", "run", "parse_arguments", "load_rows", "ModelArguments", "DataArguments", "methods"]

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 CACHE_COLUMNS = ("feature_length", "encoder_states")
+TASK_IDS = "task_ids"  # batch key of per-row task indices (return_task_ids=True); not a model input
 
 
 class SpeechLlmCollator:
@@ -130,7 +131,7 @@ class SpeechLlmCollator:
         label_tensor, _ = pad_token_lists(labels, IGNORE_INDEX)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor, **audio}
         if self.return_task_ids:
-            batch["task_ids"] = torch.tensor([TASKS.index(self.row_task(row)) for row in rows])
+            batch[TASK_IDS] = torch.tensor([TASKS.index(self.row_task(row)) for row in rows])
         return batch
 
 
@@ -151,4 +152,4 @@ def _pad_encoder_states(states: list) -> dict[str, torch.Tensor]:
     }
 
 
-__all__ = ["SpeechLlmCollator", "IGNORE_INDEX", "CACHE_COLUMNS", "pad_token_lists"]
+__all__ = ["SpeechLlmCollator", "IGNORE_INDEX", "CACHE_COLUMNS", "TASK_IDS", "pad_token_lists"]

@@ -7,9 +7,9 @@ resume needs: transformers' sampler draws from the generator it is given, or fro
 fresh generator seeded from `(seed, epoch)`: the order is a pure function of them, identical on every process.
 
 The Trainer calls `train_dataloader.set_epoch(epoch)` at the start of every epoch, resumed ones included, and
-accelerate forwards it to the sampler's `set_epoch`; a `Trainer` subclass returns this sampler from
-`_get_train_sampler` with the per-example durations as `lengths` and `batch_size = per-device batch size *
-gradient_accumulation_steps` (what transformers groups by).
+accelerate forwards it to the sampler's `set_epoch`. `SpeechLlmTrainer.get_train_dataloader` (a public hook) builds
+its training loader with this sampler, the per-example durations as `lengths` and `batch_size = per-device batch
+size * gradient_accumulation_steps` (what transformers groups by).
 """
 
 from __future__ import annotations

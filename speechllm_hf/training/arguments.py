@@ -7,8 +7,14 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-# transformers 5.x folded `warmup_ratio` into `warmup_steps` (a float below 1 is a ratio).
-_WARMUP_RATIO_FIELD = "warmup_ratio" in {f.name for f in dataclasses.fields(TrainingArguments)}
+from ..data.tasks import TASKS
+from .lora import LORA_TARGET_MODULES
+
+# transformers 5.x folded `warmup_ratio` into `warmup_steps` (a float below 1 is a ratio); every argument class that
+# sets a warmup default reads this.
+WARMUP_RATIO_FIELD = "warmup_ratio" in {f.name for f in dataclasses.fields(TrainingArguments)}
+# Next-word prediction on mixed speech-text sequences: a training mode of its own, not a row task of data.tasks.
+MIXED_TASK = "mixed"
 
 
 @dataclass
@@ -18,7 +24,7 @@ class SpeechLlmTrainingArguments(TrainingArguments):
 
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of AdamW."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
-    if _WARMUP_RATIO_FIELD:
+    if WARMUP_RATIO_FIELD:
         warmup_ratio: float = field(default=0.03, metadata={"help": "Share of the steps spent warming up."})
     else:
         warmup_steps: float = field(default=0.03, metadata={"help": "Warmup steps, or a ratio of all steps if < 1."})
@@ -56,8 +62,23 @@ class SpeechLlmTrainingArguments(TrainingArguments):
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(
-        default="q_proj,k_proj,v_proj,o_proj", metadata={"help": "Comma-separated LLM modules that get LoRA."}
+        default=",".join(LORA_TARGET_MODULES), metadata={"help": "Comma-separated LLM modules that get LoRA."}
     )
 
+    def __post_init__(self):
+        # Checked here, so that a typo fails when the arguments are parsed rather than at the first batch.
+        if self.task not in (*TASKS, MIXED_TASK):
+            raise ValueError(f"Unknown task {self.task!r}; choose one of {', '.join((*TASKS, MIXED_TASK))}.")
+        if self.task == MIXED_TASK and self.feature_cache_dir is not None:
+            raise ValueError(
+                "feature_cache_dir with task 'mixed': mixed speech-text sequences encode word-level audio spans, "
+                "never whole clips, so the cache would never be read. Drop feature_cache_dir."
+            )
+        if self.data_subset is not None and not 0 < self.data_subset <= 1:
+            raise ValueError(f"data_subset must be in (0, 1]; got {self.data_subset}.")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0 (0: no LoRA); got {self.lora_r}.")
+        super().__post_init__()
 
-__all__ = ["SpeechLlmTrainingArguments"]
+
+__all__ = ["SpeechLlmTrainingArguments", "WARMUP_RATIO_FIELD", "MIXED_TASK"]

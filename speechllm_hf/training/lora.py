@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+# Every attention projection of Llama/Qwen-style LLMs: the one default of `add_lora` and `--lora_target_modules`.
+LORA_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
-def add_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules=("q_proj", "v_proj")):
+
+def add_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules=LORA_TARGET_MODULES):
     """Wrap `model.language_model` with a peft LoRA adapter (in place); only the adapter and the projector train.
 
     Returns:
@@ -21,4 +24,4 @@ def add_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_m
     return model
 
 
-__all__ = ["add_lora"]
+__all__ = ["LORA_TARGET_MODULES", "add_lora"]

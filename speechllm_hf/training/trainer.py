@@ -1,8 +1,9 @@
 """SpeechLlmTrainer: the one Trainer behind ASR pretraining, multi-task fine-tuning and both pretraining methods.
 
 It adds to `transformers.Trainer`: the speech collator by default, length-grouped batches, the encoder-feature cache,
-projector-only checkpoints that still resume exactly (optimizer, scheduler and RNG state are the Trainer's own), and
-per-loss metrics that subclasses record with `record_metric`.
+projector-only checkpoints that still resume exactly (optimizer, scheduler and RNG state are the Trainer's own) and
+that `load_best_model_at_end` reloads, per-task losses on multi-task data, and per-loss metrics that subclasses record
+with `record_metric`.
 """
 
 from __future__ import annotations
@@ -10,18 +11,22 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from functools import partial
 
+import datasets
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import seed_worker
 
-from ..data.collator import SpeechLlmCollator
+from ..data.collator import IGNORE_INDEX, TASK_IDS, SpeechLlmCollator
 from ..data.feature_cache import attach_feature_cache, build_feature_cache
 from ..data.mixed_collator import MixedSpeechTextCollator
 from ..data.sampler import LengthGroupedSampler
-from ..data.tasks import PromptConfig
-from ..models.speechllm.hub_speechllm import PROJECTOR_WEIGHTS_NAME
-from .arguments import SpeechLlmTrainingArguments
+from ..data.tasks import TASKS, PromptConfig, check_columns
+from ..models.speechllm.hub_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_NAME
+from .arguments import MIXED_TASK, SpeechLlmTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +37,18 @@ class SpeechLlmTrainer(Trainer):
     Args:
         model: the speech LLM (encoder and LLM frozen; optionally a LoRA adapter on the LLM).
         args: `SpeechLlmTrainingArguments`.
-        train_dataset, eval_dataset: `datasets.Dataset`s of rows (audio, text, ...), e.g. from `prepare_dataset`.
+        train_dataset, eval_dataset: `datasets.Dataset`s of rows (audio, text, ...), e.g. from `prepare_dataset`;
+            `eval_dataset` may be a dict of them. With `args.feature_cache_dir`, both are encoded once and read from
+            the cache (the evaluation sets under `<feature_cache_dir>/eval` or `eval_<name>`).
         processing_class: the model's `SpeechLlmProcessor` (saved with every checkpoint).
-        data_collator: defaults to a `SpeechLlmCollator` configured from `args`.
+        data_collator: defaults to a `SpeechLlmCollator` configured from `args` (it adds `task_ids` when a dataset
+            has a `task` column, and the trainer then logs `loss_<task>` beside `loss`).
         **kwargs: passed to `Trainer`.
+
+    Raises:
+        ValueError: before any row is read, for a dataset that lacks a column its tasks need, a feature cache with a
+            collator that does not read it, `remove_unused_columns=True` with a speech collator, or a transformers
+            sampling strategy that duration grouping would override.
     """
 
     def __init__(
@@ -51,13 +64,12 @@ class SpeechLlmTrainer(Trainer):
         if args is None:
             raise ValueError("SpeechLlmTrainer needs SpeechLlmTrainingArguments (at least an output_dir).")
         if args.data_subset is not None and train_dataset is not None:
-            train_dataset = subset(train_dataset, args.data_subset, args.data_seed or args.seed)
+            train_dataset = subset(train_dataset, args.data_subset, _data_seed(args))
+        datasets_by_name = _named_datasets(train_dataset, eval_dataset)
         use_cache = args.feature_cache_dir is not None
-        if use_cache and train_dataset is not None:
-            train_dataset = self._with_feature_cache(model, processing_class, train_dataset, args)
         if data_collator is None and processing_class is None:
             raise ValueError("Pass processing_class (the SpeechLlmProcessor) or a data_collator.")
-        if data_collator is None and args.task == "mixed":
+        if data_collator is None and args.task == MIXED_TASK:
             data_collator = MixedSpeechTextCollator(
                 processing_class, audio_column=args.audio_column, text_column=args.text_column, seed=args.seed
             )
@@ -70,6 +82,41 @@ class SpeechLlmTrainer(Trainer):
                 audio_column=args.audio_column,
                 max_length=args.max_length,
                 use_cached_features=use_cache,
+                return_task_ids=any("task" in _columns(d) for d in datasets_by_name.values()),
+            )
+        if args.remove_unused_columns and isinstance(data_collator, (SpeechLlmCollator, MixedSpeechTextCollator)):
+            raise ValueError(
+                "remove_unused_columns=True drops the audio and text columns the speech collators read: leave it off."
+            )
+        tasks = set()
+        if isinstance(data_collator, SpeechLlmCollator):
+            for name, dataset in datasets_by_name.items():
+                dataset_tasks = _row_tasks(dataset, data_collator.task)
+                try:
+                    check_columns(_columns(dataset), dataset_tasks, data_collator.prompts, data_collator.text_column)
+                except ValueError as err:
+                    raise ValueError(f"{name}: {err}") from err
+                tasks |= dataset_tasks
+        if use_cache:
+            if not getattr(data_collator, "use_cached_features", False):
+                raise ValueError(
+                    f"feature_cache_dir is set but the collator ({type(data_collator).__name__}) does not read cached "
+                    "features, so the cache would never be used: drop feature_cache_dir."
+                )
+            if train_dataset is not None:
+                train_dataset = self._with_feature_cache(model, processing_class, train_dataset, args, None)
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {
+                    name: self._with_feature_cache(model, processing_class, dataset, args, f"eval_{name}")
+                    for name, dataset in eval_dataset.items()
+                }
+            elif eval_dataset is not None:
+                eval_dataset = self._with_feature_cache(model, processing_class, eval_dataset, args, "eval")
+        if args.group_by_duration and "duration" in _columns(train_dataset) and _other_sampling(args):
+            raise ValueError(
+                f"The training set has a duration column, so group_by_duration batches it by clip duration, which "
+                f"overrides the requested transformers sampling ({_other_sampling(args)}): pass "
+                "--group_by_duration False to use that sampling, or drop it to keep duration grouping."
             )
         super().__init__(
             model=model,
@@ -81,10 +128,15 @@ class SpeechLlmTrainer(Trainer):
             **kwargs,
         )
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # Every process reduces these names at every log, whether or not its own batches held the task.
+        self._task_metric_names = (
+            {f"loss_{task}" for task in tasks} if getattr(data_collator, "return_task_ids", False) else set()
+        )
+        self.add_callback(_LoadBestProjectorCallback())
 
     @staticmethod
-    def _with_feature_cache(model, processor, dataset, args):
-        folder = args.feature_cache_dir
+    def _with_feature_cache(model, processor, dataset, args, subfolder: str | None):
+        folder = args.feature_cache_dir if subfolder is None else os.path.join(args.feature_cache_dir, subfolder)
         if not os.path.exists(os.path.join(folder, "cache_key.json")):
             if args.process_index == 0:
                 build_feature_cache(model, processor, dataset, folder, audio_column=args.audio_column)
@@ -95,22 +147,58 @@ class SpeechLlmTrainer(Trainer):
     # ---------------------------------------------------------------------------------------------------------------
 
     def get_train_dataloader(self) -> DataLoader:
-        """Length-grouped batches when the dataset has a `duration` column (see `speechllm-hf prepare`)."""
+        """Length-grouped batches when the dataset has a `duration` column (see `speechllm-hf prepare`), otherwise the
+        Trainer's own loader.
+
+        The grouped loader takes every DataLoader setting the Trainer's loader takes (workers and their seeding,
+        persistent workers, prefetching, ...); only the sampler differs. Its columns are all kept, as the speech
+        collators need them (`remove_unused_columns=True` is refused with them).
+        """
         dataset = self.train_dataset
-        if not (self.args.group_by_duration and "duration" in getattr(dataset, "column_names", [])):
+        args = self.args
+        if not (args.group_by_duration and "duration" in _columns(dataset)):
             return super().get_train_dataloader()
-        group = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-        sampler = LengthGroupedSampler(dataset["duration"], group, seed=self.args.data_seed or self.args.seed)
-        loader = DataLoader(
-            dataset,
-            batch_size=self.args.train_batch_size,
-            sampler=sampler,
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory,
-            drop_last=self.args.dataloader_drop_last,
+        sampler = LengthGroupedSampler(
+            dataset["duration"], args.per_device_train_batch_size * args.gradient_accumulation_steps, _data_seed(args)
         )
-        return self.accelerator.prepare(loader)
+        params = {
+            "batch_size": args.train_batch_size,
+            "sampler": sampler,
+            "collate_fn": self.data_collator,
+            "num_workers": args.dataloader_num_workers,
+            "pin_memory": args.dataloader_pin_memory,
+            "persistent_workers": args.dataloader_persistent_workers,
+            "prefetch_factor": args.dataloader_prefetch_factor,
+            "drop_last": args.dataloader_drop_last,
+            "worker_init_fn": partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
+        }
+        # transformers 5.x added these two DataLoader settings; 4.57 has neither.
+        for name in ("multiprocessing_context", "in_order"):
+            if hasattr(args, f"dataloader_{name}"):
+                params[name] = getattr(args, f"dataloader_{name}")
+        return self.accelerator.prepare(DataLoader(dataset, **params))
+
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss; a batch with `task_ids` (multi-task data) also records each task's loss per response
+        token as `loss_<task>`."""
+        if TASK_IDS not in inputs:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        inputs = dict(inputs)
+        task_ids = inputs.pop(TASK_IDS)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        with torch.no_grad():
+            labelled = inputs["labels"][:, 1:] != IGNORE_INDEX  # (B, L - 1): position t predicts token t + 1
+            token_losses = F.cross_entropy(
+                outputs.logits[:, :-1][labelled].float(), inputs["labels"][:, 1:][labelled], reduction="none"
+            )  # (N,)
+            token_tasks = task_ids.to(labelled.device)[:, None].expand_as(labelled)[labelled]  # (N,)
+            for index in token_tasks.unique().tolist():
+                self.record_metric(f"loss_{TASKS[index]}", token_losses[token_tasks == index].mean())
+        return (loss, outputs) if return_outputs else loss
 
     # ---------------------------------------------------------------------------------------------------------------
     # Per-loss metrics, averaged over the logging interval and merged into the Trainer's logs.
@@ -122,23 +210,60 @@ class SpeechLlmTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
-        averaged = {f"{prefix}{k}": sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
-        self._metrics[mode].clear()
-        if averaged and self.args.world_size > 1:  # every process logs at the same steps: average over them
-            keys = sorted(averaged)
-            values = torch.tensor([averaged[k] for k in keys], device=self.args.device)
-            averaged = dict(zip(keys, self.accelerator.reduce(values, reduction="mean").tolist()))
+        recorded = self._metrics[mode]
+        names = sorted({name for name, values in recorded.items() if values} | self._task_metric_names)
+        totals = [[sum(recorded.get(name, ())), len(recorded.get(name, ()))] for name in names]
+        recorded.clear()
+        if names and self.args.world_size > 1:
+            # A process whose batches lacked a task has no value for it: sum values and counts over processes.
+            reduced = self.accelerator.reduce(torch.tensor(totals, device=self.args.device), reduction="sum")
+            totals = reduced.tolist()
+        averaged = {f"{prefix}{name}": total / count for name, (total, count) in zip(names, totals) if count}
         super().log({**logs, **averaged}, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------------------------
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Projector-only checkpoints load their projector (and LoRA adapter); others as the Trainer does."""
+        """Projector-only checkpoints load their projector (and LoRA adapter); others as the Trainer does.
+
+        Raises:
+            ValueError: when the checkpoint has a LoRA adapter and the model none, or the other way round: loading
+                would freeze the adapter outside the optimizer, or resume with a fresh one.
+        """
         if not os.path.isfile(os.path.join(resume_from_checkpoint, PROJECTOR_WEIGHTS_NAME)):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        saved_lora = os.path.isdir(os.path.join(resume_from_checkpoint, LORA_FOLDER))
+        if saved_lora and not target.has_lora:
+            raise ValueError(
+                f"{resume_from_checkpoint} holds a LoRA adapter of the LLM ({LORA_FOLDER}/) but the model being "
+                "trained has none: resume with the LoRA settings of the run that wrote it (--lora_r, --lora_alpha, "
+                "--lora_target_modules)."
+            )
+        if target.has_lora and not saved_lora:
+            raise ValueError(
+                f"The model carries a LoRA adapter but {resume_from_checkpoint} holds none: resume without --lora_r, "
+                "or from a checkpoint of a LoRA run."
+            )
         logger.info("Loading the projector from %s.", resume_from_checkpoint)
         target.load_trained_weights(resume_from_checkpoint)
+
+
+class _LoadBestProjectorCallback(TrainerCallback):
+    """`load_best_model_at_end` for projector-only checkpoints: the Trainer looks for full model files only, so it
+    warns that it cannot find them and keeps the last weights; this loads the best checkpoint's projector (and LoRA
+    adapter) once training ends, on every process."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best and os.path.isfile(os.path.join(best, PROJECTOR_WEIGHTS_NAME)):
+            logger.info("Loading the best projector from %s (score %s).", best, state.best_metric)
+            model.load_trained_weights(best)
+
+
+def _data_seed(args) -> int:
+    """The seed of data order and subsets: `data_seed` when set (0 included), else `seed`."""
+    return args.data_seed if args.data_seed is not None else args.seed
 
 
 def subset(dataset, fraction: float, seed: int):
@@ -148,6 +273,35 @@ def subset(dataset, fraction: float, seed: int):
     count = max(1, round(len(dataset) * fraction))
     logger.info("Training on %d of %d rows (data_subset=%s, seed %d).", count, len(dataset), fraction, seed)
     return dataset.shuffle(seed=seed).select(range(count))
+
+
+def _columns(dataset) -> list[str]:
+    return list(getattr(dataset, "column_names", None) or [])
+
+
+def _named_datasets(train_dataset, eval_dataset) -> dict[str, datasets.Dataset]:
+    """The `datasets.Dataset`s a trainer was given, named as error messages call them."""
+    named = {"train_dataset": train_dataset}
+    if isinstance(eval_dataset, dict):
+        named |= {f"eval_dataset[{name!r}]": dataset for name, dataset in eval_dataset.items()}
+    else:
+        named["eval_dataset"] = eval_dataset
+    return {name: dataset for name, dataset in named.items() if isinstance(dataset, datasets.Dataset)}
+
+
+def _row_tasks(dataset: datasets.Dataset, default: str) -> set[str]:
+    """The tasks of a dataset's rows: its `task` column's values, `default` where a row has none."""
+    if "task" not in dataset.column_names:
+        return {default}
+    return {task or default for task in dataset.unique("task")}
+
+
+def _other_sampling(args) -> str | None:
+    """The training sampling asked of transformers, if any: 5.x `train_sampling_strategy`, 4.57 `group_by_length`."""
+    if hasattr(args, "train_sampling_strategy"):
+        strategy = args.train_sampling_strategy
+        return None if strategy == "random" else f"train_sampling_strategy={strategy!r}"
+    return "group_by_length=True" if args.group_by_length else None
 
 
 __all__ = ["SpeechLlmTrainer", "subset"]
