@@ -112,6 +112,16 @@ def test_bleu_and_chrf_match_sacrebleu():
     assert chrf(REFS, HYPS, word_order=2) == sacrebleu.corpus_chrf(HYPS, [REFS], word_order=2).score
 
 
+def test_bleu_and_chrf_reproduce_sacrebleus_documented_example():
+    # The example of sacrebleu's README (two reference sets), which documents BLEU = 48.53 and chrF2 = 59.73.
+    hypotheses = ["The dog bit the man.", "It wasn't surprising.", "The man had just bitten him."]
+    first = ["The dog bit the man.", "It was not unexpected.", "The man bit him first."]
+    second = ["The dog had bit the man.", "No one was surprised.", "The man had bitten the dog."]
+    per_prediction = [list(pair) for pair in zip(first, second)]
+    assert round(bleu(per_prediction, hypotheses), 2) == 48.53
+    assert round(chrf(per_prediction, hypotheses), 2) == 59.73
+
+
 def test_multiple_references():
     per_prediction = [[r1, r2] for r1, r2 in zip(REFS, REFS_2)]
     assert bleu(per_prediction, HYPS) == sacrebleu.corpus_bleu(HYPS, [REFS, REFS_2]).score
