@@ -72,6 +72,9 @@ def main() -> None:
     single, single_out = clips_per_second(model, processor, requests, 1, args.max_new_tokens)
     batched, batched_out = clips_per_second(model, processor, requests, args.batch_size, args.max_new_tokens)
     description = f"tiny {args.encoder_type}+{args.projector_type}, LLM {args.llm_layers}x{args.llm_hidden_size}"
+    differing = [i for i, (a, b) in enumerate(zip(batched_out, single_out)) if a != b]
+    if differing:  # a speed-up that changes the answers is not a speed-up
+        raise SystemExit(f"batched and one-at-a-time outputs differ for clips {differing[:10]}")
     print(
         json.dumps(
             {
@@ -82,7 +85,7 @@ def main() -> None:
                 "device": "cpu",
                 "batched_clips_per_s": round(batched, 2),
                 "one_at_a_time_clips_per_s": round(single, 2),
-                "outputs_equal": batched_out == single_out,
+                "outputs_equal": True,
                 "batch_size": args.batch_size,
                 "num_clips": len(requests),
                 "max_new_tokens": args.max_new_tokens,
