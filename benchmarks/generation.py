@@ -85,7 +85,6 @@ def main() -> None:
                 "device": "cpu",
                 "batched_clips_per_s": round(batched, 2),
                 "one_at_a_time_clips_per_s": round(single, 2),
-                "outputs_equal": True,
                 "batch_size": args.batch_size,
                 "num_clips": len(requests),
                 "max_new_tokens": args.max_new_tokens,
