@@ -16,13 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from speechllm_hf import from_preset
+    from speechllm_hf.models.speechllm.hub_speechllm import count_parameters
 
     model, processor = from_preset(args.preset, encoder_type=args.encoder_type, projector_type=args.projector_type)
     config = model.config
-
-    def count(module) -> int:
-        return sum(p.numel() for p in module.parameters())
-
     # Feature frames per second: raw samples for HuBERT/wav2vec2, mel frames (one per hop) for Whisper.
     feature_rate = processor.sampling_rate / getattr(processor.feature_extractor, "hop_length", 1)
     summary = {
@@ -30,11 +27,11 @@ def run(args: argparse.Namespace) -> int:
         "projector": type(model.projector).__name__,
         "language_model": type(model.language_model).__name__,
         "parameters": {
-            "encoder": count(model.encoder),
-            "projector": count(model.projector),
-            "language_model": count(model.language_model),
+            "encoder": count_parameters(model.encoder),
+            "projector": count_parameters(model.projector),
+            "language_model": count_parameters(model.language_model),
         },
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_parameters": count_parameters(model, trainable_only=True),
         "audio_tokens_per_second": round(config.audio_tokens_per_second(feature_rate), 2),
     }
     print(json.dumps(summary, indent=2))

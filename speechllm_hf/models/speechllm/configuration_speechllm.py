@@ -38,7 +38,7 @@ PROJECTOR_DEFAULTS: dict[str, dict] = {
 }
 
 # (kernel, stride, total padding) of the convolutions in front of a Whisper encoder's transformer layers.
-_WHISPER_CONVS = [[3, 1, 2], [3, 2, 2]]
+WHISPER_CONVS = [[3, 1, 2], [3, 2, 2]]
 
 
 def conv_output_length(length, kernel: int, stride: int, padding: int):
@@ -48,16 +48,22 @@ def conv_output_length(length, kernel: int, stride: int, padding: int):
     return frames.clamp(min=0) if hasattr(frames, "clamp") else max(frames, 0)
 
 
+def convs_output_length(length, convs: list[list[int]]):
+    """Frames left of `length` input frames (an int or a tensor of them) after the 1-D convolutions (or window
+    splits) `convs`, given as `[[kernel, stride, total_padding], ...]`."""
+    for kernel, stride, padding in convs:
+        length = conv_output_length(length, kernel, stride, padding)
+    return length
+
+
 def audio_token_count(feature_length: int, length_spec: dict) -> int:
     """Number of audio tokens the model emits for a clip of `feature_length` feature frames (or samples).
 
-    `length_spec` is `SpeechLlmConfig.audio_length_spec`: the processor uses this function to expand each audio
-    placeholder and the model uses it to know which projector outputs are valid, so the two always agree.
+    `length_spec` is `SpeechLlmConfig.audio_length_spec`. The processor uses this to expand each audio placeholder;
+    the encoder and projectors compute their output lengths from the same conv specs with `convs_output_length`,
+    so the two always agree.
     """
-    length = feature_length
-    for kernel, stride, padding in length_spec["convs"]:
-        length = conv_output_length(length, kernel, stride, padding)
-    return length * length_spec["tokens_per_step"]
+    return convs_output_length(feature_length, length_spec["convs"]) * length_spec["tokens_per_step"]
 
 
 class SpeechLlmConfig(PretrainedConfig):
@@ -188,7 +194,7 @@ class SpeechLlmConfig(PretrainedConfig):
         if hasattr(config, "conv_kernel") and hasattr(config, "conv_stride"):  # wav2vec2, HuBERT, WavLM, ...
             return [[k, s, 0] for k, s in zip(config.conv_kernel, config.conv_stride)]
         if self.is_whisper_like_encoder:
-            return [list(step) for step in _WHISPER_CONVS]
+            return [list(step) for step in WHISPER_CONVS]
         raise ValueError(
             f"Cannot tell how {type(config).__name__} downsamples its input; "
             "pass encoder_length_spec=[[kernel, stride, total_padding], ...] to SpeechLlmConfig."
@@ -238,4 +244,12 @@ def _as_config(config: PretrainedConfig | dict | None, default_type: str) -> Pre
     raise TypeError(f"Expected a PretrainedConfig or a dict, got {type(config).__name__}.")
 
 
-__all__ = ["SpeechLlmConfig", "audio_token_count", "conv_output_length", "PROJECTOR_TYPES", "PROJECTOR_DEFAULTS"]
+__all__ = [
+    "SpeechLlmConfig",
+    "audio_token_count",
+    "conv_output_length",
+    "convs_output_length",
+    "PROJECTOR_TYPES",
+    "PROJECTOR_DEFAULTS",
+    "WHISPER_CONVS",
+]

@@ -159,8 +159,9 @@ def upload_saved_folder(
     )
 
 
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of `module` (only those that require a gradient with `trainable_only`)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def _human(count: float) -> str:
@@ -195,7 +196,9 @@ def model_card(model, repo_id: str | None = None, full_model: bool = False) -> s
         )
     text = f"`{config.text_name_or_path}`" if config.text_name_or_path else "the LLM saved here"
     trained = "LoRA adapter" if model.has_lora else "no"
-    projector, total = _count(model.projector), _count(model)
+    parts = ("encoder", "projector", "language_model")
+    sizes = {name: _human(count_parameters(getattr(model, name))) for name in parts}
+    total = count_parameters(model)
     bytes_per_parameter = torch.finfo(model.language_model.dtype).bits // 8
     memory = total * bytes_per_parameter * 1.2 / 2**30  # weights + ~20% for activations and the KV cache
     base_models = "".join(
@@ -211,9 +214,9 @@ trained **{config.projector_type}** projector whose outputs are spliced into the
 
 | part | source | parameters | trained |
 |---|---|---|---|
-| encoder | {source(config.encoder_name_or_path, config.encoder_revision)} | {_human(_count(model.encoder))} | no |
-| projector | this repository | {_human(projector)} | yes |
-| LLM | {source(config.text_name_or_path, config.text_revision)} | {_human(_count(model.language_model))} | {trained} |
+| encoder | {source(config.encoder_name_or_path, config.encoder_revision)} | {sizes["encoder"]} | no |
+| projector | this repository | {sizes["projector"]} | yes |
+| LLM | {source(config.text_name_or_path, config.text_revision)} | {sizes["language_model"]} | {trained} |
 
 Total {_human(total)} parameters; running it in {model.language_model.dtype} needs about {memory:.1f} GiB of
 accelerator memory. This repository holds {holds}
@@ -249,6 +252,7 @@ __all__ = [
     "resolve_file",
     "load_projector_state",
     "model_card",
+    "count_parameters",
     "publishable_files",
     "check_backbone_ids_are_public",
     "upload_saved_folder",

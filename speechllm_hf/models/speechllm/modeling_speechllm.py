@@ -1,7 +1,8 @@
 """SpeechLlmForConditionalGeneration: speech encoder -> projector -> causal LLM, and the three projectors.
 
-This file ships to the Hub with `trust_remote_code`: it imports only torch, transformers and the standard library,
-and its siblings with single-dot imports.
+This file ships to the Hub with `trust_remote_code`: it imports only torch, transformers, safetensors (which
+transformers itself requires) and the standard library, and its siblings with single-dot imports; peft only inside
+the function that loads a LoRA adapter.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
 
-from .configuration_speechllm import SpeechLlmConfig, conv_output_length
+from .configuration_speechllm import WHISPER_CONVS, SpeechLlmConfig, conv_output_length, convs_output_length
 from .hub_speechllm import (
     BACKBONE_KWARGS,
     HUB_KWARGS,
@@ -53,12 +54,6 @@ _WHISPER_LAYER_TAKES_HEAD_MASK = "layer_head_mask" in inspect.signature(WhisperE
 def lengths_to_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
     """(B,) lengths -> (B, max_length) bool mask, True on valid positions."""
     return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
-
-
-def convs_output_lengths(lengths: torch.Tensor, convs: list[list[int]]) -> torch.Tensor:
-    for kernel, stride, padding in convs:
-        lengths = conv_output_length(lengths, kernel, stride, padding)
-    return lengths
 
 
 @dataclass
@@ -97,17 +92,17 @@ class SpeechLlmWhisperEncoder(WhisperEncoder):
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, num_frames, dtype=torch.long, device=input_features.device)
         lengths = attention_mask.sum(-1)
-        hidden_states = input_features * lengths_to_mask(lengths, num_frames)[:, None, :].to(input_features.dtype)
-        hidden_states = nn.functional.gelu(self.conv1(hidden_states))
-        hidden_states = hidden_states * lengths_to_mask(lengths, num_frames)[:, None, :].to(hidden_states.dtype)
-        hidden_states = nn.functional.gelu(self.conv2(hidden_states))
+        hidden_states = input_features
+        for conv, spec in zip((self.conv1, self.conv2), WHISPER_CONVS):
+            valid = lengths_to_mask(lengths, hidden_states.shape[-1])[:, None, :].to(hidden_states.dtype)
+            hidden_states = nn.functional.gelu(conv(hidden_states * valid))
+            lengths = conv_output_length(lengths, *spec)
         hidden_states = hidden_states.permute(0, 2, 1)  # (B, T', C)
         num_positions = hidden_states.shape[1]
         hidden_states = hidden_states + self.embed_positions.weight[:num_positions]
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
 
-        output_lengths = conv_output_length(lengths, 3, 2, 2)
-        key_mask = lengths_to_mask(output_lengths, num_positions)  # (B, T')
+        key_mask = lengths_to_mask(lengths, num_positions)  # (B, T')
         additive_mask = torch.zeros(key_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device)
         additive_mask = additive_mask.masked_fill(~key_mask, torch.finfo(hidden_states.dtype).min)
         additive_mask = additive_mask[:, None, None, :].expand(batch_size, 1, num_positions, num_positions)
@@ -134,6 +129,7 @@ class SpeechLlmQFormerProjector(nn.Module):
         settings = config.projector_config
         self.window_size = settings["window_size"]
         self.num_queries = settings["num_queries"]
+        self.length_convs = config.projector_convs  # the window split, as a conv: how many windows a clip fills
         self.layer_norm = nn.LayerNorm(config.encoder_hidden_size)
         self.query = nn.Parameter(torch.empty(1, self.num_queries, settings["hidden_size"]).normal_(0.0, 0.02))
         qformer_config = Blip2QFormerConfig(
@@ -151,7 +147,7 @@ class SpeechLlmQFormerProjector(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch_size, num_frames, channels = hidden_states.shape  # (B, T, C)
-        num_windows = -(-num_frames // self.window_size)
+        num_windows = convs_output_length(num_frames, self.length_convs)
         pad = num_windows * self.window_size - num_frames
         hidden_states = nn.functional.pad(self.layer_norm(hidden_states), (0, 0, 0, pad))
         frame_mask = lengths_to_mask(lengths, num_frames + pad)
@@ -160,7 +156,7 @@ class SpeechLlmQFormerProjector(nn.Module):
         query = self.query.expand(windows.shape[0], -1, -1)
         output = self.qformer(query_embeds=query, encoder_hidden_states=windows, encoder_attention_mask=window_mask)
         output = self.linear(output.last_hidden_state.to(self.linear.weight.dtype))  # (B*W, q, D)
-        output_lengths = -(-lengths // self.window_size) * self.num_queries
+        output_lengths = convs_output_length(lengths, self.length_convs) * self.num_queries
         return output.reshape(batch_size, num_windows * self.num_queries, -1), output_lengths
 
 
@@ -177,10 +173,10 @@ class SpeechLlmCnnProjector(nn.Module):
         hidden = settings["hidden_size"] or config.encoder_hidden_size
         width = config.text_config.hidden_size
         channels = [config.encoder_hidden_size] + [hidden] * (settings["num_layers"] - 1) + [width]
-        self.kernel_size, self.stride = settings["kernel_size"], settings["stride"]
+        self.length_convs = config.projector_convs  # [kernel, stride, total padding] of each conv below
         self.convs = nn.ModuleList(
-            nn.Conv1d(c_in, 2 * c_out, self.kernel_size, self.stride, padding=self.kernel_size // 2)
-            for c_in, c_out in zip(channels[:-1], channels[1:])
+            nn.Conv1d(c_in, 2 * c_out, kernel, stride, padding=padding // 2)
+            for c_in, c_out, (kernel, stride, padding) in zip(channels[:-1], channels[1:], self.length_convs)
         )
         self.adapter_down = nn.Linear(width, settings["adapter_size"], bias=False)
         self.adapter_up = nn.Linear(settings["adapter_size"], width, bias=False)
@@ -188,11 +184,11 @@ class SpeechLlmCnnProjector(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden_states = hidden_states.transpose(1, 2)  # (B, C, T)
-        for conv in self.convs:
+        for conv, spec in zip(self.convs, self.length_convs):
             # Zero the padding so that each clip sees the zeros it would see alone.
             mask = lengths_to_mask(lengths, hidden_states.shape[-1])[:, None, :]
             hidden_states = nn.functional.glu(conv(hidden_states * mask.to(hidden_states.dtype)), dim=1)
-            lengths = conv_output_length(lengths, self.kernel_size, self.stride, 2 * (self.kernel_size // 2))
+            lengths = conv_output_length(lengths, *spec)
         hidden_states = hidden_states.transpose(1, 2)  # (B, T', D)
         hidden_states = hidden_states + self.adapter_up(nn.functional.gelu(self.adapter_down(hidden_states)))
         return self.layer_norm(hidden_states), lengths
@@ -208,6 +204,7 @@ class SpeechLlmMlpProjector(nn.Module):
         super().__init__()
         settings = config.projector_config
         self.stack_factor = settings["stack_factor"]
+        self.length_convs = config.projector_convs  # stacking, as a conv: how many stacks a clip fills
         stacked = self.stack_factor * config.encoder_hidden_size
         self.layer_norm = nn.LayerNorm(stacked)
         self.linear_in = nn.Linear(stacked, 2 * settings["hidden_size"])
@@ -215,7 +212,7 @@ class SpeechLlmMlpProjector(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch_size, num_frames, channels = hidden_states.shape
-        num_steps = -(-num_frames // self.stack_factor)
+        num_steps = convs_output_length(num_frames, self.length_convs)
         pad = num_steps * self.stack_factor - num_frames
         # Zero the padding so that a clip's last, partial stack is the same batched or alone.
         mask = lengths_to_mask(lengths, num_frames)[..., None].to(hidden_states.dtype)
@@ -223,7 +220,7 @@ class SpeechLlmMlpProjector(nn.Module):
         hidden_states = hidden_states.reshape(batch_size, num_steps, self.stack_factor * channels)
         gate, value = self.linear_in(self.layer_norm(hidden_states)).chunk(2, dim=-1)
         hidden_states = self.linear_out(nn.functional.silu(gate) * value)
-        return hidden_states, -(-lengths // self.stack_factor)
+        return hidden_states, convs_output_length(lengths, self.length_convs)
 
 
 PROJECTOR_CLASSES = {"qformer": SpeechLlmQFormerProjector, "cnn": SpeechLlmCnnProjector, "mlp": SpeechLlmMlpProjector}
@@ -641,7 +638,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
 
     def encoder_output_lengths(self, feature_lengths: torch.Tensor) -> torch.Tensor:
         """Valid encoder frames for each clip, from its number of feature frames (or samples)."""
-        return convs_output_lengths(feature_lengths, self.config.encoder_convs)
+        return convs_output_length(feature_lengths, self.config.encoder_convs)
 
     def _run_encoder(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
         encoder = self.encoder
