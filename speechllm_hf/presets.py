@@ -237,7 +237,7 @@ def from_preset(
     config_kwargs = {key: kwargs.pop(key) for key in _CONFIG_KEYS if key in kwargs}
     audio_token = config_kwargs.get("audio_token", "<audio>")
     is_tiny = name == "tiny"
-    encoder_type = encoder_type or preset.encoder_type
+    requested_encoder_type, encoder_type = encoder_type, encoder_type or preset.encoder_type
     if encoder_name_or_path is None and not is_tiny:
         same_encoder = encoder_type == preset.encoder_type
         encoder_name_or_path = preset.encoder_name_or_path if same_encoder else DEFAULT_ENCODER_IDS[encoder_type]
@@ -250,6 +250,12 @@ def from_preset(
         encoder_config = from_pretrained_or_explain(
             AutoConfig.from_pretrained, encoder_name_or_path, "encoder config", revision=encoder_revision, **hub_kwargs
         )
+        if requested_encoder_type is not None and encoder_config.model_type != requested_encoder_type:
+            raise ValueError(
+                f"encoder_type {requested_encoder_type!r} was asked for, but {encoder_name_or_path} holds a "
+                f"{encoder_config.model_type!r} encoder: the checkpoint decides the encoder, so drop encoder_type or "
+                "point encoder_name_or_path to a checkpoint of that type."
+            )
         feature_extractor = from_pretrained_or_explain(
             AutoFeatureExtractor.from_pretrained,
             encoder_name_or_path,

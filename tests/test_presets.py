@@ -2,9 +2,16 @@
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, HubertModel, WhisperForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    HubertModel,
+    WhisperForConditionalGeneration,
+)
 
-from speechllm_hf import PRESETS, SpeechLlmConfig, SpeechLlmForConditionalGeneration, from_preset
+from speechllm_hf import PRESETS, SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
 
 
 def test_tiny_preset_is_a_few_megabytes_and_needs_no_download():
@@ -37,6 +44,13 @@ def test_whisper_checkpoint_loads_only_its_encoder(local_backbones):
         torch.testing.assert_close(model.encoder.state_dict()[name], tensor, rtol=0, atol=0)
 
 
+def test_encoder_type_conflicting_with_the_checkpoint_is_refused(local_backbones):
+    with pytest.raises(ValueError, match=r"encoder_type 'whisper' .* holds a 'hubert' encoder"):
+        from_preset("tiny", encoder_type="whisper", encoder_name_or_path=str(local_backbones / "hubert"))
+    model, _ = from_preset("tiny", encoder_type="hubert", encoder_name_or_path=str(local_backbones / "hubert"))
+    assert model.config.encoder_config.model_type == "hubert"
+
+
 @pytest.mark.parametrize("name", ["hubert-qformer", "whisper-cnn"])
 def test_real_preset_offline_says_what_to_download(name):
     with pytest.raises(OSError, match=rf"hf download {PRESETS[name].encoder_name_or_path}"):
@@ -54,12 +68,17 @@ def test_unknown_names_raise_value_errors():
         SpeechLlmConfig(projector_config={"windows": 3})
 
 
-def test_auto_classes_are_registered_in_process():
-    model, _ = from_preset("tiny")
+def test_auto_classes_are_registered_in_process(tmp_path):
+    model, processor = from_preset("tiny")
     settings = {k: v for k, v in model.config.to_dict().items() if k != "model_type"}
     config = AutoConfig.for_model("speechllm_hf", **settings)
     assert isinstance(config, SpeechLlmConfig)
     assert type(AutoModel.from_config(config)) is SpeechLlmForConditionalGeneration
+    model.config.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)  # no trust_remote_code: the registered class, not the Hub copy
+    assert type(loaded) is SpeechLlmProcessor
+    assert loaded.audio_length_spec == processor.audio_length_spec
 
 
 def test_config_round_trips_through_json(tmp_path):

@@ -3,18 +3,16 @@
 import numpy as np
 import pytest
 import torch
-from conftest import clip, tiny
+from conftest import ENCODERS, PROJECTORS, clip, tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from speechllm_hf import SpeechLlmProcessor
 
 
-@pytest.mark.parametrize(
-    ("encoder_type", "projector_type"),
-    [("hubert", "qformer"), ("hubert", "cnn"), ("wav2vec2", "mlp"), ("whisper", "qformer"), ("whisper", "cnn")],
-)
-@settings(max_examples=15, deadline=None)
+@pytest.mark.parametrize("encoder_type", ENCODERS)
+@pytest.mark.parametrize("projector_type", PROJECTORS)
+@settings(max_examples=8, deadline=None)
 @given(num_samples=st.integers(min_value=1200, max_value=40000))
 def test_placeholder_expansion_equals_projector_output_length(encoder_type, projector_type, num_samples):
     model, processor = tiny(encoder_type, projector_type)
