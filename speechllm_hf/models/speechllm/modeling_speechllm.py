@@ -476,14 +476,16 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, config=None, **kwargs):
-        """Load a projector-only save (backbones from their recorded ids and revisions) or a full save.
+        """Load a projector-only save (backbones from their recorded ids and revisions) or a full save, from
+        safetensors files only.
 
         Args:
             pretrained_model_name_or_path: Hub id or local folder.
             config: a `SpeechLlmConfig` to use instead of the saved one.
             **kwargs: `revision`, `token`, `cache_dir`, `local_files_only`, ... locate this repo's files; `dtype`,
                 `device_map`, `attn_implementation`, `quantization_config`, `token`, `cache_dir`,
-                `local_files_only` are also passed to the backbones, which load at the revisions in the config.
+                `local_files_only` also go to the backbones (as `from_backbones` describes), which load at the
+                revisions in the config. An `attn_implementation` that `AutoConfig` recorded on `config` counts too.
         """
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         if resolve_file(pretrained_model_name_or_path, PROJECTOR_WEIGHTS_NAME, **hub_kwargs) is None:
@@ -838,6 +840,7 @@ __all__ = [
     "SpeechLlmWhisperEncoder",
     "SpeechLlmCausalLMOutputWithPast",
     "from_pretrained_or_explain",
+    "encoder_attn_implementation",
     "load_pretrained_encoder",
     "load_pretrained_text_model",
 ]
