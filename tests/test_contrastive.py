@@ -21,6 +21,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "contrastive_ddp.py"
 
 
 def make_trainer(tmp_path, model, processor, rows=8, **overrides):
+    """A ContrastiveTrainer on the first `rows` training clips, or on `rows` themselves when a list."""
     settings = dict(
         output_dir=str(tmp_path),
         max_steps=1,
@@ -32,7 +33,7 @@ def make_trainer(tmp_path, model, processor, rows=8, **overrides):
         seed=0,
     )
     args = ContrastiveTrainingArguments(**{**settings, **overrides})
-    data = datasets.Dataset.from_list(load_split("train")[:rows])
+    data = datasets.Dataset.from_list(rows if isinstance(rows, list) else load_split("train")[:rows])
     return ContrastiveTrainer(model=model, args=args, train_dataset=data, processing_class=processor)
 
 
@@ -111,6 +112,44 @@ def test_the_text_branch_holds_no_autograd_graph(tmp_path):
     text_states, speech_states = calls
     assert not text_states.requires_grad and text_states.grad_fn is None
     assert speech_states.requires_grad
+
+
+def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
+    """GA 2 x batch 4 logs and applies the mean of its two micro-batches' losses and gradients, as two GA 1 runs on
+    those micro-batches give them. (Not GA 1 x batch 8: the negatives of InfoNCE are the micro-batch's own, so a
+    batch of 8 is another loss; the paper accumulated 2 micro-batches of 10.)"""
+    rows = load_split("train")[:8]
+    by_duration = sorted(rows, key=lambda row: -row["duration"])
+    # Length-grouped batches of 8 clips split into the 4 longest, then the 4 shortest.
+    runs = {}
+    for name, data, accumulation in (
+        ("both", rows, 2),
+        ("longest", by_duration[:4], 1),
+        ("shortest", by_duration[4:], 1),
+    ):
+        torch.manual_seed(0)
+        model, processor = from_preset("tiny", projector_type="mlp")  # no dropout: the runs draw no random masks
+        trainer = make_trainer(
+            tmp_path / name,
+            model,
+            processor,
+            rows=data,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",  # lr 1, no clipping: the update is minus the gradient
+            learning_rate=1.0,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            max_grad_norm=0.0,
+            contrastive_layers="all",
+        )
+        trainer.train()
+        projector = {n: p.detach().clone() for n, p in model.projector.named_parameters()}
+        runs[name] = (trainer.state.log_history[0], projector)
+    (both, updated), (longest, updated_longest), (shortest, updated_shortest) = runs.values()
+    assert both["loss"] == pytest.approx((longest["loss"] + shortest["loss"]) / 2, rel=1e-5)
+    assert both["loss"] == pytest.approx(both["loss_contrastive"], rel=1e-5)
+    for name, tensor in updated.items():
+        torch.testing.assert_close(tensor, (updated_longest[name] + updated_shortest[name]) / 2, atol=1e-5, rtol=1e-5)
 
 
 def test_options_run_and_log_each_loss(tmp_path):

@@ -9,6 +9,10 @@ branch runs under `torch.no_grad()`: it builds no graph (the original computed i
 Departures, each off by default and documented on its argument: a single layer or a list, the symmetric loss, a
 learnable temperature, negatives gathered across processes, an added ASR cross-entropy, a random position shift
 applied to both branches, the Wasserstein (Sinkhorn) variant, and the encoder's train-mode augmentation.
+
+Every term of the returned loss is a mean over the micro-batch (the InfoNCE negatives are the micro-batch's own), so
+the Trainer divides it by the gradient-accumulation steps: the logged loss and the gradient are the mean over the
+accumulated micro-batches, whatever their number.
 """
 
 from __future__ import annotations
@@ -62,7 +66,11 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
         default=False, metadata={"help": "Departure: negatives from every process under DDP (gradient kept local)."}
     )
     ce_weight: float = field(
-        default=0.0, metadata={"help": "Weight of an added ASR cross-entropy (the paper's variant used 1.0)."}
+        default=0.0,
+        metadata={
+            "help": "Weight of an added ASR cross-entropy (the paper's variant used 1.0), a mean over each "
+            "micro-batch's response tokens like the contrastive loss is over its pairs."
+        },
     )
     position_shift: int = field(
         default=0,
@@ -153,7 +161,6 @@ def contrastive_states(
     with_ce: bool = False,
     mixed: bool = False,
     pad_token_id: int = 0,
-    num_items_in_batch=None,
 ) -> tuple[dict, object]:
     """Per layer: `(text_states, text_mask, speech_states, speech_mask)` as float32, and the model outputs.
 
@@ -203,7 +210,6 @@ def contrastive_states(
             encoder_hidden_states=states,
             encoder_lengths=state_lengths,
             labels=labels,
-            num_items_in_batch=num_items_in_batch if with_ce else None,
             output_hidden_states=deep or mixed,
             use_cache=False,
         )
@@ -260,6 +266,10 @@ class ContrastiveTrainer(SpeechLlmTrainer):
         # The learnable temperature trains with the projector; it is saved beside it in each checkpoint.
         self.temperature = LearnableTemperature(args.temperature) if args.learnable_temperature else None
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        # The model's forward takes **kwargs, so the Trainer would count label tokens and take the returned loss as
+        # already normalised over the accumulated batch; the contrastive loss is a mean over each micro-batch (its
+        # negatives are the micro-batch's own), so the Trainer must divide by the accumulation steps instead.
+        self.model_accepts_loss_kwargs = False
         if self.temperature is not None:
             self.temperature.to(self.args.device)
 
@@ -295,7 +305,6 @@ class ContrastiveTrainer(SpeechLlmTrainer):
             with_ce=self.args.ce_weight > 0,
             mixed=self.args.speech_input == "mixed",
             pad_token_id=self.processing_class.tokenizer.pad_token_id,
-            num_items_in_batch=num_items_in_batch,
         )
         per_layer = {}
         for layer, (text_states, text_mask, speech_states, speech_mask) in states.items():
