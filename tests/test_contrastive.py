@@ -99,19 +99,18 @@ def test_layer_zero_never_runs_the_llm(tmp_path, monkeypatch):
     assert "loss_layer_0" in trainer.state.log_history[0]
 
 
-def test_the_text_branch_holds_no_autograd_graph(tmp_path):
+def test_the_text_branch_runs_without_autograd(tmp_path):
     torch.manual_seed(0)
     model, processor = from_preset("tiny")
-    calls = []
+    # The LLM is frozen, so its outputs would hold no graph even with autograd on: record the mode instead.
+    grad_enabled = []
     model.language_model.register_forward_hook(
-        lambda module, args, kwargs, output: calls.append(output.hidden_states[-1]), with_kwargs=True
+        lambda module, args, output: grad_enabled.append(torch.is_grad_enabled())
     )
     trainer = make_trainer(tmp_path, model, processor, contrastive_layers="all")
     model.train()
     trainer.compute_loss(model, ContrastiveCollator(processor)(load_split("train")[:4]))
-    text_states, speech_states = calls
-    assert not text_states.requires_grad and text_states.grad_fn is None
-    assert speech_states.requires_grad
+    assert grad_enabled == [False, True]  # the text pass, then the speech pass
 
 
 def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
