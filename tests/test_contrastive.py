@@ -151,6 +151,28 @@ def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
         torch.testing.assert_close(tensor, (updated_longest[name] + updated_shortest[name]) / 2, atol=1e-5, rtol=1e-5)
 
 
+def test_encoder_augmentation_is_a_switch_of_the_run_not_of_the_saved_config(tmp_path):
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny")
+    modes = []
+    model.encoder.register_forward_hook(lambda module, args, output: modes.append(module.training))
+    trainer = make_trainer(
+        tmp_path, model, processor, encoder_train_mode_augment=True, save_strategy="steps", save_steps=1
+    )
+    trainer.train()
+    assert modes == [True]  # SpecAugment, dropout and LayerDrop were on in the training step
+    trainer.evaluate(datasets.Dataset.from_list(load_split("dev")[:4]))
+    assert modes == [True, False]  # and off in evaluation
+    assert not model.config.encoder_train_mode_augment
+    # A fine-tune started from the checkpoint must not augment unless it asks to.
+    saved = type(model.config).from_pretrained(tmp_path / "checkpoint-1")
+    assert not saved.encoder_train_mode_augment
+    with pytest.raises(ValueError, match="excludes a feature cache"):
+        make_trainer(
+            tmp_path, model, processor, encoder_train_mode_augment=True, feature_cache_dir=str(tmp_path / "c")
+        )
+
+
 def test_options_run_and_log_each_loss(tmp_path):
     torch.manual_seed(0)
     model, processor = from_preset("tiny")

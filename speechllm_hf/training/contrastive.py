@@ -90,8 +90,8 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
     encoder_train_mode_augment: bool = field(
         default=False,
         metadata={
-            "help": "Run the frozen encoder in train mode (SpecAugment, dropout, LayerDrop), "
-            "as the original trainer did by accident."
+            "help": "Run the frozen encoder in train mode (SpecAugment, dropout, LayerDrop) in training steps, "
+            "as the original trainer did by accident. A switch of this run: the saved model config is unchanged."
         },
     )
 
@@ -254,12 +254,8 @@ class ContrastiveTrainer(SpeechLlmTrainer):
                 max_length=args.max_length,
                 use_cached_features=args.feature_cache_dir is not None,
             )
-        if args.encoder_train_mode_augment:
-            if args.feature_cache_dir is not None:
-                raise ValueError(
-                    "encoder_train_mode_augment changes the encoder outputs: it excludes a feature cache."
-                )
-            model.config.encoder_train_mode_augment = True
+        if args.encoder_train_mode_augment and args.feature_cache_dir is not None:
+            raise ValueError("encoder_train_mode_augment changes the encoder outputs: it excludes a feature cache.")
         self.layers = contrastive_layer_indices(
             model.config.text_config.num_hidden_layers, parse_layers(args.contrastive_layers)
         )
@@ -292,13 +288,18 @@ class ContrastiveTrainer(SpeechLlmTrainer):
         return self.temperature() if self.temperature is not None else self.args.temperature
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        unwrapped = self.accelerator.unwrap_model(model)
+        if self.args.encoder_train_mode_augment and model.training:
+            # A switch of this run, set per step rather than in model.config, which checkpoints save and a later
+            # fine-tune would read; the Trainer's model.train() has just put the frozen encoder back in eval mode.
+            unwrapped.encoder.train()
         shift = None
         if self.args.position_shift > 0 and any(layer > 0 for layer in self.layers):
             batch_size = inputs["speech_input_ids"].shape[0]
             shift = torch.randint(0, self.args.position_shift, (batch_size,), device=inputs["speech_input_ids"].device)
         states, outputs = contrastive_states(
             model,
-            self.accelerator.unwrap_model(model),
+            unwrapped,
             inputs,
             self.layers,
             shift=shift,
