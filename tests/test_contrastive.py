@@ -200,6 +200,11 @@ def test_options_run_and_log_each_loss(tmp_path):
     assert torch.isfinite(torch.tensor(wasserstein.state.log_history[0]["loss"]))
 
 
+def test_gathered_negatives_need_the_infonce_loss(tmp_path):
+    with pytest.raises(ValueError, match="gather_negatives works with the InfoNCE loss only"):
+        ContrastiveTrainingArguments(output_dir=str(tmp_path), gather_negatives=True, contrastive_loss="wasserstein")
+
+
 def test_gathered_negatives_under_two_processes_equal_one_process_with_the_doubled_batch(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     single = subprocess.run(

@@ -63,7 +63,12 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
     )
     symmetric: bool = field(default=False, metadata={"help": "Departure: add the speech -> text direction."})
     gather_negatives: bool = field(
-        default=False, metadata={"help": "Departure: negatives from every process under DDP (gradient kept local)."}
+        default=False,
+        metadata={
+            "help": "Departure: the speech keys of every process are negatives under DDP. Gradients reaching a "
+            "gathered key are summed over processes and sent back to the process that owns it, so the update "
+            "equals one process with the whole batch. InfoNCE only."
+        },
     )
     ce_weight: float = field(
         default=0.0,
@@ -101,6 +106,11 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
             raise ValueError(f"contrastive_loss must be 'infonce' or 'wasserstein'; got {self.contrastive_loss!r}.")
         if self.speech_input not in ("speech", "mixed"):
             raise ValueError(f"speech_input must be 'speech' or 'mixed'; got {self.speech_input!r}.")
+        if self.gather_negatives and self.contrastive_loss == "wasserstein":
+            raise ValueError(
+                "gather_negatives works with the InfoNCE loss only: the Wasserstein variant compares whole "
+                "sequences, which are not gathered across processes."
+            )
         if self.contrastive_loss == "wasserstein" and self.contrastive_layers not in ("0",):
             logger.info("The Wasserstein variant compares embedding-level sequences: contrastive_layers set to '0'.")
             self.contrastive_layers = "0"
