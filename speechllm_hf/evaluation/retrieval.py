@@ -14,7 +14,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from ..training.contrastive import ContrastiveCollator, contrastive_states, parse_layers
+from ..training.contrastive import ContrastiveCollator, contrastive_states
 from ..training.contrastive_losses import contrastive_layer_indices, info_nce, mean_pool, similarity
 from .metrics import retrieval_metrics
 
@@ -24,7 +24,7 @@ def evaluate_retrieval(
     model,
     processor,
     rows,
-    layers: str = "all",
+    layers: str | int | list[int] = "all",
     batch_size: int = 16,
     temperature: float = 0.1,
     text_column: str = "text",
@@ -32,13 +32,15 @@ def evaluate_retrieval(
 ) -> tuple[dict, dict[int, torch.Tensor]]:
     """Retrieval metrics and contrastive loss per layer on `rows` (a list of dicts or a `datasets.Dataset`).
 
+    `layers` is any layer spec of `contrastive_layer_indices`: "all", an index, a list, or "0,32".
+
     Returns:
         `(results, similarities)`: `results["layer_<i>"]` holds `text_to_speech/R@1`, `text_to_speech/R@5`,
         `speech_to_text/R@1`, `speech_to_text/R@5`, `loss` and `chance_R@1`; `similarities[i]` is the (N, N) cosine
         similarity matrix of layer i (rows text, columns speech).
     """
     model.eval()
-    indices = contrastive_layer_indices(model.config.text_config.num_hidden_layers, parse_layers(layers))
+    indices = contrastive_layer_indices(model.config.text_config.num_hidden_layers, layers)
     collator = ContrastiveCollator(processor, text_column=text_column, audio_column=audio_column)
     pooled: dict[int, tuple[list, list]] = {layer: ([], []) for layer in indices}
     losses: dict[int, list[float]] = {layer: [] for layer in indices}

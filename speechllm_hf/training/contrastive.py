@@ -116,17 +116,13 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
             self.contrastive_layers = "0"
 
 
-def _positions(mask: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-    """Position ids from a right-padded mask, optionally shifted per row (the position-shift variant)."""
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return positions if shift is None else positions + shift[:, None]
+def _shifted_positions(mask: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Position ids of a padded batch (left or right) plus a per-row shift: the position-shift variant.
 
-
-def parse_layers(spec: str) -> str | int | list[int]:
-    if spec == "all":
-        return spec
-    values = [int(v) for v in str(spec).split(",") if v.strip()]
-    return values[0] if len(values) == 1 else values
+    Unshifted, the model and the LLM derive their own positions; the shift needs them here, and the model's rule
+    (`cumsum(mask) - 1`, in its forward) has no public helper to reuse.
+    """
+    return (mask.long().cumsum(-1) - 1).clamp(min=0) + shift[:, None]
 
 
 class ContrastiveCollator(SpeechLlmCollator):
@@ -194,16 +190,17 @@ def contrastive_states(
         text_embeds = unwrapped.embed_tokens(text_ids)
         text_hidden = None
         if deep:
+            # Right-padded, so the LLM's own positions (0, 1, ...) are the valid tokens' when unshifted.
             text_hidden = unwrapped.language_model(
                 inputs_embeds=text_embeds,
                 attention_mask=text_mask,
-                position_ids=_positions(text_mask, shift),
+                position_ids=None if shift is None else _shifted_positions(text_mask, shift),
                 output_hidden_states=True,
                 use_cache=False,
             ).hidden_states
 
     if deep or with_ce or mixed:
-        ids, mask, labels, positions = speech_ids, speech_mask, None, _positions(speech_mask, shift)
+        ids, mask, labels = speech_ids, speech_mask, None
         if with_ce:
             width = max(speech_ids.shape[1], inputs["input_ids"].shape[1])
             ids = torch.cat(
@@ -211,12 +208,13 @@ def contrastive_states(
             )
             mask = torch.cat([_right_pad(speech_mask, width, 0), _right_pad(inputs["attention_mask"], width, 0)])
             labels = torch.cat([torch.full_like(ids[:batch_size], -100), _right_pad(inputs["labels"], width, -100)])
-            positions = torch.cat([_right_pad(positions, width, 0), _positions(mask[batch_size:], None)])
             states, state_lengths = torch.cat([states, states]), torch.cat([state_lengths, state_lengths])
+            if shift is not None:
+                shift = torch.cat([shift, torch.zeros_like(shift)])
         outputs = model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=positions,
+            position_ids=None if shift is None else _shifted_positions(mask, shift),
             encoder_hidden_states=states,
             encoder_lengths=state_lengths,
             labels=labels,
@@ -266,9 +264,7 @@ class ContrastiveTrainer(SpeechLlmTrainer):
             )
         if args.encoder_train_mode_augment and args.feature_cache_dir is not None:
             raise ValueError("encoder_train_mode_augment changes the encoder outputs: it excludes a feature cache.")
-        self.layers = contrastive_layer_indices(
-            model.config.text_config.num_hidden_layers, parse_layers(args.contrastive_layers)
-        )
+        self.layers = contrastive_layer_indices(model.config.text_config.num_hidden_layers, args.contrastive_layers)
         # The learnable temperature trains with the projector; it is saved beside it in each checkpoint.
         self.temperature = LearnableTemperature(args.temperature) if args.learnable_temperature else None
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
