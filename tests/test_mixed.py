@@ -1,6 +1,7 @@
 """Mixed speech-text sequences: the collator's labels, the next-word training mode and the contrastive variant."""
 
 import datasets
+import pytest
 import torch
 
 from speechllm_hf import from_preset
@@ -78,3 +79,34 @@ def test_contrastive_between_a_mixed_sequence_and_its_text(tmp_path):
     trainer.train()
     logged = trainer.state.log_history[0]
     assert {"loss_layer_0", "loss_layer_2", "loss_ce"} <= set(logged)
+
+
+def test_contrastive_with_cross_entropy_runs_each_mixed_sequence_through_the_llm_once(tmp_path):
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny", projector_type="mlp")  # no dropout: training computes what eval does
+    args = ContrastiveTrainingArguments(
+        output_dir=str(tmp_path),
+        speech_input="mixed",
+        contrastive_layers="0,2",
+        ce_weight=1.0,
+        max_steps=1,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = ContrastiveTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(ROWS[:4]), processing_class=processor
+    )
+    batch = trainer.data_collator(ROWS[:4])
+    model_inputs = ("input_ids", "attention_mask", "input_features", "feature_attention_mask", "labels")
+    with torch.no_grad():
+        expected = model(**{key: batch[key] for key in model_inputs}).loss  # the next-word loss, run on its own
+    rows = []
+    model.language_model.register_forward_hook(
+        lambda module, args, kwargs, output: rows.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+    trainer.train()
+    assert rows == [4, 4]  # the transcripts, then the mixed sequences with their labels: no second copy
+    assert trainer.state.log_history[0]["loss_ce"] == pytest.approx(expected.item(), rel=1e-5)

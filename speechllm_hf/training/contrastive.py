@@ -173,9 +173,12 @@ def contrastive_states(
     `model` is what the Trainer gives (possibly DDP-wrapped) and `unwrapped` the bare model. The text branch runs
     under `no_grad` on the bare model (frozen weights only); the speech branch is ONE forward of `model` (so that
     DDP sees one forward per step) on the speech-only sequences, plus the ASR sequences as extra rows when
-    `with_ce`; layer 0 alone needs no LLM and takes the projector outputs from an audio-only forward. With `mixed`,
-    the speech side is a mixed speech-text sequence (`speech_input_ids` hold text tokens and audio placeholders):
-    its layer 0 is the LLM's input embeddings, so the LLM forward runs for every layer set.
+    `with_ce` (their loss is the outputs' `loss`, a mean over their response tokens); layer 0 alone needs no LLM
+    and takes the projector outputs from an audio-only forward. With `mixed`, the speech side is a mixed speech-text
+    sequence (`speech_input_ids` hold text tokens and audio placeholders): its layer 0 is the LLM's input
+    embeddings, so the LLM forward runs for every layer set, and with `with_ce` the same forward carries the mixed
+    sequences' next-word labels. `shift` (the position-shift variant) moves the positions of both branches; the
+    ASR rows keep theirs, while the mixed sequences, being the speech side, are shifted for their next-word loss too.
     """
     if "encoder_hidden_states" in inputs:
         states, state_lengths = inputs["encoder_hidden_states"], inputs["encoder_lengths"]
@@ -201,7 +204,9 @@ def contrastive_states(
 
     if deep or with_ce or mixed:
         ids, mask, labels = speech_ids, speech_mask, None
-        if with_ce:
+        if with_ce and mixed:
+            labels = inputs["labels"]
+        elif with_ce:
             width = max(speech_ids.shape[1], inputs["input_ids"].shape[1])
             ids = torch.cat(
                 [_right_pad(speech_ids, width, pad_token_id), _right_pad(inputs["input_ids"], width, pad_token_id)]
