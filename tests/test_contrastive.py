@@ -1,6 +1,7 @@
 """ContrastiveTrainer: the loss it trains on, what it runs, DDP negatives, retrieval that rises above chance."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -198,6 +199,30 @@ def test_options_run_and_log_each_loss(tmp_path):
     assert wasserstein.layers == [0]
     wasserstein.train()
     assert torch.isfinite(torch.tensor(wasserstein.state.log_history[0]["loss"]))
+
+
+def test_resuming_restores_the_learnable_temperature_exactly(tmp_path):
+    def run(output_dir, resume_from_checkpoint=None):
+        torch.manual_seed(0)
+        model, processor = from_preset("tiny", projector_type="mlp")
+        trainer = make_trainer(
+            output_dir,
+            model,
+            processor,
+            max_steps=4,
+            learnable_temperature=True,
+            learning_rate=5e-2,
+            warmup_steps=0,
+            save_strategy="steps",
+            save_steps=2,
+        )
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        return trainer.temperature.log_inv_temperature.detach().clone()
+
+    straight = run(tmp_path / "straight")
+    assert straight != torch.tensor(math.log(1 / 0.1))  # it trained, so a resume from the initial value would differ
+    resumed = run(tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
+    assert torch.equal(resumed, straight)
 
 
 def test_gathered_negatives_need_the_infonce_loss(tmp_path):

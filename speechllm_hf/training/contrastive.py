@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
 
 from ..data.collator import SpeechLlmCollator, pad_token_lists
 from ..data.mixed_collator import MixedSpeechTextCollator
@@ -244,6 +245,17 @@ def contrastive_states(
     return per_layer, outputs
 
 
+class _ZeroTemperatureGradient(TrainerCallback):
+    """Clears the learnable temperature's gradient after every optimizer step, as the Trainer does for the model's
+    parameters only (`model.zero_grad()`): the temperature lives outside the model."""
+
+    def __init__(self, temperature: LearnableTemperature):
+        self.temperature = temperature
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.temperature.zero_grad(set_to_none=True)
+
+
 class ContrastiveTrainer(SpeechLlmTrainer):
     """Contrastive pretraining; see the module docstring. Logs `loss_layer_<i>`, `loss_contrastive`, `loss_ce`."""
 
@@ -279,6 +291,7 @@ class ContrastiveTrainer(SpeechLlmTrainer):
         self.model_accepts_loss_kwargs = False
         if self.temperature is not None:
             self.temperature.to(self.args.device)
+            self.add_callback(_ZeroTemperatureGradient(self.temperature))
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
