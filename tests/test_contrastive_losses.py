@@ -3,7 +3,6 @@ gathered negatives against the doubled batch, and the vectorised Sinkhorn diverg
 
 import gc
 import math
-import time
 
 import numpy as np
 import pytest
@@ -469,18 +468,14 @@ def test_sinkhorn_padding_invariance():
     torch.testing.assert_close(sinkhorn_distance(garbage_x, mask_x, garbage_y, mask_y), distances)
 
 
-def test_sinkhorn_vectorised_is_faster_than_the_loop():
+def test_sinkhorn_vectorised_equals_the_loop_on_a_training_sized_batch():
+    # The batch of benchmarks/contrastive_step.py, which times the two.
     generator = torch.Generator().manual_seed(4)
     x, x_mask = _random_sequences(16, 24, 32, generator, scale=0.2)
     y, y_mask = _random_sequences(16, 12, 32, generator, scale=0.2)
-    start = time.perf_counter()
-    distances = sinkhorn_distance(x, x_mask, y, y_mask)
-    vectorised = time.perf_counter() - start
-    start = time.perf_counter()
-    reference = _reference_distances(x, x_mask, y, y_mask)
-    loop = time.perf_counter() - start
-    print(f"Sinkhorn B=16: loop {loop:.3f} s, vectorised {vectorised:.3f} s, {loop / vectorised:.1f}x faster")
-    torch.testing.assert_close(distances, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        sinkhorn_distance(x, x_mask, y, y_mask), _reference_distances(x, x_mask, y, y_mask), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_sinkhorn_matches_geomloss_when_installed():
