@@ -212,7 +212,10 @@ def test_blsp_format_labels_only_the_continuation_and_eos(tmp_path):
         # BLSP's `###[Human]:{instruction}<speech>\n\n\n###[Assistant]:{continuation}</s>`, BOS first.
         prompt, response = collator.prompt_and_response(row)
         assert prompt == f"{human}<audio>\n\n\n###[Assistant]:" and response == row["continuation"] + "</s>"
-        assert collator.teacher_prompt(row) == f"{human}{row['text']}\n\n\n###[Assistant]:"
+        # The teacher reads what continue-writing prompted the text LLM with: a space between instruction and text.
+        assert collator.teacher_prompt(row) == f"{human} {row['text']}\n\n\n###[Assistant]:"
+        teacher_prompt = tokenizer(collator.teacher_prompt(row), add_special_tokens=False)["input_ids"]
+        assert teacher_prompt == ContinuationPrompt(tokenizer).encode([row["text"]])[0]
 
         ids, labels = batch["input_ids"][i], batch["labels"][i]
         length = int(batch["attention_mask"][i].sum())
@@ -227,7 +230,6 @@ def test_blsp_format_labels_only_the_continuation_and_eos(tmp_path):
 
         teacher_length = int(batch["teacher_attention_mask"][i].sum())
         teacher_ids, teacher_labels = batch["teacher_input_ids"][i], batch["teacher_labels"][i]
-        teacher_prompt = tokenizer(collator.teacher_prompt(row), add_special_tokens=False)["input_ids"]
         assert teacher_ids[:teacher_length].tolist() == teacher_prompt + response_ids
         assert teacher_labels[:teacher_length].tolist() == [IGNORE_INDEX] * len(teacher_prompt) + response_ids
         assert (teacher_labels[teacher_length:] == IGNORE_INDEX).all()

@@ -38,13 +38,14 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from .manifest import load_manifest
-from .tasks import RESPONSE_COLUMNS
+from .tasks import RESPONSE_COLUMNS, PromptConfig
 
 logger = logging.getLogger(__name__)
 
-BLSP_CONTINUATION_INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
-# BLSP's data_process/asr_text_generation.py; the tokenizer adds BOS in front.
-BLSP_TEXT_TEMPLATE = "###[Human]:{instruction} {transcript}\n\n\n###[Assistant]:"
+# The prompt files hold it, for the speech model's continuation task; one text serves both.
+BLSP_CONTINUATION_INSTRUCTION = PromptConfig.from_file("blsp").instructions["continuation"]
+# BLSP's data_process/asr_text_generation.py around `continuation_request`; the tokenizer adds BOS in front.
+BLSP_TEXT_TEMPLATE = "###[Human]:{request}\n\n\n###[Assistant]:"
 PROMPT_STYLES = ("blsp", "chat")
 DROP_REASONS = ("missing_text", "too_long", "empty_continuation")
 OUTPUT_COLUMN = RESPONSE_COLUMNS["continuation"]
@@ -54,6 +55,15 @@ OUTPUT_COLUMN_NOTE = (
     "continuation task reads 'continuation' and the KL teacher needs the transcript."
 )
 _TOKENIZE_CHUNK = 4096
+
+
+def continuation_request(instruction: str, transcript: str) -> str:
+    """What the text LLM is asked, in every prompt style: the instruction, a space, the transcript (as BLSP wrote it).
+
+    The KL teacher of `ContinuationTrainer` reads the same request, so that it sees the text the continuation was
+    written from.
+    """
+    return f"{instruction} {transcript}"
 
 
 @dataclass
@@ -78,9 +88,10 @@ class ContinuationPrompt:
 
     def text(self, transcript: str) -> str:
         """The prompt as text (for "blsp" without the BOS token, which `encode` adds)."""
+        request = continuation_request(self.instruction, transcript)
         if self.style == "blsp":
-            return BLSP_TEXT_TEMPLATE.format(instruction=self.instruction, transcript=transcript)
-        message = {"role": "user", "content": f"{self.instruction} {transcript}"}
+            return BLSP_TEXT_TEMPLATE.format(request=request)
+        message = {"role": "user", "content": request}
         return self.tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
 
     def encode(self, transcripts: Sequence[str]) -> list[list[int]]:
@@ -399,6 +410,7 @@ __all__ = [
     "PROMPT_STYLES",
     "DROP_REASONS",
     "OUTPUT_COLUMN",
+    "continuation_request",
     "ContinuationPrompt",
     "make_normalizer",
     "report_path",

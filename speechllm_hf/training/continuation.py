@@ -7,9 +7,9 @@ transcript was, and learns to write the same continuation:
 - Cross-entropy (the faithful default, `ce_weight=1`): on the continuation tokens plus EOS / end-of-turn only. With
   the "blsp" prompt file and the whisper-cnn preset's chat template a sequence reads
   `<s>###[Human]:{instruction}<speech>\\n\\n\\n###[Assistant]:{continuation}</s>`.
-- KL distillation (BLSP-KD, Ultravox; `kl_weight > 0`): the same frozen LLM reads the transcript in place of the
-  speech (same instruction, same response tokens) and, under `no_grad`, gives the teacher's next-token distribution at
-  every response position; the loss is `T^2 * KL(teacher || student)` at temperature `T` (`kl_temperature`, 2), the
+- KL distillation (BLSP-KD, Ultravox; `kl_weight > 0`): the same frozen LLM reads the transcript instead of the
+  speech, as `continue-writing` asked it for the continuation (the instruction, a space, the transcript; same response
+  tokens) and, under `no_grad`, gives the teacher's next-token distribution at every response position; the loss is `T^2 * KL(teacher || student)` at temperature `T` (`kl_temperature`, 2), the
   `T^2` keeping gradient magnitudes comparable across temperatures (Hinton et al.). Both terms can be combined.
 
 Both terms are sums over response tokens divided by the number of response tokens (over all accumulated micro-batches
@@ -28,7 +28,8 @@ from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available
 
 from ..data.collator import IGNORE_INDEX, SpeechLlmCollator, pad_token_lists
-from ..data.tasks import PromptConfig
+from ..data.continuation import continuation_request
+from ..data.tasks import PromptConfig, build_turns
 from .arguments import SpeechLlmTrainingArguments
 from .trainer import SpeechLlmTrainer
 
@@ -110,9 +111,11 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 class ContinuationCollator(SpeechLlmCollator):
     """`SpeechLlmCollator` for continuation rows that can also build the KL teacher's text-only inputs.
 
-    The teacher sequence is the student's rendered prompt with the transcript (`text_column`) in place of the audio
-    placeholder, followed by exactly the student's response tokens (after any `max_length` cut), labelled the same
-    way: `teacher_input_ids`, `teacher_attention_mask` and `teacher_labels`, right-padded.
+    The teacher sequence is the request `continue-writing` gave the text LLM (`continuation_request`: the row's
+    instruction, a space, its transcript from `text_column`) as the user turn of the model's chat template, followed
+    by exactly the student's response tokens (after any `max_length` cut), labelled the same way:
+    `teacher_input_ids`, `teacher_attention_mask` and `teacher_labels`, right-padded. With the whisper-cnn chat
+    template this is BLSP's continuation prompt, `<s>###[Human]:{instruction} {transcript}\n\n\n###[Assistant]:`.
 
     Args:
         processor: the model's `SpeechLlmProcessor`.
@@ -126,18 +129,22 @@ class ContinuationCollator(SpeechLlmCollator):
         self.with_teacher = with_teacher
 
     def teacher_prompt(self, row: dict) -> str:
-        """The rendered prompt with the row's transcript where the audio goes."""
-        prompt, _ = self.prompt_and_response(row)
+        """The rendered prompt of the teacher: the row's instruction and transcript in the model's chat template."""
         transcript = row.get(self.text_column)
         if not isinstance(transcript, str) or not transcript.strip():
             raise ValueError(
                 f"The KL teacher reads the transcript from {self.text_column!r}, which this row lacks; it has "
                 f"{sorted(row)}."
             )
-        audio_token = self.processor.audio_token
-        if prompt.count(audio_token) != 1:
-            raise ValueError(f"The KL teacher needs exactly one audio placeholder in the prompt: {prompt!r}")
-        return prompt.replace(audio_token, transcript.strip())
+        # The instruction alone, formatted with the row's fields as the student's is.
+        instruction, _ = build_turns(
+            row,
+            row.get("task") or self.task,
+            PromptConfig("{instruction}", self.prompts.instructions),
+            self.text_column,
+        )
+        request = continuation_request(instruction, transcript.strip())
+        return self.processor.apply_chat_template([{"role": "user", "content": request}], add_generation_prompt=True)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = super().__call__(rows)
