@@ -9,8 +9,9 @@ transcript was, and learns to write the same continuation:
   `<s>###[Human]:{instruction}<speech>\\n\\n\\n###[Assistant]:{continuation}</s>`.
 - KL distillation (BLSP-KD, Ultravox; `kl_weight > 0`): the same frozen LLM reads the transcript instead of the
   speech, as `continue-writing` asked it for the continuation (the instruction, a space, the transcript; same response
-  tokens) and, under `no_grad`, gives the teacher's next-token distribution at every response position; the loss is `T^2 * KL(teacher || student)` at temperature `T` (`kl_temperature`, 2), the
-  `T^2` keeping gradient magnitudes comparable across temperatures (Hinton et al.). Both terms can be combined.
+  tokens) and, under `no_grad`, gives the teacher's next-token distribution at every response position; the loss is
+  `T^2 * KL(teacher || student)` at temperature `T` (`kl_temperature`, 2), the `T^2` keeping gradient magnitudes
+  comparable across temperatures (Hinton et al.). Both terms can be combined.
 
 Both terms are sums over response tokens divided by the number of response tokens (over all accumulated micro-batches
 and processes when the Trainer counts them), so gradient accumulation and data parallelism give the full-batch loss.
@@ -19,22 +20,18 @@ and processes when the Trainer counts them), so gradient accumulation and data p
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available
 
 from ..data.collator import IGNORE_INDEX, SpeechLlmCollator, pad_token_lists
 from ..data.continuation import continuation_request
 from ..data.tasks import PromptConfig, build_turns
-from .arguments import SpeechLlmTrainingArguments
+from .arguments import WARMUP_RATIO_FIELD, SpeechLlmTrainingArguments
 from .trainer import SpeechLlmTrainer
 
-# transformers 5.x folded `warmup_ratio` into `warmup_steps`; 4.x takes `warmup_steps` over a ratio when above 0.
-_WARMUP_RATIO_FIELD = "warmup_ratio" in {f.name for f in dataclasses.fields(TrainingArguments)}
 TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels")
 
 
@@ -47,7 +44,7 @@ class ContinuationTrainingArguments(SpeechLlmTrainingArguments):
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate of AdamW."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "Learning-rate schedule."})
-    if _WARMUP_RATIO_FIELD:
+    if WARMUP_RATIO_FIELD:
         warmup_ratio: float = field(default=0.0, metadata={"help": "Share of the steps spent warming up."})
         warmup_steps: int = field(default=1000, metadata={"help": "Warmup steps (override warmup_ratio)."})
     else:
