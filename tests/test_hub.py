@@ -15,7 +15,7 @@ from conftest import clip
 from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModel, AutoProcessor, pipeline
 
 from speechllm_hf import from_preset
 
@@ -31,6 +31,7 @@ MODEL_FILES = {
     "modeling_speechllm.py",
     "processing_speechllm.py",
     "hub_speechllm.py",
+    "pipeline_speechllm.py",
 }
 COMPAT_TRANSFORMERS = "4.57.6"
 
@@ -62,6 +63,10 @@ def saved(local_backbones, tmp_path_factory):
     with torch.no_grad():
         logits = model(**inputs).logits
     generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    # What the in-process "speech-llm" pipeline answers (default prompt); the shipped one must answer the same.
+    pipeline_text = pipeline("speech-llm", model=model, processor=processor)(
+        clips[0], sampling_rate=16000, max_new_tokens=8
+    )
     expected = folder.parent / "expected.npz"
     np.savez(
         expected,
@@ -71,6 +76,7 @@ def saved(local_backbones, tmp_path_factory):
         clip1=clips[1],
         logits=logits.numpy(),
         generated=generated.numpy(),
+        pipeline_text=pipeline_text["generated_text"],
         **{k: v.numpy() for k, v in inputs.items()},
     )
     return folder, expected, model, processor
@@ -88,6 +94,27 @@ def test_saved_folder_holds_exactly_the_expected_files(saved, tmp_path):
         "AutoModel": "modeling_speechllm.SpeechLlmForConditionalGeneration",
     }
     assert config["encoder_name_or_path"].endswith("hubert") and config["text_name_or_path"].endswith("llm")
+    # `pipeline(model=folder)` finds the shipped pipeline class by this entry, with no task name.
+    assert config["custom_pipelines"] == {
+        "speech-llm": {
+            "impl": "pipeline_speechllm.SpeechLlmPipeline",
+            "pt": ["AutoModel"],
+            "tf": [],
+            "type": "multimodal",
+        }
+    }
+
+
+def test_pipeline_without_a_task_name_from_a_saved_folder(saved):
+    folder, expected, model, _ = saved
+    pipe = pipeline(model=str(folder), trust_remote_code=True)
+    assert type(pipe).__name__ == "SpeechLlmPipeline"
+    answer = pipe(clip(0.9), sampling_rate=16000, max_new_tokens=8)
+    assert answer == {"generated_text": str(np.load(expected)["pipeline_text"])}
+    # The loaded model forgets the entry, so the in-process task serves the model object without trust_remote_code.
+    reloaded = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert not hasattr(reloaded.config, "custom_pipelines")
+    assert "custom_pipelines" not in model.config.to_dict()
 
 
 def test_projector_file_holds_exactly_the_projector(saved):

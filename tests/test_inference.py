@@ -285,3 +285,12 @@ def test_stream_rejects_unusable_audio_before_generating(model_and_processor, ba
     model, processor = model_and_processor
     with pytest.raises(ValueError, match="NaN"):
         next(stream_generate(model, processor, bad_files["nan"]))
+
+
+def test_shipped_pipeline_defaults_are_the_prompt_files():
+    # The Hub-shipped pipeline cannot read the package's prompt file, so it carries a copy of its ASR prompt.
+    from speechllm_hf.data.tasks import PromptConfig
+    from speechllm_hf.models.speechllm.pipeline_speechllm import DEFAULT_INSTRUCTION, DEFAULT_USER_TEMPLATE
+
+    prompts = PromptConfig.from_file()
+    assert (DEFAULT_USER_TEMPLATE, DEFAULT_INSTRUCTION) == (prompts.user_template, prompts.instructions["asr"])

@@ -10,30 +10,31 @@ together, and returned in input order. Greedy decoding by default; only the new 
 
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
 import logging
 import threading
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from speechllm_hf.data.audio import AudioSource, load_audio
 from speechllm_hf.data.tasks import PromptConfig
+from speechllm_hf.models.speechllm.pipeline_speechllm import (
+    DEFAULT_GENERATE_KWARGS,
+    build_generation_config,
+    check_clip,
+    finish_text,
+    generate_texts,
+    model_inputs,
+    newline_token_ids,
+    render_prompt,
+)
 
 logger = logging.getLogger(__name__)
-
-# BLSP's generate.py: greedy, at most 128 new tokens. `do_sample=False` is explicit so that a checkpoint whose
-# generation_config samples (Llama-3.1-Instruct: temperature 0.6, top_p 0.9) still decodes greedily unless asked.
-DEFAULT_GENERATE_KWARGS = {"max_new_tokens": 128, "do_sample": False, "num_beams": 1}
-_SAMPLING_ONLY = ("temperature", "top_p", "top_k")
-# Token ids whose text holds a newline, per tokenizer (computing them decodes the whole vocabulary once).
-_NEWLINE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -85,10 +86,9 @@ def build_prompt(processor, instruction: str | None = None, prompts: PromptConfi
         The rendered prompt, ending with the assistant header, holding one audio placeholder.
     """
     prompts = prompts or default_prompts()
-    if instruction is None:
-        instruction = prompts.instructions["asr"]
-    user = prompts.user_template.replace("<audio>", processor.audio_token).format(instruction=instruction)
-    return processor.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+    return render_prompt(
+        processor, prompts.instructions["asr"] if instruction is None else instruction, prompts.user_template
+    )
 
 
 def load_request_audio(processor, request: GenerationRequest | dict) -> np.ndarray:
@@ -100,83 +100,7 @@ def load_request_audio(processor, request: GenerationRequest | dict) -> np.ndarr
     """
     request = _as_request(request)
     waveform = load_audio(request.audio, request.sampling_rate, target_rate=processor.sampling_rate)
-    # The processor alone knows the encoder's limits (too few samples for one audio token, Whisper's 30 s).
-    processor(text=processor.audio_token, audio=waveform, sampling_rate=processor.sampling_rate, return_tensors=None)
-    return waveform
-
-
-def newline_token_ids(tokenizer) -> list[int]:
-    """Ids of the (non-special) tokens whose text holds a newline, e.g. "\\n", "\\n\\n" or ".\\n" in Llama-3."""
-    if tokenizer not in _NEWLINE_IDS:
-        special = set(tokenizer.all_special_ids)
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
-        _NEWLINE_IDS[tokenizer] = [i for i, text in enumerate(texts) if "\n" in text and i not in special]
-    return _NEWLINE_IDS[tokenizer]
-
-
-def build_generation_config(model, processor, *, stop_at_newline: bool = False, **generate_kwargs) -> GenerationConfig:
-    """The model's generation config with this call's settings on top.
-
-    Args:
-        model: The `SpeechLlmForConditionalGeneration`.
-        processor: Its processor (for the pad and newline tokens).
-        stop_at_newline: Also stop a row at the first token holding a newline (the contrastive paper's evaluation
-            stopped "at newline or <|eot_id|>"); the text after the newline is dropped when decoding.
-        **generate_kwargs: Any `GenerationConfig` field (`max_new_tokens`, `do_sample`, `temperature`, `top_p`,
-            `num_beams`, ...) over `DEFAULT_GENERATE_KWARGS`.
-
-    Returns:
-        A new `GenerationConfig`; the model's own is left untouched.
-
-    Raises:
-        ValueError: On a keyword that is not a generation setting.
-    """
-    settings = {**DEFAULT_GENERATE_KWARGS, **generate_kwargs}
-    if not settings["do_sample"]:
-        # The model's sampling defaults would only make generate() warn that they are ignored.
-        settings = {**dict.fromkeys(_SAMPLING_ONLY), **settings}
-    config = copy.deepcopy(model.generation_config)
-    unknown = config.update(**settings, return_dict_in_generate=False)
-    if unknown:
-        raise ValueError(f"Unknown generation settings: {sorted(unknown)}.")
-    eos = config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if stop_at_newline:
-        eos += [i for i in newline_token_ids(processor.tokenizer) if i not in eos]
-    config.eos_token_id = eos or None
-    if config.pad_token_id is None:
-        config.pad_token_id = processor.tokenizer.pad_token_id
-    return config
-
-
-def model_inputs(model, processor, prompts: Sequence[str], waveforms: Sequence[np.ndarray]):
-    """A left-padded batch of prompts and their (validated, resampled) clips on the model's device."""
-    batch = processor(
-        text=list(prompts),
-        audio=list(waveforms),
-        sampling_rate=processor.sampling_rate,
-        padding=True,
-        padding_side="left",  # generation appends on the right; explicit, whatever the saved tokenizer says
-        add_special_tokens=False,  # the chat template writes BOS where it belongs
-        return_tensors="pt",
-    )
-    return batch.to(model.device)
-
-
-def finish_text(text: str, stop_at_newline: bool) -> str:
-    """A decoded response as returned: cut at the first newline when stopping there, stripped."""
-    if stop_at_newline:
-        text = text.split("\n", 1)[0]
-    return text.strip()
-
-
-def generate_texts(
-    model, processor, prompts: Sequence[str], waveforms: Sequence[np.ndarray], config: GenerationConfig
-) -> list[str]:
-    """Generates one batch (no validation, no sorting): the decoded new tokens of each row, untrimmed."""
-    batch = model_inputs(model, processor, prompts, waveforms)
-    sequences = model.generate(**batch, generation_config=config)
-    return processor.batch_decode(sequences[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return check_clip(processor, waveform, processor.sampling_rate)
 
 
 def iter_generate(

@@ -14,7 +14,7 @@ sys.modules["speechllm_hf"] = None  # any import of the package now raises Impor
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoModel, AutoProcessor  # noqa: E402
+from transformers import AutoModel, AutoProcessor, pipeline  # noqa: E402
 
 folder, expected_path = sys.argv[1], sys.argv[2]
 expected = np.load(expected_path)
@@ -33,6 +33,12 @@ with torch.no_grad():
 np.testing.assert_allclose(logits, expected["logits"], rtol=1e-5, atol=1e-5)
 generated = model.generate(**inputs, max_new_tokens=8, do_sample=False).numpy()
 np.testing.assert_array_equal(generated, expected["generated"])
+
+# The pipeline shipped with the model, found through config.json's custom_pipelines (no task name).
+pipe = pipeline(model=folder, trust_remote_code=True)
+assert type(pipe).__name__ == "SpeechLlmPipeline" and not type(pipe).__module__.startswith("speechllm_hf")
+answer = pipe(clips[0], sampling_rate=16000, max_new_tokens=8)
+assert answer == {"generated_text": str(expected["pipeline_text"])}, answer
 
 # The attention implementation and dtype asked of AutoModel reach both backbones and the projector.
 bf16 = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager", dtype=torch.bfloat16)

@@ -1,4 +1,5 @@
-"""Projector-only checkpoints: which tensors are the projector, how they are read back, and the model card.
+"""Projector-only checkpoints: which tensors are the projector, how they are read back, the model card, and the
+pipeline entry a saved folder carries.
 
 This file ships to the Hub with `trust_remote_code`: it imports only torch, transformers (and what transformers
 itself requires: safetensors, huggingface_hub) and the standard library.
@@ -8,12 +9,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import torch
 from safetensors.torch import load_file
 from transformers.utils import cached_file
 
 PROJECTOR_WEIGHTS_NAME = "projector.safetensors"
+PIPELINE_TASK = "speech-llm"
+PIPELINE_FILE = "pipeline_speechllm.py"
+# The config.json entry that lets `pipeline(model=...)` find the shipped pipeline class without a task name.
+CUSTOM_PIPELINES = {
+    PIPELINE_TASK: {
+        "impl": f"{PIPELINE_FILE.removesuffix('.py')}.SpeechLlmPipeline",
+        "pt": ["AutoModel"],
+        "tf": [],
+        "type": "multimodal",
+    }
+}
 LORA_FOLDER = "lora"  # a peft adapter of the LLM, saved beside the projector when fine-tuned with LoRA
 # Arguments of `from_pretrained` that locate files of this repo (the projector checkpoint itself).
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
@@ -243,8 +256,39 @@ combined model, in particular the LLM's licence ({text}).
 """
 
 
+def ship_pipeline(save_directory: str | os.PathLike) -> None:
+    """Copies the pipeline file beside the saved model code and names it in the saved config.json only.
+
+    The model code does not import the pipeline, so `save_pretrained` would not copy it: transformers 4.x copies
+    only the direct relative imports of a local folder's module, and the pipeline's own import of the processor would
+    then be missing. The entry goes into the file, not into the live config: see `forget_pipeline_entry`.
+    """
+    shutil.copyfile(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), PIPELINE_FILE),
+        os.path.join(save_directory, PIPELINE_FILE),
+    )
+    path = os.path.join(save_directory, "config.json")
+    with open(path, encoding="utf-8") as file:
+        saved = json.load(file)
+    saved["custom_pipelines"] = CUSTOM_PIPELINES
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+def forget_pipeline_entry(config) -> None:
+    """Drops a loaded `custom_pipelines` entry: transformers' `pipeline()` would otherwise insist on loading the
+    pipeline class from the repo (by name, with trust_remote_code) even for a model object already in memory."""
+    if "custom_pipelines" in vars(config):
+        del config.custom_pipelines
+
+
 __all__ = [
     "PROJECTOR_WEIGHTS_NAME",
+    "PIPELINE_TASK",
+    "PIPELINE_FILE",
+    "CUSTOM_PIPELINES",
+    "ship_pipeline",
+    "forget_pipeline_entry",
     "HUB_KWARGS",
     "BACKBONE_KWARGS",
     "LORA_FOLDER",

@@ -38,10 +38,12 @@ from .hub_speechllm import (
     HUB_KWARGS,
     LORA_FOLDER,
     PROJECTOR_WEIGHTS_NAME,
+    forget_pipeline_entry,
     is_projector_key,
     load_projector_state,
     model_card,
     resolve_file,
+    ship_pipeline,
     upload_saved_folder,
 )
 
@@ -439,6 +441,8 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         if is_main_process:
             with open(os.path.join(save_directory, "README.md"), "w") as card:
                 card.write(model_card(self, full_model=full_model))
+            if self._auto_class is not None:  # the code ships with the weights: so does the pipeline
+                ship_pipeline(save_directory)
 
     @property
     def has_lora(self) -> bool:
@@ -491,7 +495,9 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         if resolve_file(pretrained_model_name_or_path, PROJECTOR_WEIGHTS_NAME, **hub_kwargs) is None:
             # A full save: never fall back to a pickled pytorch_model.bin, which can run code when read.
             kwargs["use_safetensors"] = True
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            forget_pipeline_entry(model.config)
+            return model
         # AutoModel passes the config it loaded, an instance of the Hub copy of SpeechLlmConfig (a class object of
         # its own), so check for any config rather than for this module's class.
         if not isinstance(config, PretrainedConfig):
@@ -517,6 +523,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         except OSError:
             logger.info("No generation_config.json in %s; keeping the defaults.", pretrained_model_name_or_path)
         model.config._name_or_path = str(pretrained_model_name_or_path)
+        forget_pipeline_entry(model.config)
         return model.eval()
 
     def load_trained_weights(self, name_or_path: str | os.PathLike, **hub_kwargs) -> None:
