@@ -156,6 +156,9 @@ def test_prepare_reports_every_bad_row(bad_manifest: Path, tmp_path: Path) -> No
     assert dropped[1]["audio"] == str(tmp_path / "audio" / "missing.wav") and dropped[1]["detail"]
     reloaded = load_prepared(out)
     assert reloaded["id"] == kept["id"] and reloaded["audio"] == kept["audio"]
+    # The output folder is itself a manifest (`--train_manifest prepared/`), as is its saved dataset.
+    for source in (out, out / "dataset"):
+        assert load_manifest(source)["id"] == kept["id"]
 
 
 def test_prepare_in_parallel_matches_serial(bad_manifest: Path) -> None:

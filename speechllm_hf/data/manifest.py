@@ -2,8 +2,10 @@
 
 Accepted sources: a JSON-lines file (`{"audio": path, "text": ..., ...}` per line; relative paths are resolved
 against the file's folder), a parquet file or a folder of parquet files (MuST-C / Spoken-SQuAD style: `audio
-{array, sampling_rate}` or `{bytes, path}`, `duration`, `sentence`, `translation`, `question`, `answer`), or a
-`datasets.Dataset`, whose `Audio` columns are cast to `decode=False` (decoding them would need torchcodec + FFmpeg).
+{array, sampling_rate}` or `{bytes, path}`, `duration`, `sentence`, `translation`, `question`, `answer`), a folder
+written by `datasets.Dataset.save_to_disk` or the output folder of `speechllm-hf prepare` / `speechllm-hf align`
+(which keep their rows in `dataset/`), or a `datasets.Dataset`, whose `Audio` columns are cast to `decode=False`
+(decoding them would need torchcodec + FFmpeg).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import datasets
 
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIX = ".parquet"
+SAVED_DATASET_DIR = "dataset"  # where `prepare` and `align` save their rows inside their output folder
 
 
 def cast_audio_undecoded(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -41,9 +44,15 @@ def _read_files(path: Path) -> tuple[datasets.Dataset, Path]:
     if not path.exists():
         raise ValueError(f"Manifest {str(path)!r} does not exist.")
     if path.is_dir():
+        for saved in (path, path / SAVED_DATASET_DIR):
+            if (saved / "state.json").is_file():  # what Dataset.save_to_disk writes
+                return datasets.load_from_disk(str(saved)), path
         files = sorted(str(p) for p in path.rglob(f"*{PARQUET_SUFFIX}"))
         if not files:
-            raise ValueError(f"Manifest folder {str(path)!r} holds no {PARQUET_SUFFIX} files.")
+            raise ValueError(
+                f"Manifest folder {str(path)!r} holds no {PARQUET_SUFFIX} files and no saved dataset "
+                "(Dataset.save_to_disk, or the output folder of speechllm-hf prepare / align)."
+            )
         return datasets.Dataset.from_parquet(files), path
     suffix = path.suffix.lower()
     if suffix in JSON_SUFFIXES:
@@ -63,7 +72,8 @@ def load_manifest(
 
     Args:
         source: A `.jsonl`/`.json` (JSON lines) file, a `.parquet` file, a folder of parquet files (searched
-            recursively) or a `datasets.Dataset`.
+            recursively), a folder saved with `Dataset.save_to_disk` (or a `prepare` / `align` output folder, which
+            holds one in `dataset/`) or a `datasets.Dataset`.
         audio_column: The column holding the audio: a path string, a `{"bytes", "path"}` dict or an `{"array",
             "sampling_rate"}` dict.
         text_column: The transcript column, which must exist; `None` when the rows need no text.
@@ -98,4 +108,4 @@ def load_manifest(
     return dataset
 
 
-__all__ = ["load_manifest", "cast_audio_undecoded"]
+__all__ = ["SAVED_DATASET_DIR", "load_manifest", "cast_audio_undecoded"]

@@ -18,7 +18,7 @@ import numpy as np
 from speechllm_hf.models.speechllm.processing_speechllm import resample
 
 from .audio import audio_duration, decode_audio
-from .manifest import cast_audio_undecoded, load_manifest
+from .manifest import SAVED_DATASET_DIR, cast_audio_undecoded, load_manifest
 from .tasks import TASKS, PromptConfig, check_columns, check_task, missing_fields, response_column
 
 logger = logging.getLogger(__name__)
@@ -36,15 +36,14 @@ REASONS: tuple[str, ...] = (
     "missing_text",
     "missing_field",
 )
-DATASET_DIR = "dataset"
 REPORT_FILE = "report.json"
 DROPPED_FILE = "dropped.jsonl"
 # Per-row outputs of the validation map; removed from the kept rows.
 _REASON, _DETAIL, _REF = "__prepare_reason", "__prepare_detail", "__prepare_audio_ref"
 
 
-def _audio_ref(audio: Any) -> str:
-    """How a dropped row's audio is named in dropped.jsonl: its path, or what kind of in-memory data it was."""
+def audio_ref(audio: Any) -> str:
+    """How a dropped (or failed) row's audio is named in a report file: its path, or what in-memory data it was."""
     if isinstance(audio, (str, os.PathLike)):
         return os.fspath(audio)
     if isinstance(audio, dict):
@@ -120,10 +119,11 @@ def _check_row(
     reason, duration, detail = _check_audio(audio, min_duration, max_duration, target_rate)
     if reason is None and prompts is not None:
         reason, detail = _check_fields(row, task, prompts, text_column)
-    return {"duration": duration, _REASON: reason or "", _DETAIL: detail, _REF: _audio_ref(audio)}
+    return {"duration": duration, _REASON: reason or "", _DETAIL: detail, _REF: audio_ref(audio)}
 
 
-def _describe(source: Any) -> str:
+def describe_source(source: Any) -> str:
+    """How a report names its input: the resolved path, or the shape of an in-memory dataset."""
     if isinstance(source, datasets.Dataset):
         return f"datasets.Dataset(num_rows={source.num_rows}, columns={source.column_names})"
     return str(Path(source).resolve())
@@ -230,7 +230,7 @@ def prepare_dataset(
             "kept": _hours([durations[i] for i in kept_indices]),
             "dropped": _hours([d for d, reason in zip(durations, reasons) if reason]),
         },
-        "source": _describe(source),
+        "source": describe_source(source),
     }
     assert report["kept"] + sum(dropped.values()) == report["total"], f"rows went missing: {report}"
     logger.info(
@@ -248,7 +248,7 @@ def prepare_dataset(
 
 def _write(output_dir: Path, kept: datasets.Dataset, report: dict[str, Any], rows: dict[str, list]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    kept.save_to_disk(str(output_dir / DATASET_DIR))
+    kept.save_to_disk(str(output_dir / SAVED_DATASET_DIR))
     (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     dropped_path = output_dir / DROPPED_FILE
     dropped = [
@@ -275,10 +275,10 @@ def load_prepared(output_dir: str | os.PathLike) -> datasets.Dataset:
     Raises:
         ValueError: If `output_dir` holds no prepared dataset.
     """
-    path = Path(output_dir) / DATASET_DIR
+    path = Path(output_dir) / SAVED_DATASET_DIR
     if not path.is_dir():
         raise ValueError(f"No prepared dataset in {str(output_dir)!r}: run `speechllm-hf prepare` into it first.")
     return cast_audio_undecoded(datasets.load_from_disk(str(path)))
 
 
-__all__ = ["REASONS", "prepare_dataset", "load_prepared"]
+__all__ = ["REASONS", "REPORT_FILE", "audio_ref", "describe_source", "prepare_dataset", "load_prepared"]
