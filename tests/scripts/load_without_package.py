@@ -8,6 +8,7 @@ import blocked below). Exits non-zero on any difference.
 
 import json
 import sys
+import tempfile
 
 sys.modules["speechllm_hf"] = None  # any import of the package now raises ImportError
 
@@ -39,6 +40,13 @@ pipe = pipeline(model=folder, trust_remote_code=True)
 assert type(pipe).__name__ == "SpeechLlmPipeline" and not type(pipe).__module__.startswith("speechllm_hf")
 answer = pipe(clips[0], sampling_rate=16000, max_new_tokens=8)
 assert answer == {"generated_text": str(expected["pipeline_text"])}, answer
+
+# A loaded model saves again (without the pipeline file, which transformers' module cache does not hold).
+with tempfile.TemporaryDirectory() as resaved:
+    model.save_pretrained(resaved)
+    again = AutoModel.from_pretrained(resaved, trust_remote_code=True).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(again(**inputs).logits.numpy(), expected["logits"], rtol=1e-5, atol=1e-5)
 
 # The attention implementation and dtype asked of AutoModel reach both backbones and the projector.
 bf16 = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager", dtype=torch.bfloat16)

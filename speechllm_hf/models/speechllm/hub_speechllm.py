@@ -8,12 +8,15 @@ itself requires: safetensors, huggingface_hub) and the standard library.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
 import torch
 from safetensors.torch import load_file
 from transformers.utils import cached_file
+
+logger = logging.getLogger(__name__)
 
 PROJECTOR_WEIGHTS_NAME = "projector.safetensors"
 PIPELINE_TASK = "speech-llm"
@@ -263,10 +266,13 @@ def ship_pipeline(save_directory: str | os.PathLike) -> None:
     only the direct relative imports of a local folder's module, and the pipeline's own import of the processor would
     then be missing. The entry goes into the file, not into the live config: see `forget_pipeline_entry`.
     """
-    shutil.copyfile(
-        os.path.join(os.path.dirname(os.path.abspath(__file__)), PIPELINE_FILE),
-        os.path.join(save_directory, PIPELINE_FILE),
-    )
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), PIPELINE_FILE)
+    if not os.path.isfile(source):
+        # A model loaded from the Hub runs from transformers' module cache, which holds only the files the model
+        # code imports: re-saved from there, the folder works as a model, without the pipeline entry.
+        logger.info("%s is not beside the model code; saving without the pipeline entry.", PIPELINE_FILE)
+        return
+    shutil.copyfile(source, os.path.join(save_directory, PIPELINE_FILE))
     path = os.path.join(save_directory, "config.json")
     with open(path, encoding="utf-8") as file:
         saved = json.load(file)
