@@ -264,6 +264,16 @@ def test_cli_train_end_to_end_with_a_multi_task_manifest_list(tmp_path):
     assert {"checkpoint-1", "checkpoint-2", "config.json"} <= set(os.listdir(out))
 
 
+def test_cli_train_refuses_a_manifest_that_loses_every_row(tmp_path):
+    from speechllm_hf.cli import main
+
+    st_row = {"audio": load_split("dev")[0]["audio"], "translation": "hallo"}  # no target_language
+    (tmp_path / "st.jsonl").write_text(json.dumps(st_row) + "\n")
+    argv = ["train", "--output_dir", str(tmp_path / "run"), "--train_manifest", f"st={tmp_path / 'st.jsonl'}"]
+    with pytest.raises(ValueError, match=r"Every row of .*st.jsonl was dropped \(1 missing_field\).*--target_lang"):
+        main([*argv, "--max_steps", "1", "--use_cpu"])
+
+
 def dev_rows(n=4):
     return datasets.Dataset.from_list(load_split("dev")[:n])
 

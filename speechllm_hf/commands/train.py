@@ -138,6 +138,13 @@ def load_rows(manifests: list[str], args, data_args: DataArguments):
             require_text=args.task != MIXED_TASK,
         )
         logger.info("%s: %s", path, json.dumps({k: report[k] for k in ("total", "kept", "dropped")}))
+        if report["total"] and not report["kept"]:  # a whole manifest gone is a mistake, not a few bad rows
+            reasons = ", ".join(f"{count} {reason}" for reason, count in report["dropped"].items() if count)
+            raise ValueError(
+                f"Every row of {path} was dropped ({reasons}); `speechllm-hf prepare` lists each with its reason. "
+                "ST rows need target_language (and source_language, English by default): --target_language sets "
+                "it for rows without the column."
+            )
         parts.append(rows)
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
