@@ -11,6 +11,7 @@ import sys
 COMMANDS = (
     "info",
     "prepare",
+    "align",
     "push",
     "train",
     "continue_writing",
