@@ -35,15 +35,26 @@ from .training.trainer import SpeechLlmTrainer
 logger = logging.getLogger(__name__)
 
 
+# BLSP's adapter on the tiny Whisper-shaped encoder: of the three projectors it learned best here (see below).
+PROJECTOR_TYPE = "cnn"
+PROJECTOR_NAMES = {"qformer": "window Q-Former", "cnn": "CNN adapter", "mlp": "frame-stacking MLP"}
+
+
 @dataclass
 class QuickstartConfig:
-    """Step counts and learning rates tuned so that the tiny model visibly learns in a few CPU minutes."""
+    """Step counts and learning rates tuned so that the tiny model visibly learns in about a CPU minute.
 
-    text_steps: int = 300
+    Measured on 2 CPU cores (the tiny Whisper-shaped encoder with each projector, 600 / 1000 / 1500 steps): the CNN
+    adapter reached dev WER 0.36 and text -> speech R@1 0.30-0.35 (chance 0.0125) in 66 s, the MLP 0.45 and
+    0.18-0.24, the Q-Former about 0.54 and 0.11-0.21; more ASR steps overfit the 320 training clips (WER 0.44 with
+    the CNN at 3000 steps) and fewer stage-1 steps leave the tiny LLM a weaker writer (0.50 at 300).
+    """
+
+    text_steps: int = 600
     text_learning_rate: float = 3e-3
-    contrastive_steps: int = 200
+    contrastive_steps: int = 1000
     contrastive_learning_rate: float = 2e-3
-    asr_steps: int = 400
+    asr_steps: int = 1500
     asr_learning_rate: float = 3e-3
     batch_size: int = 16
     seed: int = 0
@@ -142,7 +153,7 @@ def run_quickstart(output_dir: str, config: QuickstartConfig | None = None) -> d
     os.makedirs(output_dir, exist_ok=True)
     started = time.time()
     torch.manual_seed(config.seed)
-    model, processor = from_preset("tiny", encoder_type="whisper", projector_type="qformer")
+    model, processor = from_preset("tiny", encoder_type="whisper", projector_type=PROJECTOR_TYPE)
     train_rows, dev_rows = load_split("train"), load_split("dev")
     train_set = datasets.Dataset.from_list(train_rows)
     cache_dir = os.path.join(output_dir, "feature_cache")
@@ -255,9 +266,9 @@ def _report(results: dict) -> str:
     examples = "\n".join(f"| {e['reference']} | {e['before']} | {e['after']} |" for e in results["examples"])
     return f"""# speechllm_hf quickstart report
 
-Tiny random Whisper-shaped encoder + Q-Former + tiny Llama on the bundled espeak-ng corpus ({results["dev_clips"]}
-dev clips), {results["seconds"]} s on this machine. Stage 1 tuned the tiny LLM on text; stages 2-3 trained only
-the projector.
+Tiny random Whisper-shaped encoder + {PROJECTOR_NAMES[PROJECTOR_TYPE]} + tiny Llama on the bundled espeak-ng
+corpus ({results["dev_clips"]} dev clips), {results["seconds"]} s on this machine. Stage 1 tuned the tiny LLM on
+text; stages 2-3 trained only the projector.
 
 ![losses](losses.png)
 
