@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import string
 from dataclasses import dataclass, field
@@ -31,8 +30,7 @@ from transformers import (
 
 from .models.speechllm import SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor
 from .models.speechllm.modeling_speechllm import from_pretrained_or_explain
-
-logger = logging.getLogger(__name__)
+from .models.speechllm.processing_speechllm import ensure_pad_token
 
 ENCODER_TYPES = ("hubert", "whisper", "wav2vec2")
 
@@ -186,14 +184,8 @@ def _prepare_text_tokenizer(tokenizer, audio_token: str):
         tokenizer.add_special_tokens(
             {"additional_special_tokens": [audio_token]}, replace_additional_special_tokens=False
         )
-    if tokenizer.pad_token is None:
-        # Both original code bases had to set one; prefer a dedicated pad token when the vocabulary has one.
-        vocab = tokenizer.get_vocab()
-        pad = next((t for t in ("<|finetune_right_pad_id|>", "<pad>") if t in vocab), None)
-        pad = pad or tokenizer.unk_token or tokenizer.eos_token
-        logger.info("The tokenizer has no pad token; using %r.", pad)
-        tokenizer.pad_token = pad
-    return tokenizer
+    # Before the processor is built: the generation config takes the pad id from the tokenizer.
+    return ensure_pad_token(tokenizer)
 
 
 def from_preset(

@@ -13,7 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from speechllm_hf.models.speechllm.processing_speechllm import load_audio_file, prepare_waveform, to_mono_float32
+from speechllm_hf.models.speechllm.processing_speechllm import (
+    check_sampling_rate,
+    load_audio_file,
+    prepare_waveform,
+    to_mono_float32,
+)
 
 AudioSource = Any  # str | os.PathLike | bytes | np.ndarray | torch.Tensor | list[float] | dict (datasets Audio)
 
@@ -73,7 +78,8 @@ def load_audio(source: AudioSource, sampling_rate: int | None = None, target_rat
         A 1-D float32 array in [-1, 1] at `target_rate`.
 
     Raises:
-        ValueError: If the clip cannot be decoded, has no sampling rate, is empty or holds NaN/inf samples.
+        ValueError: If the clip cannot be decoded, has no (or a non-positive) sampling rate, is empty or holds
+            NaN/inf samples.
     """
     return prepare_waveform(_normalise(source), sampling_rate, target_rate)
 
@@ -89,16 +95,13 @@ def decode_audio(source: AudioSource, sampling_rate: int | None = None) -> tuple
         `(waveform, rate)`: a 1-D float32 mono array (possibly empty or non-finite) and its sampling rate.
 
     Raises:
-        ValueError: If the clip cannot be decoded or an array has no sampling rate.
+        ValueError: If the clip cannot be decoded or an array has no (or a non-positive) sampling rate.
     """
     source, sampling_rate = unwrap_audio(source, sampling_rate)
-    if isinstance(source, bytes):
-        source, sampling_rate = load_audio_file(io.BytesIO(source))
-    elif isinstance(source, str):
-        source, sampling_rate = load_audio_file(source)
-    if sampling_rate is None:
-        raise ValueError("An audio array needs its sampling rate.")
-    return to_mono_float32(source), int(sampling_rate)
+    if isinstance(source, (bytes, str)):
+        source, sampling_rate = load_audio_file(io.BytesIO(source) if isinstance(source, bytes) else source)
+        return to_mono_float32(source), int(sampling_rate)
+    return to_mono_float32(source), check_sampling_rate(sampling_rate, "An audio array")
 
 
 def audio_duration(source: AudioSource, sampling_rate: int | None = None) -> float:
@@ -112,7 +115,7 @@ def audio_duration(source: AudioSource, sampling_rate: int | None = None) -> flo
         The duration in seconds at the clip's own rate.
 
     Raises:
-        ValueError: If the header cannot be read or an array has no sampling rate.
+        ValueError: If the header cannot be read or an array has no (or a non-positive) sampling rate.
     """
     source, sampling_rate = unwrap_audio(source, sampling_rate)
     if isinstance(source, (bytes, str)):
@@ -124,8 +127,7 @@ def audio_duration(source: AudioSource, sampling_rate: int | None = None) -> flo
             name = "<bytes>" if isinstance(source, bytes) else repr(source)
             raise ValueError(f"Cannot read the audio header of {name}: {err}") from err
         return info.frames / info.samplerate
-    if sampling_rate is None:
-        raise ValueError("An audio array needs its sampling rate.")
+    sampling_rate = check_sampling_rate(sampling_rate, "An audio array")
     shape = np.shape(source)
     # 2-D arrays are (samples, channels) or (channels, samples): the longer axis is time, as in to_mono_float32.
     return (max(shape) if len(shape) == 2 else shape[0] if shape else 0) / sampling_rate

@@ -10,13 +10,21 @@ import copy
 import io
 import json
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from transformers import BatchFeature, ProcessorMixin
+from transformers.utils import logging
 
 from .configuration_speechllm import audio_token_count
+
+logger = logging.get_logger(__name__)
+
+# Pad tokens to reuse when a tokenizer has none (Llama's have none), in order of preference: a dedicated pad token
+# (Llama-3.1's), then `<pad>`; else the unknown token (Llama-2's `<unk>`, what BLSP padded with), else EOS.
+PAD_TOKEN_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>")
 
 
 def load_audio_file(path: str | os.PathLike | io.BytesIO) -> tuple[np.ndarray, int]:
@@ -48,13 +56,23 @@ def resample(waveform: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarr
 
 
 def to_mono_float32(samples: np.ndarray | torch.Tensor | Sequence[float]) -> np.ndarray:
-    """Samples as float32 mono in [-1, 1]: integer PCM is scaled, channels are averaged.
+    """Samples as float32 mono: integer PCM is scaled to [-1, 1], float samples are kept as they are, channels are
+    averaged.
 
     A 2-D array is read as (samples, channels) or (channels, samples): the shorter axis is taken as the channels.
+    8-, 16- and 32-bit integers are PCM of that width; 64-bit integers (what a Python list of ints becomes) have no
+    PCM scale and are refused.
     """
     if isinstance(samples, torch.Tensor):
-        samples = samples.detach().cpu().numpy()
+        samples = samples.detach().cpu()
+        # numpy has no bfloat16; every float tensor ends as float32 anyway.
+        samples = (samples.float() if samples.is_floating_point() else samples).numpy()
     samples = np.asarray(samples)
+    if samples.dtype.kind in "iu" and samples.dtype.itemsize > 4:
+        raise ValueError(
+            f"Audio samples of dtype {samples.dtype} have no PCM scale (a Python list of ints becomes int64): give "
+            "integer PCM as int16 or int32 (e.g. `np.asarray(samples, dtype=np.int16)`), or floats in [-1, 1]."
+        )
     if samples.dtype.kind in "iu":
         info = np.iinfo(samples.dtype)
         # Scale so that full-scale PCM maps to [-1, 1); unsigned PCM (8-bit wav) is offset by its midpoint.
@@ -62,6 +80,8 @@ def to_mono_float32(samples: np.ndarray | torch.Tensor | Sequence[float]) -> np.
         samples = (samples.astype(np.float64) - offset) / max(abs(info.min), info.max + 1 - offset)
     elif samples.dtype.kind != "f":
         raise ValueError(f"Audio samples must be numbers; got dtype {samples.dtype}.")
+    if samples.ndim == 2 and samples.size == 0:  # e.g. (0, 2): no samples, whichever axis holds the channels
+        return np.zeros(0, dtype=np.float32)
     if samples.ndim == 2:
         channel_axis = 0 if samples.shape[0] < samples.shape[1] else 1
         samples = samples.mean(axis=channel_axis)
@@ -70,13 +90,34 @@ def to_mono_float32(samples: np.ndarray | torch.Tensor | Sequence[float]) -> np.
     return samples.astype(np.float32)
 
 
-def prepare_waveform(audio, sampling_rate: int | None, target_rate: int, index: int = 0) -> np.ndarray:
+def check_sampling_rate(sampling_rate, name: str = "Audio clip", target_rate: int | None = None) -> int:
+    """The rate of a clip given as samples, as an int; a `ValueError` naming the clip (`name`) when it is missing
+    or not a positive number."""
+    if sampling_rate is None:
+        target = f"the {target_rate} Hz the feature extractor expects" if target_rate else "the model's rate"
+        raise ValueError(
+            f"{name} has no sampling rate: pass `sampling_rate=` (an int, or one per clip) so that it can be "
+            f"resampled to {target}."
+        )
+    try:
+        rate = int(sampling_rate)
+    except (TypeError, ValueError):
+        rate = 0
+    if rate <= 0:
+        raise ValueError(f"{name} has sampling rate {sampling_rate!r}: give its rate in Hz, a positive number.")
+    return rate
+
+
+def prepare_waveform(audio, sampling_rate: int | None, target_rate: int, index: int | None = None) -> np.ndarray:
     """Any accepted clip -> a validated float32 mono waveform at `target_rate`.
 
     Accepts an array/tensor/list of samples with `sampling_rate`, a `datasets` Audio dict
     (`{"array", "sampling_rate"}` or `{"path"}` / `{"bytes"}`), a file path, or raw encoded bytes.
-    Raises `ValueError` naming the clip (`index`) for a missing sampling rate, an empty clip or NaN/inf samples.
+    Raises `ValueError` naming the clip (`index`, when given) for a missing or non-positive sampling rate, an empty
+    clip or NaN/inf samples. Float samples above full scale (1.0) are kept, with a warning: they are most often integer
+    PCM converted to float without scaling, which log-mel features do not normalise away.
     """
+    name = "Audio clip" if index is None else f"Audio clip {index}"
     if isinstance(audio, dict):
         if audio.get("array") is not None:
             audio, sampling_rate = audio["array"], audio.get("sampling_rate", sampling_rate)
@@ -85,23 +126,46 @@ def prepare_waveform(audio, sampling_rate: int | None, target_rate: int, index: 
         elif audio.get("path") is not None:
             audio = audio["path"]
         else:
-            raise ValueError(f"Audio clip {index}: a dict needs 'array' + 'sampling_rate', 'bytes' or 'path'.")
-    if isinstance(audio, bytes):
-        audio, sampling_rate = load_audio_file(io.BytesIO(audio))
+            raise ValueError(f"{name}: a dict needs 'array' + 'sampling_rate', 'bytes' or 'path'.")
+    if isinstance(audio, (bytes, bytearray, memoryview)):  # encoded file data, never samples
+        audio, sampling_rate = load_audio_file(io.BytesIO(bytes(audio)))
     elif isinstance(audio, (str, os.PathLike)):
         audio, sampling_rate = load_audio_file(audio)
-    if sampling_rate is None:
-        raise ValueError(
-            f"Audio clip {index} has no sampling rate: pass `sampling_rate=` (an int, or one per clip) so that it "
-            f"can be resampled to the {target_rate} Hz the feature extractor expects."
-        )
+    rate = check_sampling_rate(sampling_rate, name, target_rate)
     waveform = to_mono_float32(audio)
     if not np.isfinite(waveform).all():
-        raise ValueError(f"Audio clip {index} holds NaN or infinite samples; clean or drop it.")
-    waveform = resample(waveform, int(sampling_rate), target_rate)
+        raise ValueError(f"{name} holds NaN or infinite samples; clean or drop it.")
+    if waveform.size and np.abs(waveform).max() > 1.0:
+        # A `warnings` warning with a fixed text, shown once per call site: a training loop would otherwise repeat it
+        # every batch.
+        warnings.warn(
+            "Audio holds float samples above full scale (1.0). Float samples are read as they are, so integer PCM "
+            "converted to float must be scaled first (divide int16 values by 32768), or passed as integers.",
+            UserWarning,
+            stacklevel=2,
+        )
+    waveform = resample(waveform, rate, target_rate)
     if waveform.size == 0:  # checked after resampling: a few samples at 48 kHz can become none at 16 kHz
-        raise ValueError(f"Audio clip {index} is empty (0 samples at {target_rate} Hz).")
+        raise ValueError(f"{name} is empty (0 samples at {target_rate} Hz).")
     return waveform
+
+
+def ensure_pad_token(tokenizer):
+    """Give `tokenizer` a pad token when it has none (Llama's tokenizers have none; both original code bases set
+    one): the first of `PAD_TOKEN_CANDIDATES` in its vocabulary, else its unknown token, else EOS. Padding is masked
+    and labelled -100, so which token pads does not change results. Returns the tokenizer."""
+    if tokenizer.pad_token is None:
+        vocab = tokenizer.get_vocab()
+        pad = next((token for token in PAD_TOKEN_CANDIDATES if token in vocab), None)
+        pad = pad or tokenizer.unk_token or tokenizer.eos_token
+        if pad is None:
+            raise ValueError(
+                "The tokenizer has no pad, unknown or EOS token to pad batches with: set one of its tokens as "
+                "`tokenizer.pad_token`."
+            )
+        logger.info("The tokenizer has no pad token; using %r.", pad)
+        tokenizer.pad_token = pad
+    return tokenizer
 
 
 class SpeechLlmProcessor(ProcessorMixin):
@@ -149,6 +213,7 @@ class SpeechLlmProcessor(ProcessorMixin):
                 f"tokenizer.add_special_tokens({{'additional_special_tokens': [{audio_token!r}]}})."
             )
         self.audio_token_id = audio_token_id
+        ensure_pad_token(tokenizer)  # batches (and the training collator) pad
         if chat_template is None:
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template, **kwargs)
@@ -200,9 +265,11 @@ class SpeechLlmProcessor(ProcessorMixin):
         max_length = self.audio_length_spec.get("max_feature_length")
         if max_length is not None and features.shape[-1] > max_length:
             seconds = len(waveform) / self.sampling_rate
+            hop = seconds / features.shape[-1]  # seconds per feature frame (Whisper: 10 ms)
             raise ValueError(
-                f"Audio clip {index} lasts {seconds:.1f} s, longer than the encoder accepts "
-                f"({max_length} feature frames); split it into shorter clips."
+                f"Audio clip {index} lasts {seconds:.2f} s, longer than the encoder accepts ({max_length} feature "
+                f"frames, {max_length * hop:.0f} s); split it into shorter clips (`speechllm-hf prepare` drops them "
+                "as too_long)."
             )
         if self.num_audio_tokens(features.shape[-1]) < 1:
             raise ValueError(
@@ -235,6 +302,8 @@ class SpeechLlmProcessor(ProcessorMixin):
         if text is None:
             raise ValueError("SpeechLlmProcessor needs text: put the audio placeholder where the audio goes.")
         texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("SpeechLlmProcessor got an empty list of texts: give at least one.")
         clips = [] if audio is None else audio if _is_clip_list(audio) else [audio]
         placeholders = [t.count(self.audio_token) for t in texts]
         if sum(placeholders) != len(clips):
@@ -360,4 +429,12 @@ def _is_clip_list(audio) -> bool:
     return False
 
 
-__all__ = ["SpeechLlmProcessor", "prepare_waveform", "to_mono_float32", "resample", "load_audio_file"]
+__all__ = [
+    "SpeechLlmProcessor",
+    "check_sampling_rate",
+    "ensure_pad_token",
+    "load_audio_file",
+    "prepare_waveform",
+    "resample",
+    "to_mono_float32",
+]
