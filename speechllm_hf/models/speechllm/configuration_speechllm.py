@@ -167,11 +167,30 @@ class SpeechLlmConfig(PretrainedConfig):
 
     @property
     def encoder_hidden_size(self) -> int:
-        config = self.encoder_config
-        for name in ("hidden_size", "d_model", "output_dim"):
-            if isinstance(getattr(config, name, None), int):
-                return getattr(config, name)
-        raise ValueError(f"Cannot read the hidden size of encoder config {type(config).__name__}.")
+        return hidden_size_of(self.encoder_config)
+
+    def check_backbones(self, encoder_config: PretrainedConfig, text_config: PretrainedConfig) -> None:
+        """Checks that the encoder and LLM actually used are as wide as this config says.
+
+        The projector is built from this config's widths. An encoder of another width fails deep in the projector's
+        first layer; an LLM of another width is worse: its embeddings take the audio features element by element
+        (`masked_scatter`) without an error. Both happen when `encoder_config` / `text_config` were written by hand
+        or edited while the weights come from `encoder_name_or_path` / `text_name_or_path`.
+
+        Raises:
+            ValueError: naming the sub-model and both widths.
+        """
+        for what, key, expected, config in (
+            ("encoder", "encoder_config", self.encoder_hidden_size, encoder_config),
+            ("LLM", "text_config", hidden_size_of(self.text_config), text_config),
+        ):
+            actual = hidden_size_of(config)
+            if actual != expected:
+                raise ValueError(
+                    f"The {what} is {actual} wide but the config's {key} says {expected}, which the projector is "
+                    f"built for. Take {key} from the checkpoint itself (AutoConfig.from_pretrained, as from_preset "
+                    "does) instead of writing or editing it."
+                )
 
     @property
     def is_whisper_like_encoder(self) -> bool:
@@ -230,6 +249,14 @@ class SpeechLlmConfig(PretrainedConfig):
         return rate * self.audio_length_spec["tokens_per_step"]
 
 
+def hidden_size_of(config: PretrainedConfig) -> int:
+    """The width of a sub-model's hidden states, read from its config (`hidden_size`, Whisper's `d_model`, ...)."""
+    for name in ("hidden_size", "d_model", "output_dim"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise ValueError(f"Cannot read the hidden size of {type(config).__name__}.")
+
+
 def _as_config(config: PretrainedConfig | dict | None, default_type: str) -> PretrainedConfig:
     if config is None:
         return CONFIG_MAPPING[default_type]()
@@ -248,6 +275,7 @@ __all__ = [
     "SpeechLlmConfig",
     "audio_token_count",
     "conv_output_length",
+    "hidden_size_of",
     "convs_output_length",
     "PROJECTOR_TYPES",
     "PROJECTOR_DEFAULTS",

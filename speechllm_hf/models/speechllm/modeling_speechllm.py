@@ -343,6 +343,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
+        config.check_backbones(self.encoder.config, self.language_model.config)
         self.encoder.requires_grad_(not config.freeze_encoder)
         self.language_model.requires_grad_(not config.freeze_text_model)
         self.post_init()
