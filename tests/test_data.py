@@ -129,6 +129,7 @@ EXPECTED_DROPPED = {
     "unknown_task": 0,
     "missing_text": 1,
     "missing_field": 0,
+    "audio_token_in_text": 0,
 }
 
 

@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--task", default="asr", help="task of rows without a `task` column: asr, st, sqa, ...")
     parser.add_argument("--prompt_file", help="prompt YAML whose instruction fields rows must fill in")
     parser.add_argument(
+        "--audio_token", default="<audio>", help="the model's audio placeholder, which row texts must not hold"
+    )
+    parser.add_argument(
         "--no_require_text",
         dest="require_text",
         action="store_false",
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
             task=args.task,
             prompts=PromptConfig.from_file(args.prompt_file),
             require_text=args.require_text,
+            audio_token=args.audio_token,
         )
     except (ValueError, OSError) as err:  # a bad manifest, task, prompt file or bounds: a message, not a traceback
         print(f"speechllm-hf prepare: error: {err}", file=sys.stderr)

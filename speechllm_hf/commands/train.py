@@ -99,11 +99,12 @@ def parse_arguments(arguments_class, config: str | None, argv: list[str]):
     return parser.parse_args_into_dataclasses(argv)
 
 
-def load_rows(manifests: list[str], args, data_args: DataArguments):
+def load_rows(manifests: list[str], args, data_args: DataArguments, audio_token: str = "<audio>"):
     """Validate and concatenate manifests; `TASK=PATH` items get a `task` column, ST rows the languages given.
 
     Rows are validated after those columns are added, each against its own task's fields, so that an ST manifest
-    relying on --target_language is kept and an ST row without a translation is dropped (and counted).
+    relying on --target_language is kept and an ST row without a translation is dropped (and counted). Rows whose
+    text holds the model's `audio_token` are dropped too.
     """
     import datasets
 
@@ -136,6 +137,7 @@ def load_rows(manifests: list[str], args, data_args: DataArguments):
             prompts=prompts,
             # Mixed speech-text rows are not task rows: their word times are checked when they are aligned.
             require_text=args.task != MIXED_TASK,
+            audio_token=audio_token,
         )
         logger.info("%s: %s", path, json.dumps({k: report[k] for k in ("total", "kept", "dropped")}))
         if report["total"] and not report["kept"]:  # a whole manifest gone is a mistake, not a few bad rows
@@ -180,8 +182,12 @@ def run(args: argparse.Namespace) -> int:
             training_args.lora_dropout,
             training_args.lora_target_modules.split(","),
         )
-    train_rows = load_rows(data_args.train_manifest, training_args, data_args)
-    eval_rows = load_rows(data_args.eval_manifest, training_args, data_args) if data_args.eval_manifest else None
+    train_rows = load_rows(data_args.train_manifest, training_args, data_args, processor.audio_token)
+    eval_rows = (
+        load_rows(data_args.eval_manifest, training_args, data_args, processor.audio_token)
+        if data_args.eval_manifest
+        else None
+    )
     trainer = trainer_class(
         model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows, processing_class=processor
     )

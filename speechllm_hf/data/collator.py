@@ -13,13 +13,15 @@ import numpy as np
 import torch
 
 from .audio import load_audio
-from .tasks import TASKS, PromptConfig, build_turns
+from .prepare import audio_ref
+from .tasks import TASKS, PromptConfig, build_turns, fields_holding
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 CACHE_COLUMNS = ("feature_length", "encoder_states")
 TASK_IDS = "task_ids"  # batch key of per-row task indices (return_task_ids=True); not a model input
+PREPARE_HINT = "`speechllm-hf prepare` drops unusable rows before training, and counts them by reason."
 
 
 class SpeechLlmCollator:
@@ -65,9 +67,14 @@ class SpeechLlmCollator:
 
     def prompt_and_response(self, row: dict) -> tuple[str, str]:
         """The rendered prompt (ending with the assistant header) and the response text with its end-of-turn."""
-        user, response = build_turns(
-            row, self.row_task(row), self.prompts, self.text_column, self.processor.audio_token
-        )
+        task, audio_token = self.row_task(row), self.processor.audio_token
+        user, response = build_turns(row, task, self.prompts, self.text_column, audio_token)
+        holding = fields_holding(row, task, self.prompts, audio_token, self.text_column)
+        if holding:
+            raise ValueError(
+                f"The row's {holding} field(s) hold the audio token {audio_token!r}, which marks where the audio "
+                "goes: remove it from the text."
+            )
         prompt = self.processor.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
         full = self.processor.apply_chat_template(
             [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
@@ -79,8 +86,26 @@ class SpeechLlmCollator:
             )
         return prompt, full[len(prompt) :]
 
+    def load_clip(self, row: dict):
+        """The row's clip as a float32 mono waveform at the processor's rate."""
+        if row.get(self.audio_column) is None:
+            raise ValueError(f"The row has no audio in column {self.audio_column!r}; its fields are {sorted(row)}.")
+        return load_audio(row[self.audio_column], target_rate=self.processor.sampling_rate)
+
+    def each_row(self, rows: list[dict], function) -> list:
+        """`function(row)` for every row; a `ValueError` is raised again naming the row and its audio."""
+        results = []
+        for index, row in enumerate(rows):
+            try:
+                results.append(function(row))
+            except ValueError as err:
+                audio = row.get(self.audio_column)
+                name = "no audio" if audio is None else f"audio {audio_ref(audio)}"
+                raise ValueError(f"Batch row {index} ({name}): {err} {PREPARE_HINT}") from err
+        return results
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        prompts, responses = zip(*(self.prompt_and_response(row) for row in rows))
+        prompts, responses = zip(*self.each_row(rows, self.prompt_and_response))
         tokenizer = self.processor.tokenizer
         if self.use_cached_features:
             if any(column not in row for row in rows for column in CACHE_COLUMNS):
@@ -95,15 +120,18 @@ class SpeechLlmCollator:
             audio = _pad_encoder_states([row["encoder_states"] for row in rows])
         else:
             rate = self.processor.sampling_rate
-            clips = [load_audio(row[self.audio_column], target_rate=rate) for row in rows]
-            batch = self.processor(
-                list(prompts),
-                audio=clips,
-                sampling_rate=rate,
-                padding=False,
-                return_tensors=None,
-                add_special_tokens=False,
-            )
+            clips = self.each_row(rows, self.load_clip)
+            try:
+                batch = self.processor(
+                    list(prompts),
+                    audio=clips,
+                    sampling_rate=rate,
+                    padding=False,
+                    return_tensors=None,
+                    add_special_tokens=False,
+                )
+            except ValueError as err:  # a clip too short or too long for the encoder
+                raise ValueError(f"{err} Audio clip numbers are batch rows. {PREPARE_HINT}") from err
             prompt_ids = batch["input_ids"]
             audio = {
                 "input_features": torch.as_tensor(np.asarray(batch["input_features"])),
@@ -111,12 +139,12 @@ class SpeechLlmCollator:
             }
         response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
         sequences, labels = [], []
-        for prompt, response in zip(prompt_ids, response_ids):
+        for index, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
             room = self.max_length - len(prompt)
             if room < 1:
                 raise ValueError(
-                    f"A prompt with its audio tokens is {len(prompt)} tokens long, over max_length="
-                    f"{self.max_length}: raise max_length or drop longer audio (prepare --max_duration)."
+                    f"Batch row {index}: its prompt with its audio tokens is {len(prompt)} tokens long, over "
+                    f"max_length={self.max_length}: raise max_length or drop longer audio (prepare --max_duration)."
                 )
             if len(response) > room:
                 self.num_truncated += 1
@@ -152,4 +180,4 @@ def _pad_encoder_states(states: list) -> dict[str, torch.Tensor]:
     }
 
 
-__all__ = ["SpeechLlmCollator", "IGNORE_INDEX", "CACHE_COLUMNS", "TASK_IDS", "pad_token_lists"]
+__all__ = ["SpeechLlmCollator", "IGNORE_INDEX", "CACHE_COLUMNS", "PREPARE_HINT", "TASK_IDS", "pad_token_lists"]

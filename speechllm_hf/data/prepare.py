@@ -19,13 +19,14 @@ from speechllm_hf.models.speechllm.processing_speechllm import resample
 
 from .audio import audio_duration, decode_audio
 from .manifest import SAVED_DATASET_DIR, cast_audio_undecoded, load_manifest
-from .tasks import TASKS, PromptConfig, check_columns, check_task, missing_fields, response_column
+from .tasks import TASKS, PromptConfig, check_columns, check_task, fields_holding, missing_fields, response_column
 
 logger = logging.getLogger(__name__)
 
 # One reason per row, the first check that fails: the header (unreadable, empty, too_short, too_long) before the
 # samples, so that an over-long file is never decoded; then decoding (unreadable), non_finite, and the row's fields
-# last: its task (unknown_task), its response text (missing_text), the fields its instruction reads (missing_field).
+# last: its task (unknown_task), its response text (missing_text), the fields its instruction reads (missing_field),
+# and text that holds the audio token (audio_token_in_text), which would be read as a second audio placeholder.
 REASONS: tuple[str, ...] = (
     "unreadable",
     "empty",
@@ -35,6 +36,7 @@ REASONS: tuple[str, ...] = (
     "unknown_task",
     "missing_text",
     "missing_field",
+    "audio_token_in_text",
 )
 REPORT_FILE = "report.json"
 DROPPED_FILE = "dropped.jsonl"
@@ -91,17 +93,22 @@ def _check_audio(
     return None, duration, ""
 
 
-def _check_fields(row: dict[str, Any], task: str, prompts: PromptConfig, text_column: str) -> tuple[str | None, str]:
+def _check_fields(
+    row: dict[str, Any], task: str, prompts: PromptConfig, text_column: str, audio_token: str
+) -> tuple[str | None, str]:
     """(reason or None, detail) for the fields of one row, checked against its own task."""
     task = row.get("task") or task
     if task not in TASKS:
         return "unknown_task", f"task {task!r}"
     missing = missing_fields(row, task, prompts, text_column)
-    if not missing:
-        return None, ""
-    column = response_column(task, text_column)
-    reason = "missing_text" if column in missing else "missing_field"
-    return reason, f"{task} row without {', '.join(f'{name} {row.get(name)!r}' for name in missing)}"
+    if missing:
+        column = response_column(task, text_column)
+        reason = "missing_text" if column in missing else "missing_field"
+        return reason, f"{task} row without {', '.join(f'{name} {row.get(name)!r}' for name in missing)}"
+    holding = fields_holding(row, task, prompts, audio_token, text_column)
+    if holding:
+        return "audio_token_in_text", f"{audio_token!r} in {', '.join(holding)}"
+    return None, ""
 
 
 def _check_row(
@@ -114,11 +121,12 @@ def _check_row(
     min_duration: float,
     max_duration: float,
     target_rate: int,
+    audio_token: str,
 ) -> dict[str, Any]:
     audio = row[audio_column]
     reason, duration, detail = _check_audio(audio, min_duration, max_duration, target_rate)
     if reason is None and prompts is not None:
-        reason, detail = _check_fields(row, task, prompts, text_column)
+        reason, detail = _check_fields(row, task, prompts, text_column, audio_token)
     return {"duration": duration, _REASON: reason or "", _DETAIL: detail, _REF: audio_ref(audio)}
 
 
@@ -146,6 +154,7 @@ def prepare_dataset(
     task: str = "asr",
     prompts: PromptConfig | None = None,
     require_text: bool = True,
+    audio_token: str = "<audio>",
 ) -> tuple[datasets.Dataset, dict[str, Any]]:
     """Validates every row of a manifest and keeps the good ones.
 
@@ -153,8 +162,9 @@ def prepare_dataset(
     `REASONS` that applies: `unreadable` (missing file, undecodable data), `empty` (0 samples, also after resampling
     to `target_rate`), `too_short` / `too_long` (outside `[min_duration, max_duration]` seconds), `non_finite`
     (NaN/inf samples); then, when `require_text`, against the row's own task (its `task` column, else `task`):
-    `unknown_task`, `missing_text` (no response text: transcript, translation, answer, continuation or response) or
-    `missing_field` (a field the task's instruction reads, such as `target_language` or `question`). Every row is
+    `unknown_task`, `missing_text` (no response text: transcript, translation, answer, continuation or response),
+    `missing_field` (a field the task's instruction reads, such as `target_language` or `question`) or
+    `audio_token_in_text` (one of those fields holds `audio_token`, which the model would read as audio). Every row is
     checked against the fields its own task needs, so multi-task manifests keep their ST and QA rows. A bad row never
     stops the run.
 
@@ -173,6 +183,7 @@ def prepare_dataset(
         prompts: The prompts whose instruction fields rows must fill in; the packaged defaults when None.
         require_text: Check each row's fields against its task (and, without a `task` column, that the columns
             `task` needs exist); False checks the audio only.
+        audio_token: The model's audio placeholder (`SpeechLlmConfig.audio_token`), which row texts must not hold.
 
     Returns:
         `(kept, report)`: the kept rows, with their audio as given (paths stay paths, arrays stay arrays) and a float
@@ -206,6 +217,7 @@ def prepare_dataset(
             "min_duration": float(min_duration),
             "max_duration": float(max_duration),
             "target_rate": target_rate,
+            "audio_token": audio_token,
         },
         num_proc=num_proc if num_proc > 1 else None,
         # Audio files can change behind an unchanged manifest: never reuse an earlier verdict.

@@ -71,10 +71,15 @@ def response_column(task: str, text_column: str = "text") -> str:
     return text_column if task == "asr" else RESPONSE_COLUMNS[task]
 
 
+def _template_fields(task: str, prompts: PromptConfig) -> list[str]:
+    """Every field `task`'s instruction template reads, in order, once each."""
+    names = [name for _, name, _, _ in string.Formatter().parse(prompts.instructions.get(task, "")) if name]
+    return list(dict.fromkeys(names))
+
+
 def instruction_fields(task: str, prompts: PromptConfig) -> list[str]:
     """The row fields that `task`'s instruction template reads and that have no default (e.g. `target_language`)."""
-    names = [name for _, name, _, _ in string.Formatter().parse(prompts.instructions.get(task, "")) if name]
-    return [name for name in dict.fromkeys(names) if name not in DEFAULT_FIELDS]
+    return [name for name in _template_fields(task, prompts) if name not in DEFAULT_FIELDS]
 
 
 def required_columns(task: str, prompts: PromptConfig, text_column: str = "text") -> list[str]:
@@ -106,6 +111,15 @@ def missing_fields(row: dict, task: str, prompts: PromptConfig, text_column: str
     if not _present(_response(row, task, text_column)):
         missing.append(response_column(task, text_column))
     return missing
+
+
+def fields_holding(row: dict, task: str, prompts: PromptConfig, token: str, text_column: str = "text") -> list[str]:
+    """The fields of `row` that its `task` writes into the conversation (instruction fields, response) and whose
+    text holds `token`. The audio token in a row's text would be read as a second audio placeholder (or an audio
+    position in the response): `prepare_dataset` drops such rows, the collator refuses them."""
+    values = {name: row.get(name) for name in _template_fields(task, prompts)}
+    values[response_column(task, text_column)] = _response(row, task, text_column)
+    return [name for name, value in values.items() if isinstance(value, str) and token in value]
 
 
 def check_columns(
@@ -158,6 +172,7 @@ __all__ = [
     "instruction_fields",
     "required_columns",
     "missing_fields",
+    "fields_holding",
     "check_columns",
     "build_turns",
 ]

@@ -1,9 +1,10 @@
 """Batched generation: (audio, instruction) requests -> response texts, robust to unusable audio.
 
 Each request's audio is loaded and checked on its own first (unreadable, empty, NaN/inf, too short or too long for
-the encoder): a bad row gets an `error` and never reaches a batch. Usable rows are sorted by duration within a window
-of `sort_window` requests (similar lengths share a batch, so little padding is computed), left-padded, generated
-together, and returned in input order. Greedy decoding by default; only the new tokens are decoded.
+the encoder), and so is its instruction (which must not hold the audio token): a bad row gets an `error` and never
+reaches a batch. Usable rows are sorted by duration within a window of `sort_window` requests (similar lengths share
+a batch, so little padding is computed), left-padded, generated together, and returned in input order. Greedy
+decoding by default; only the new tokens are decoded.
 
 `stream_generate` yields the text of one request piece by piece with transformers' `TextIteratorStreamer`.
 """
@@ -146,11 +147,12 @@ def iter_generate(
             try:
                 request = _as_request(request)
                 waveform = load_request_audio(processor, request)
+                prompt = build_prompt(processor, request.instruction, prompts)
             except ValueError as err:
                 logger.warning("Request %d skipped: %s", index, err)
                 yield index, GenerationResult(error=str(err))
                 continue
-            ready.append((index, build_prompt(processor, request.instruction, prompts), waveform))
+            ready.append((index, prompt, waveform))
         ready.sort(key=lambda item: -len(item[2]))  # stable: equal lengths keep their input order
         for start in range(0, len(ready), batch_size):
             batch = ready[start : start + batch_size]
@@ -240,7 +242,7 @@ def stream_generate(
         Text pieces.
 
     Raises:
-        ValueError: If the clip is unusable (before anything is yielded).
+        ValueError: If the clip or the instruction is unusable (before anything is yielded).
     """
     request = GenerationRequest(audio, instruction, sampling_rate)
     waveform = load_request_audio(processor, request)

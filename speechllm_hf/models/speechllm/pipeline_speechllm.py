@@ -42,8 +42,16 @@ def render_prompt(processor, instruction: str | None = None, user_template: str 
 
     Returns:
         The rendered prompt, holding one audio placeholder.
+
+    Raises:
+        ValueError: If the instruction holds the audio token (the model would look for a second clip).
     """
     instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
+    if processor.audio_token in instruction:
+        raise ValueError(
+            f"The instruction holds the audio token {processor.audio_token!r}: the audio goes where the user "
+            "template puts it, so remove the token from the instruction (or change user_template)."
+        )
     user = user_template.replace("<audio>", processor.audio_token).format(instruction=instruction)
     return processor.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
 
