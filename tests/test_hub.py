@@ -395,7 +395,7 @@ def test_cli_push_leaves_training_state_out_and_refuses_full_weights(saved, hub_
     from speechllm_hf.cli import main
 
     checkpoint = with_hub_ids(copy_saved(saved[0], tmp_path / "checkpoint-10"))
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "checkpoint_complete.json"):
         (checkpoint / name).write_bytes(b"state")
     assert main(["push", "--model", str(checkpoint), "--repo_id", "me/ckpt"]) == 0
     assert hub_commits[-1]["files"] == set(os.listdir(saved[0]))

@@ -97,7 +97,14 @@ def load_projector_state(path: str, expected: dict[str, torch.Tensor]) -> dict[s
 
 
 # What a Trainer checkpoint holds besides the model: never published.
-_TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin")
+_TRAINING_STATE = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+    "checkpoint_complete.json",  # speechllm_hf.training.checkpoints.COMPLETE_MARKER (this file cannot import it)
+)
 
 
 def publishable_files(folder: str | os.PathLike, allow_full_model: bool = False) -> list[str]:
