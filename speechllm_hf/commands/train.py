@@ -26,7 +26,13 @@ class ModelArguments:
     encoder_type: str | None = field(default=None, metadata={"help": "hubert, whisper or wav2vec2."})
     projector_type: str | None = field(default=None, metadata={"help": "qformer, cnn or mlp."})
     encoder_name_or_path: str | None = field(default=None, metadata={"help": "Encoder checkpoint (id or folder)."})
+    encoder_revision: str | None = field(
+        default=None, metadata={"help": "Encoder revision (a commit hash pins it; default: the commit loaded now)."}
+    )
     text_name_or_path: str | None = field(default=None, metadata={"help": "LLM checkpoint (id or folder)."})
+    text_revision: str | None = field(
+        default=None, metadata={"help": "LLM revision (a commit hash pins it; default: the commit loaded now)."}
+    )
 
 
 @dataclass
@@ -181,7 +187,9 @@ def run(args: argparse.Namespace) -> int:
             encoder_type=model_args.encoder_type,
             projector_type=model_args.projector_type,
             encoder_name_or_path=model_args.encoder_name_or_path,
+            encoder_revision=model_args.encoder_revision,
             text_name_or_path=model_args.text_name_or_path,
+            text_revision=model_args.text_revision,
         )
     if training_args.lora_r > 0:
         add_lora(

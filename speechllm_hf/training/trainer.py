@@ -4,7 +4,8 @@ It adds to `transformers.Trainer`: the speech collator by default, length-groupe
 projector-only checkpoints that still resume exactly (optimizer, scheduler and RNG state are the Trainer's own) and
 that `load_best_model_at_end` reloads, per-task losses on multi-task data, per-loss metrics that subclasses record
 with `record_metric`, a stop at the first step whose loss or weights are not finite (`DivergenceGuard`),
-and checkpoints marked complete once fully written and resumed only then (`checkpoints`).
+checkpoints marked complete once fully written and resumed only then (`checkpoints`), and a push of the projector
+only (`push_to_hub`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..data.feature_cache import attach_feature_cache, build_feature_cache
 from ..data.mixed_collator import MixedSpeechTextCollator
 from ..data.sampler import LengthGroupedSampler
 from ..data.tasks import TASKS, PromptConfig, check_columns
-from ..models.speechllm.hub_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_NAME
+from ..models.speechllm.hub_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_NAME, upload_saved_folder
 from .arguments import MIXED_TASK, SpeechLlmTrainingArguments
 from .checkpoints import mark_complete, resolve_resume, unmark
 from .divergence import DivergenceGuard
@@ -55,8 +56,8 @@ class SpeechLlmTrainer(Trainer):
 
     Raises:
         ValueError: before any row is read, for a dataset that lacks a column its tasks need, a feature cache with a
-            collator that does not read it, `remove_unused_columns=True` with a speech collator, or a transformers
-            sampling strategy that duration grouping would override.
+            collator that does not read it, `remove_unused_columns=True` with a speech collator, a transformers
+            sampling strategy that duration grouping would override, or `push_to_hub=True` (see `push_to_hub`).
         TrainingDivergedError: from `train`, at the first step whose loss or trainable weights are not finite (or
             after `max_skipped_steps` skipped fp16 steps), before that step is logged or saved.
     """
@@ -73,6 +74,13 @@ class SpeechLlmTrainer(Trainer):
     ):
         if args is None:
             raise ValueError("SpeechLlmTrainer needs SpeechLlmTrainingArguments (at least an output_dir).")
+        if args.push_to_hub:
+            raise ValueError(
+                "push_to_hub=True uploads the output folder as it is at every save: the full weights of backbones "
+                "that have no Hub id, training_args.bin, and backbone ids that are local folders. Train without it, "
+                "then call trainer.push_to_hub() or run `speechllm-hf push --model OUTPUT_DIR --repo_id ID`, which "
+                "upload the projector only unless full weights are allowed explicitly."
+            )
         if args.data_subset is not None and train_dataset is not None:
             train_dataset = subset(train_dataset, args.data_subset, _data_seed(args))
         datasets_by_name = _named_datasets(train_dataset, eval_dataset)
@@ -232,6 +240,41 @@ class SpeechLlmTrainer(Trainer):
             )
         else:
             self._rotate_checkpoints(use_mtime=True, output_dir=os.path.dirname(folder))
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        allow_full_model: bool = False,
+        **kwargs,
+    ):
+        """Save the model to `output_dir` and upload what `speechllm-hf push` would: the projector (and LoRA adapter),
+        config, code, processor and model card; no training state, and backbone weights only with `allow_full_model`.
+
+        The repository is `args.hub_model_id`, else the name of `output_dir`. `blocking` is accepted for the Trainer's
+        signature: the upload always completes before returning. The Trainer's model-card fields (other keyword
+        arguments) are ignored with a warning: the saved model card describes the model.
+
+        Raises:
+            ValueError: see `upload_saved_folder` (full weights not allowed, backbones named by local folders).
+        """
+        if kwargs:
+            logger.warning("push_to_hub ignores %s: the saved model card describes the model.", sorted(kwargs))
+        self.save_model()
+        if not self.is_world_process_zero():
+            return None
+        return upload_saved_folder(
+            self.args.output_dir,
+            self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir)),
+            allow_full_model=allow_full_model,
+            commit_message=commit_message or "End of training",
+            private=private if private is not None else self.args.hub_private_repo,
+            token=token if token is not None else self.args.hub_token,
+            revision=revision if revision is not None else getattr(self.args, "hub_revision", None),
+        )
 
     # ---------------------------------------------------------------------------------------------------------------
 
