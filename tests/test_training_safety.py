@@ -188,7 +188,7 @@ def test_a_nan_loss_on_one_of_two_processes_stops_both_at_the_same_step(tmp_path
 @pytest.fixture
 def bf16_capable(monkeypatch):
     """Pretend the accelerator supports bf16, for our default and for transformers' own check of --bf16."""
-    monkeypatch.setattr(arguments_module, "is_torch_bf16_gpu_available", lambda: True)
+    monkeypatch.setattr(arguments_module, "native_bf16_gpu", lambda: True)
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
 
@@ -220,8 +220,19 @@ def test_bf16_stays_off_when_something_else_was_asked_for(settings, env, tmp_pat
 
 
 def test_bf16_stays_off_without_support(tmp_path, monkeypatch):
-    monkeypatch.setattr(arguments_module, "is_torch_bf16_gpu_available", lambda: False)
+    monkeypatch.setattr(arguments_module, "native_bf16_gpu", lambda: False)
     assert not SpeechLlmTrainingArguments(output_dir=str(tmp_path)).bf16
+
+
+def test_only_a_gpu_with_bf16_in_hardware_counts(monkeypatch):
+    # torch emulates bf16 on pre-Ampere GPUs and says so unless asked for hardware support only.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert not arguments_module.native_bf16_gpu()
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert arguments_module.native_bf16_gpu()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not arguments_module.native_bf16_gpu()
 
 
 def test_train_command_bf16_flag_forms(tmp_path, bf16_capable):

@@ -7,8 +7,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
-from transformers.utils import is_torch_bf16_gpu_available
 
 from ..data.tasks import TASKS
 from .lora import LORA_TARGET_MODULES
@@ -42,8 +42,8 @@ class SpeechLlmTrainingArguments(TrainingArguments):
     bf16: bool | None = field(
         default=None,
         metadata={
-            "help": "bf16 mixed precision. Default: on where the accelerator supports bf16 and neither --fp16 nor "
-            "accelerate's mixed_precision is set; off on CPU. --bf16 False keeps fp32.",
+            "help": "bf16 mixed precision. Default: on for a GPU with bf16 in hardware (Ampere and later) unless "
+            "--fp16 or accelerate's mixed_precision is set; off on CPU. --bf16 False keeps fp32.",
             "nargs": "?",
             "const": True,
         },
@@ -106,18 +106,25 @@ class SpeechLlmTrainingArguments(TrainingArguments):
         if self.bf16 is None:
             self.bf16 = default_bf16(self)
             if self.bf16:
-                logger.info("bf16 mixed precision is on: this accelerator supports it (--bf16 False keeps fp32).")
+                logger.info("bf16 mixed precision is on: this GPU supports it (--bf16 False keeps fp32).")
         super().__post_init__()
 
 
 def default_bf16(args: TrainingArguments) -> bool:
     """bf16 when nothing else was asked for: not with --fp16, --use_cpu or a mixed precision set through accelerate
-    (`accelerate launch --mixed_precision`, which the Trainer reads from the environment), and only where the
-    accelerator supports bf16, as transformers checks it."""
+    (`accelerate launch --mixed_precision`, which the Trainer reads from the environment), and only on a GPU with
+    native bf16 (`native_bf16_gpu`)."""
     launched_with = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if args.fp16 or args.use_cpu or launched_with != "no":
         return False
-    return is_torch_bf16_gpu_available()
+    return native_bf16_gpu()
 
 
-__all__ = ["SpeechLlmTrainingArguments", "WARMUP_RATIO_FIELD", "MIXED_TASK", "default_bf16"]
+def native_bf16_gpu() -> bool:
+    """A CUDA (or ROCm) GPU with bf16 in hardware, from Ampere on. transformers' `is_torch_bf16_gpu_available` also
+    counts the bf16 that torch emulates on older GPUs (no bf16 tensor cores: not a default); other accelerators take
+    --bf16 by hand."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+__all__ = ["SpeechLlmTrainingArguments", "WARMUP_RATIO_FIELD", "MIXED_TASK", "default_bf16", "native_bf16_gpu"]
