@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from .models.speechllm import SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor
+from .models.speechllm.hub_speechllm import hub_commit
 from .models.speechllm.modeling_speechllm import from_pretrained_or_explain
 from .models.speechllm.processing_speechllm import ensure_pad_token
 
@@ -237,6 +238,11 @@ def from_preset(
     encoder_name_or_path = _absolute_if_local(encoder_name_or_path)
     projector_type = projector_type or preset.projector_type
     hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
+    # Configs, tokenizer, feature extractor and weights all come from one commit, recorded in the config.
+    if encoder_name_or_path and encoder_revision is None:
+        encoder_revision = hub_commit(encoder_name_or_path, **hub_kwargs)
+    if text_name_or_path and text_revision is None:
+        text_revision = hub_commit(text_name_or_path, **hub_kwargs)
 
     if encoder_name_or_path:
         encoder_config = from_pretrained_or_explain(

@@ -4,10 +4,12 @@ import ast
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -298,6 +300,19 @@ def test_nothing_is_unpickled_on_load(saved, local_backbones, tmp_path, monkeypa
     AutoModel.from_pretrained(full, trust_remote_code=True)
 
 
+def test_with_the_package_imported_no_file_of_the_repo_runs(saved, tmp_path):
+    from speechllm_hf import SpeechLlmForConditionalGeneration, SpeechLlmProcessor
+
+    folder = copy_saved(saved[0], tmp_path / "booby-trapped")
+    for path in folder.glob("*.py"):
+        path.write_text("raise RuntimeError('the repo code ran')\n" + path.read_text())
+    SpeechLlmForConditionalGeneration.from_pretrained(folder)
+    SpeechLlmProcessor.from_pretrained(folder)
+    # transformers 5.x prefers the classes registered in-process to the repo's, even with trust_remote_code=True.
+    assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)) is SpeechLlmForConditionalGeneration
+    assert type(AutoProcessor.from_pretrained(folder, trust_remote_code=True)) is SpeechLlmProcessor
+
+
 def test_full_save_is_read_from_safetensors_only(tmp_path):
     from_preset("tiny")[0].save_pretrained(tmp_path)
     torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
@@ -395,7 +410,7 @@ def test_cli_push_leaves_training_state_out_and_refuses_full_weights(saved, hub_
     from speechllm_hf.cli import main
 
     checkpoint = with_hub_ids(copy_saved(saved[0], tmp_path / "checkpoint-10"))
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "checkpoint_complete.json"):
         (checkpoint / name).write_bytes(b"state")
     assert main(["push", "--model", str(checkpoint), "--repo_id", "me/ckpt"]) == 0
     assert hub_commits[-1]["files"] == set(os.listdir(saved[0]))
@@ -407,17 +422,131 @@ def test_cli_push_leaves_training_state_out_and_refuses_full_weights(saved, hub_
     assert "model.safetensors" in hub_commits[-1]["files"]
 
 
+def trainer_of(model, processor, output_dir, **overrides):
+    from speechllm_hf.corpus import load_split
+    from speechllm_hf.training import SpeechLlmTrainer, SpeechLlmTrainingArguments
+
+    settings = dict(output_dir=str(output_dir), max_steps=1, save_strategy="no", use_cpu=True, report_to="none")
+    return SpeechLlmTrainer(
+        model=model,
+        args=SpeechLlmTrainingArguments(**{**settings, **overrides}),
+        train_dataset=datasets.Dataset.from_list(load_split("train")[:2]),
+        processing_class=processor,
+    )
+
+
+def test_trainer_push_uploads_the_projector_only_and_no_training_state(hub_commits, monkeypatch, tmp_path):
+    model, processor = from_preset("tiny")
+    trainer = trainer_of(model, processor, tmp_path / "run", hub_model_id="me/run")
+    trainer.train()
+    with pytest.raises(ValueError, match="holds full model weights"):  # backbones without an id: saved in full
+        trainer.push_to_hub()
+    assert hub_commits == []
+    trainer.push_to_hub(allow_full_model=True)
+    assert "model.safetensors" in hub_commits[-1]["files"] and "training_args.bin" not in hub_commits[-1]["files"]
+
+    for field, hub_id in HUB_IDS.items():
+        monkeypatch.setattr(model.config, field, hub_id)
+    trainer.args.output_dir = str(tmp_path / "projector-only")
+    trainer.push_to_hub()
+    assert hub_commits[-1]["repo_id"] == "me/run"
+    saved = set(os.listdir(tmp_path / "projector-only"))
+    assert "projector.safetensors" in saved and "model.safetensors" not in saved
+    assert hub_commits[-1]["files"] == saved - {"training_args.bin"}
+
+
+def test_trainer_push_to_hub_argument_is_refused(tmp_path):
+    model, processor = from_preset("tiny")
+    with pytest.raises(ValueError, match=r"push_to_hub=True uploads the output folder as it is.*speechllm-hf push"):
+        trainer_of(model, processor, tmp_path, push_to_hub=True, hub_model_id="me/run")
+
+
 def test_hub_folder_imports_only_torch_transformers_and_stdlib():
+    """What `trust_remote_code` runs imports torch, transformers (and what transformers itself requires) and the
+    standard library, anywhere in the files; an optional package is imported only inside the function that needs
+    it, under `try`, so that its absence is explained."""
     allowed = {"torch", "transformers", "numpy", "huggingface_hub", "safetensors", "tokenizers", "packaging"}
     allowed |= set(sys.stdlib_module_names) | {"__future__"}
+    optional = {"peft", "soundfile", "soxr"}  # LoRA adapters, audio files, resampling
     for path in HUB_FOLDER.glob("*.py"):
         if path.name == "__init__.py":
             continue
-        for node in ast.parse(path.read_text()).body:
+        tree = ast.parse(path.read_text())
+        guarded = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.Try)
+            and any(
+                handler.type is not None and "ImportError" in ast.unparse(handler.type) for handler in block.handlers
+            )
+            for statement in block.body
+            for node in ast.walk(statement)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and "." not in (node.module or ""), (path.name, node.lineno)
+                continue
             if isinstance(node, ast.Import):
-                assert all(alias.name.split(".")[0] in allowed for alias in node.names), (path.name, node.lineno)
+                names = [alias.name.split(".")[0] for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    assert node.level == 1 and "." not in (node.module or ""), (path.name, node.lineno)
-                else:
-                    assert node.module.split(".")[0] in allowed, (path.name, node.module)
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            for name in names:
+                assert name in allowed or (name in optional and id(node) in guarded), (path.name, node.lineno, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backbone revisions: recorded when the model is built, honoured when it is loaded.
+
+HUBERT_COMMIT, LLM_COMMIT, LLM_NEXT_COMMIT = "1" * 40, "2" * 40, "3" * 40
+
+
+def hub_cache(root: Path, repo_id: str, snapshots: dict[str, Path], main: str) -> None:
+    """A Hub cache entry as `hf download` leaves it: a folder per commit, `refs/main` naming the newest."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    for commit, source in snapshots.items():
+        shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(main)
+
+
+@pytest.fixture
+def cached_hub(local_backbones, tmp_path):
+    """An offline Hub cache with the tiny HuBERT and two commits of the tiny LLM (weights + 1 in the second), the
+    main branch on the first."""
+    newer = tmp_path / "llm-next"
+    shutil.copytree(local_backbones / "llm", newer)
+    first_weights = load_file(local_backbones / "llm" / "model.safetensors")
+    next_weights = {name: tensor + 1 for name, tensor in first_weights.items()}
+    save_file(next_weights, newer / "model.safetensors", metadata={"format": "pt"})
+    cache = tmp_path / "hub"
+    hub_cache(cache, HUB_IDS["encoder_name_or_path"], {HUBERT_COMMIT: local_backbones / "hubert"}, HUBERT_COMMIT)
+    llm_snapshots = {LLM_COMMIT: local_backbones / "llm", LLM_NEXT_COMMIT: newer}
+    hub_cache(cache, HUB_IDS["text_name_or_path"], llm_snapshots, LLM_COMMIT)
+    return cache, first_weights, next_weights
+
+
+def test_backbone_commits_are_recorded_and_a_moved_branch_does_not_move_the_model(cached_hub, tmp_path):
+    cache, first_weights, _ = cached_hub
+    model, processor = from_preset("tiny", **HUB_IDS, cache_dir=str(cache))
+    # No revision was asked for: the commits actually loaded are recorded, and saved.
+    assert (model.config.encoder_revision, model.config.text_revision) == (HUBERT_COMMIT, LLM_COMMIT)
+    model.save_pretrained(tmp_path / "saved", processor=processor)
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert (saved["encoder_revision"], saved["text_revision"]) == (HUBERT_COMMIT, LLM_COMMIT)
+
+    # The LLM's main branch moves on; the saved model still loads the commit it was trained with, whatever revision
+    # of its own repo is asked for.
+    hub_cache(cache, HUB_IDS["text_name_or_path"], {}, main=LLM_NEXT_COMMIT)
+    loaded = AutoModel.from_pretrained(tmp_path / "saved", trust_remote_code=True, cache_dir=cache, revision="main")
+    for name, tensor in first_weights.items():
+        assert torch.equal(loaded.language_model.state_dict()[name], tensor), name
+
+
+def test_an_asked_backbone_revision_is_loaded_and_recorded(cached_hub):
+    cache, _, next_weights = cached_hub
+    model, _ = from_preset("tiny", **HUB_IDS, text_revision=LLM_NEXT_COMMIT, cache_dir=str(cache))
+    assert model.config.text_revision == LLM_NEXT_COMMIT
+    for name, tensor in next_weights.items():
+        assert torch.equal(model.language_model.state_dict()[name], tensor), name

@@ -2,7 +2,8 @@
 
 Every `TrainingArguments` flag is accepted under its own name (`--max_steps`, `--save_steps`,
 `--resume_from_checkpoint`, ...), and any of them from `--config cfg.yaml`; a flag given on the command line wins
-over the same key in the file. Works unchanged under `accelerate launch`. Manifests are validated first (as
+over the same key in the file; `--resume_from_checkpoint last` resumes from the newest complete checkpoint of
+`--output_dir`. Works unchanged under `accelerate launch`. Manifests are validated first (as
 `speechllm-hf prepare` does, each row against its own task); a manifest may be given as `TASK=PATH` (e.g.
 `st=mustc_de.parquet`) to set the task of its rows for multi-task fine-tuning.
 """
@@ -25,7 +26,13 @@ class ModelArguments:
     encoder_type: str | None = field(default=None, metadata={"help": "hubert, whisper or wav2vec2."})
     projector_type: str | None = field(default=None, metadata={"help": "qformer, cnn or mlp."})
     encoder_name_or_path: str | None = field(default=None, metadata={"help": "Encoder checkpoint (id or folder)."})
+    encoder_revision: str | None = field(
+        default=None, metadata={"help": "Encoder revision (a commit hash pins it; default: the commit loaded now)."}
+    )
     text_name_or_path: str | None = field(default=None, metadata={"help": "LLM checkpoint (id or folder)."})
+    text_revision: str | None = field(
+        default=None, metadata={"help": "LLM revision (a commit hash pins it; default: the commit loaded now)."}
+    )
 
 
 @dataclass
@@ -151,6 +158,16 @@ def load_rows(manifests: list[str], args, data_args: DataArguments, audio_token:
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
+def resume_argument(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint last` (or `True`, also a YAML `true`) resumes from the newest complete checkpoint of
+    --output_dir; any other value is a checkpoint folder."""
+    if isinstance(value, bool) or value is None:
+        return value or None
+    if value.lower() in ("last", "true"):
+        return True
+    return None if value.lower() == "false" else value
+
+
 def run(args: argparse.Namespace) -> int:
     from speechllm_hf import SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
     from speechllm_hf.training.lora import add_lora
@@ -172,7 +189,9 @@ def run(args: argparse.Namespace) -> int:
             encoder_type=model_args.encoder_type,
             projector_type=model_args.projector_type,
             encoder_name_or_path=model_args.encoder_name_or_path,
+            encoder_revision=model_args.encoder_revision,
             text_name_or_path=model_args.text_name_or_path,
+            text_revision=model_args.text_revision,
         )
     if training_args.lora_r > 0:
         add_lora(
@@ -191,11 +210,20 @@ def run(args: argparse.Namespace) -> int:
     trainer = trainer_class(
         model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows, processing_class=processor
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
     trainer.save_model()
     if eval_rows is not None:
         print(json.dumps(trainer.evaluate(), indent=2))
     return 0
 
 
-__all__ = ["register", "run", "parse_arguments", "load_rows", "ModelArguments", "DataArguments", "methods"]
+__all__ = [
+    "register",
+    "run",
+    "parse_arguments",
+    "load_rows",
+    "resume_argument",
+    "ModelArguments",
+    "DataArguments",
+    "methods",
+]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from ..data.tasks import TASKS
 from .lora import LORA_TARGET_MODULES
+
+logger = logging.getLogger(__name__)
 
 # transformers 5.x folded `warmup_ratio` into `warmup_steps` (a float below 1 is a ratio); every argument class that
 # sets a warmup default reads this.
@@ -20,7 +25,8 @@ MIXED_TASK = "mixed"
 @dataclass
 class SpeechLlmTrainingArguments(TrainingArguments):
     """Defaults follow arXiv 2412.15712 (AdamW, lr 1e-4, cosine, 3% warmup, no weight decay); `remove_unused_columns`
-    is off because the collator needs the raw audio column."""
+    is off because the collator needs the raw audio column; bf16 is on where the accelerator supports it (see
+    `default_bf16`)."""
 
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of AdamW."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
@@ -32,6 +38,23 @@ class SpeechLlmTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Keep dataset columns: the collator reads the audio and text columns."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    # None = decide from the hardware (`default_bf16`); nargs/const keep a bare `--bf16` meaning True.
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision. Default: on for a GPU with bf16 in hardware (Ampere and later) unless "
+            "--fp16 or accelerate's mixed_precision is set; off on CPU. --bf16 False keeps fp32.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    max_skipped_steps: int = field(
+        default=25,
+        metadata={
+            "help": "fp16: stop training when this many optimizer steps in a row were skipped for overflowing "
+            "gradients (the loss scale has collapsed); 0 never stops for it."
+        },
+    )
 
     task: str = field(
         default="asr",
@@ -78,7 +101,30 @@ class SpeechLlmTrainingArguments(TrainingArguments):
             raise ValueError(f"data_subset must be in (0, 1]; got {self.data_subset}.")
         if self.lora_r < 0:
             raise ValueError(f"lora_r must be >= 0 (0: no LoRA); got {self.lora_r}.")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"max_skipped_steps must be >= 0 (0: never stop); got {self.max_skipped_steps}.")
+        if self.bf16 is None:
+            self.bf16 = default_bf16(self)
+            if self.bf16:
+                logger.info("bf16 mixed precision is on: this GPU supports it (--bf16 False keeps fp32).")
         super().__post_init__()
 
 
-__all__ = ["SpeechLlmTrainingArguments", "WARMUP_RATIO_FIELD", "MIXED_TASK"]
+def default_bf16(args: TrainingArguments) -> bool:
+    """bf16 when nothing else was asked for: not with --fp16, --use_cpu or a mixed precision set through accelerate
+    (`accelerate launch --mixed_precision`, which the Trainer reads from the environment), and only on a GPU with
+    native bf16 (`native_bf16_gpu`)."""
+    launched_with = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if args.fp16 or args.use_cpu or launched_with != "no":
+        return False
+    return native_bf16_gpu()
+
+
+def native_bf16_gpu() -> bool:
+    """A CUDA (or ROCm) GPU with bf16 in hardware, from Ampere on. transformers' `is_torch_bf16_gpu_available` also
+    counts the bf16 that torch emulates on older GPUs (no bf16 tensor cores: not a default); other accelerators take
+    --bf16 by hand."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+__all__ = ["SpeechLlmTrainingArguments", "WARMUP_RATIO_FIELD", "MIXED_TASK", "default_bf16", "native_bf16_gpu"]

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers.utils import is_torch_bf16_gpu_available
 
 from ..data.collator import IGNORE_INDEX, SpeechLlmCollator, pad_token_lists
 from ..data.continuation import continuation_request
@@ -39,7 +38,7 @@ TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels")
 class ContinuationTrainingArguments(SpeechLlmTrainingArguments):
     """Defaults follow BLSP stage 2 (arXiv 2309.00916 and its train_stage2 script): AdamW at lr 5e-5 with weight decay
     0.05, 1000 warmup steps then transformers' default linear decay, 1 epoch, task "continuation" with the "blsp"
-    prompt file, and bf16 mixed precision on GPUs that support it (fp32 on CPU)."""
+    prompt file, and (as for every method) bf16 mixed precision on GPUs that support it, fp32 on CPU."""
 
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate of AdamW."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
@@ -50,10 +49,6 @@ class ContinuationTrainingArguments(SpeechLlmTrainingArguments):
     else:
         warmup_steps: float = field(default=1000, metadata={"help": "Warmup steps, or a ratio of all steps if < 1."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the continuation data."})
-    bf16_if_supported: bool = field(
-        default=True,
-        metadata={"help": "Turn on bf16 on GPUs that support it, as BLSP trained; false keeps fp32 unless --bf16."},
-    )
     task: str = field(default="continuation", metadata={"help": "Task of rows without a `task` column."})
     prompt_file: str | None = field(
         default="blsp", metadata={"help": "Prompt YAML (user_template, instructions); 'default', 'blsp' or a path."}
@@ -71,8 +66,6 @@ class ContinuationTrainingArguments(SpeechLlmTrainingArguments):
             )
         if self.kl_temperature <= 0:
             raise ValueError(f"kl_temperature must be > 0; got {self.kl_temperature}.")
-        if self.bf16_if_supported and not (self.bf16 or self.fp16 or self.use_cpu) and is_torch_bf16_gpu_available():
-            self.bf16 = True
         super().__post_init__()
 
 

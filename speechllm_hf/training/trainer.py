@@ -2,8 +2,10 @@
 
 It adds to `transformers.Trainer`: the speech collator by default, length-grouped batches, the encoder-feature cache,
 projector-only checkpoints that still resume exactly (optimizer, scheduler and RNG state are the Trainer's own) and
-that `load_best_model_at_end` reloads, per-task losses on multi-task data, and per-loss metrics that subclasses record
-with `record_metric`.
+that `load_best_model_at_end` reloads, per-task losses on multi-task data, per-loss metrics that subclasses record
+with `record_metric`, a stop at the first step whose loss or weights are not finite (`DivergenceGuard`),
+checkpoints marked complete once fully written and resumed only then (`checkpoints`), and a push of the projector
+only (`push_to_hub`).
 """
 
 from __future__ import annotations
@@ -18,15 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import seed_worker
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from ..data.collator import IGNORE_INDEX, TASK_IDS, SpeechLlmCollator
 from ..data.feature_cache import attach_feature_cache, build_feature_cache
 from ..data.mixed_collator import MixedSpeechTextCollator
 from ..data.sampler import LengthGroupedSampler
 from ..data.tasks import TASKS, PromptConfig, check_columns
-from ..models.speechllm.hub_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_NAME
+from ..models.speechllm.hub_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_NAME, upload_saved_folder
 from .arguments import MIXED_TASK, SpeechLlmTrainingArguments
+from .checkpoints import mark_complete, resolve_resume, unmark
+from .divergence import DivergenceGuard
+
+try:  # transformers 5.x rotates checkpoints with a function, 4.57 with a Trainer method
+    from transformers.trainer_utils import rotate_checkpoints
+except ImportError:
+    rotate_checkpoints = None
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +56,10 @@ class SpeechLlmTrainer(Trainer):
 
     Raises:
         ValueError: before any row is read, for a dataset that lacks a column its tasks need, a feature cache with a
-            collator that does not read it, `remove_unused_columns=True` with a speech collator, or a transformers
-            sampling strategy that duration grouping would override.
+            collator that does not read it, `remove_unused_columns=True` with a speech collator, a transformers
+            sampling strategy that duration grouping would override, or `push_to_hub=True` (see `push_to_hub`).
+        TrainingDivergedError: from `train`, at the first step whose loss or trainable weights are not finite (or
+            after `max_skipped_steps` skipped fp16 steps), before that step is logged or saved.
     """
 
     def __init__(
@@ -63,6 +74,13 @@ class SpeechLlmTrainer(Trainer):
     ):
         if args is None:
             raise ValueError("SpeechLlmTrainer needs SpeechLlmTrainingArguments (at least an output_dir).")
+        if args.push_to_hub:
+            raise ValueError(
+                "push_to_hub=True uploads the output folder as it is at every save: the full weights of backbones "
+                "that have no Hub id, training_args.bin, and backbone ids that are local folders. Train without it, "
+                "then call trainer.push_to_hub() or run `speechllm-hf push --model OUTPUT_DIR --repo_id ID`, which "
+                "upload the projector only unless full weights are allowed explicitly."
+            )
         if args.data_subset is not None and train_dataset is not None:
             train_dataset = subset(train_dataset, args.data_subset, _data_seed(args))
         datasets_by_name = _named_datasets(train_dataset, eval_dataset)
@@ -133,6 +151,8 @@ class SpeechLlmTrainer(Trainer):
             {f"loss_{task}" for task in tasks} if getattr(data_collator, "return_task_ids", False) else set()
         )
         self.add_callback(_LoadBestProjectorCallback())
+        self.divergence_guard = DivergenceGuard(self.accelerator, args.max_skipped_steps)
+        self.add_callback(self.divergence_guard)
 
     @staticmethod
     def _with_feature_cache(model, processor, dataset, args, subfolder: str | None):
@@ -177,6 +197,84 @@ class SpeechLlmTrainer(Trainer):
             if hasattr(args, f"dataloader_{name}"):
                 params[name] = getattr(args, f"dataloader_{name}")
         return self.accelerator.prepare(DataLoader(dataset, **params))
+
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` takes the newest *complete* checkpoint of `output_dir`
+        (newer ones whose writing was interrupted are skipped with a warning), and a path must be complete.
+
+        Raises:
+            ValueError: for a checkpoint path that is incomplete, or `True` when no checkpoint is complete.
+        """
+        return super().train(resolve_resume(resume_from_checkpoint, self.args.output_dir), *args, **kwargs)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        self.divergence_guard.observe_loss(loss)
+        return loss
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then its completeness marker once every process has written its files; older
+        checkpoints are rotated out (`save_total_limit`) only after that, so an interrupted write never costs the last
+        complete one."""
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            unmark(folder)  # a folder written again is incomplete until this write ends
+        self.accelerator.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # the Trainer would rotate too early
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # each process has written its RNG state (and shards)
+        if not self.args.should_save:
+            return
+        mark_complete(folder)
+        if rotate_checkpoints is not None:
+            rotate_checkpoints(
+                output_dir=os.path.dirname(folder),
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        else:
+            self._rotate_checkpoints(use_mtime=True, output_dir=os.path.dirname(folder))
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        allow_full_model: bool = False,
+        **kwargs,
+    ):
+        """Save the model to `output_dir` and upload what `speechllm-hf push` would: the projector (and LoRA adapter),
+        config, code, processor and model card; no training state, and backbone weights only with `allow_full_model`.
+
+        The repository is `args.hub_model_id`, else the name of `output_dir`. `blocking` is accepted for the Trainer's
+        signature: the upload always completes before returning. The Trainer's model-card fields (other keyword
+        arguments) are ignored with a warning: the saved model card describes the model.
+
+        Raises:
+            ValueError: see `upload_saved_folder` (full weights not allowed, backbones named by local folders).
+        """
+        if kwargs:
+            logger.warning("push_to_hub ignores %s: the saved model card describes the model.", sorted(kwargs))
+        self.save_model()
+        if not self.is_world_process_zero():
+            return None
+        return upload_saved_folder(
+            self.args.output_dir,
+            self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir)),
+            allow_full_model=allow_full_model,
+            commit_message=commit_message or "End of training",
+            private=private if private is not None else self.args.hub_private_repo,
+            token=token if token is not None else self.args.hub_token,
+            revision=revision if revision is not None else getattr(self.args, "hub_revision", None),
+        )
 
     # ---------------------------------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import shutil
 import torch
 from safetensors.torch import load_file
 from transformers.utils import cached_file
+from transformers.utils.hub import extract_commit_hash
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,17 @@ def resolve_file(name_or_path: str | os.PathLike, filename: str, **hub_kwargs) -
     )
 
 
+def hub_commit(name_or_path: str | os.PathLike, **hub_kwargs) -> str | None:
+    """The commit that a Hub id's default branch points to now (None for a local folder or an unknown repo).
+
+    Read from where its config.json lands in the Hub cache (`snapshots/<commit>/`), which transformers 4.57 and 5.x
+    both lay out; 5.x no longer records the commit on the loaded config (`_commit_hash`).
+    """
+    if os.path.isdir(name_or_path):
+        return None
+    return extract_commit_hash(resolve_file(name_or_path, "config.json", **hub_kwargs), None)
+
+
 def load_projector_state(path: str, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Read `projector.safetensors` (never a pickle) and check it against the model's projector tensors.
 
@@ -97,7 +109,14 @@ def load_projector_state(path: str, expected: dict[str, torch.Tensor]) -> dict[s
 
 
 # What a Trainer checkpoint holds besides the model: never published.
-_TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin")
+_TRAINING_STATE = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+    "checkpoint_complete.json",  # speechllm_hf.training.checkpoints.COMPLETE_MARKER (this file cannot import it)
+)
 
 
 def publishable_files(folder: str | os.PathLike, allow_full_model: bool = False) -> list[str]:
@@ -300,6 +319,7 @@ __all__ = [
     "LORA_FOLDER",
     "is_projector_key",
     "resolve_file",
+    "hub_commit",
     "load_projector_state",
     "model_card",
     "count_parameters",

@@ -39,6 +39,7 @@ from .hub_speechllm import (
     LORA_FOLDER,
     PROJECTOR_WEIGHTS_NAME,
     forget_pipeline_entry,
+    hub_commit,
     is_projector_key,
     load_projector_state,
     model_card,
@@ -365,14 +366,16 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         if "attn_implementation" in kwargs:
             # The property setter that transformers uses for configs: it passes the request on to the sub-configs.
             config._attn_implementation = kwargs.pop("attn_implementation")
+        # Pin what is about to be loaded: a Hub backbone without a revision is loaded at, and records, the commit its
+        # default branch points to now, which every later load of this model then asks for.
+        hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only", "proxies") if k in kwargs}
+        if config.encoder_name_or_path and config.encoder_revision is None:
+            config.encoder_revision = hub_commit(config.encoder_name_or_path, **hub_kwargs)
+        if config.text_name_or_path and config.text_revision is None:
+            config.text_revision = hub_commit(config.text_name_or_path, **hub_kwargs)
         encoder_kwargs = {k: v for k, v in kwargs.items() if k != "quantization_config"}
         encoder = load_pretrained_encoder(config, **encoder_kwargs) if config.encoder_name_or_path else None
         language_model = load_pretrained_text_model(config, **kwargs) if config.text_name_or_path else None
-        # Pin what was actually loaded: a Hub checkpoint reports its commit, which a later load then asks for.
-        if encoder is not None and config.encoder_revision is None:
-            config.encoder_revision = getattr(encoder.config, "_commit_hash", None)
-        if language_model is not None and config.text_revision is None:
-            config.text_revision = getattr(language_model.config, "_commit_hash", None)
         model = cls(config, encoder=encoder, language_model=language_model)
         # The new projector (and any randomly built backbone) joins the LLM's input device and the requested dtype.
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
