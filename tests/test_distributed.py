@@ -1,0 +1,64 @@
+"""Data parallelism: 2 CPU processes x b clips train the projector exactly as 1 process x 2b clips, for
+SpeechLlmTrainer (ASR), ContrastiveTrainer (gathered negatives) and ContinuationTrainer (CE + KL), with and without
+gradient accumulation (script: tests/scripts/ddp_equivalence.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import launch_two_cpu_processes
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_equivalence.py"
+CASES = (
+    "asr",
+    "asr_accumulation",
+    "asr_random_order",
+    "contrastive",
+    "contrastive_accumulation",
+    "continuation",
+    "continuation_accumulation",
+)
+# Both runs add the same per-clip gradients in a different order (two halves all-reduced vs one batch; other matrix
+# shapes), which moves float32 results by a few ulps: gradients by ~1e-7 of their size, so the SGD-updated weights
+# (|w| < 2) by about 1e-7 (measured: at most 1.2e-7). One step on other clips moves them by 1e-3 to 1e-2.
+ATOL = 1e-6
+
+
+def micro_batches(folder: Path, rank: int) -> list[list[str]]:
+    return json.loads((folder / f"batches_rank{rank}.json").read_text())
+
+
+def test_two_processes_train_the_projector_as_one_process_with_the_global_batch(tmp_path):
+    single = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "one")],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = launch_two_cpu_processes([str(SCRIPT), str(tmp_path / "two")])
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    for case in CASES:
+        one, two = tmp_path / "one" / case, tmp_path / "two" / case
+        # The same clips in every micro-batch: each process takes its own half of the single process's batch.
+        alone, first, second = micro_batches(one, 0), micro_batches(two, 0), micro_batches(two, 1)
+        assert len(alone) == len(first) == len(second) == (6 if "accumulation" in case else 3), case
+        for step, (whole, half, other_half) in enumerate(zip(alone, first, second)):
+            assert not set(half) & set(other_half), f"{case}: both processes got {set(half) & set(other_half)}"
+            assert sorted(half + other_half) == sorted(whole), f"{case}, micro-batch {step}: other clips"
+
+        result_one, result_two = (json.loads((run / "result.json").read_text()) for run in (one, two))
+        assert (result_one["world_size"], result_two["world_size"]) == (1, 2)
+        assert result_one["largest_update"] > 1000 * ATOL, f"{case}: training barely moved the projector"
+        # The logged loss is the mean over processes of each one's share: the loss of the global batch.
+        torch.testing.assert_close(result_two["losses"], result_one["losses"], rtol=1e-6, atol=0, msg=case)
+        trained_one, trained_two = load_file(one / "projector.safetensors"), load_file(two / "projector.safetensors")
+        assert trained_one.keys() == trained_two.keys()
+        for name, tensor in trained_one.items():
+            torch.testing.assert_close(trained_two[name], tensor, rtol=0, atol=ATOL, msg=f"{case}: {name}")
