@@ -1,16 +1,28 @@
 """Data parallelism: 2 CPU processes x b clips train the projector exactly as 1 process x 2b clips, for
 SpeechLlmTrainer (ASR), ContrastiveTrainer (gathered negatives) and ContinuationTrainer (CE + KL), with and without
-gradient accumulation (script: tests/scripts/ddp_equivalence.py)."""
+gradient accumulation (script: tests/scripts/ddp_equivalence.py); and, under a DeepSpeed ZeRO-3 config, an encoder
+built outside deepspeed.zero.Init."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import transformers.integrations
 from conftest import launch_two_cpu_processes
 from safetensors.torch import load_file
+from transformers.integrations import (
+    deepspeed_config,
+    is_deepspeed_zero3_enabled,
+    set_hf_deepspeed_config,
+    unset_hf_deepspeed_config,
+)
+
+from speechllm_hf import from_preset
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_equivalence.py"
 CASES = (
@@ -62,3 +74,39 @@ def test_two_processes_train_the_projector_as_one_process_with_the_global_batch(
         assert trained_one.keys() == trained_two.keys()
         for name, tensor in trained_one.items():
             torch.testing.assert_close(trained_two[name], tensor, rtol=0, atol=ATOL, msg=f"{case}: {name}")
+
+
+class FakeZero3Config:
+    """Stands in for transformers' `HfDeepSpeedConfig` (which needs deepspeed): registers itself as the DeepSpeed
+    config in force, as that class does, and reports ZeRO-3."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        set_hf_deepspeed_config(self)
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="tells zero.Init apart by its import")
+@pytest.mark.parametrize("pretrained", [False, True], ids=["random", "from_pretrained"])
+def test_under_zero3_the_encoder_is_built_outside_zero_init_and_the_llm_inside(
+    pretrained, local_backbones, monkeypatch
+):
+    # Without deepspeed installed, whatever transformers builds inside deepspeed.zero.Init fails on `import deepspeed`:
+    # the encoder must get through, and the LLM must be the part that reaches zero.Init.
+    monkeypatch.setattr(transformers.integrations, "HfDeepSpeedConfig", FakeZero3Config)
+    settings = {"zero_optimization": {"stage": 3}}
+    backbones = {}
+    if pretrained:
+        backbones = {"encoder_name_or_path": local_backbones / "hubert", "text_name_or_path": local_backbones / "llm"}
+    registered = FakeZero3Config(settings)  # noqa: F841 (transformers keeps only a weak reference)
+    try:
+        with pytest.raises(ModuleNotFoundError, match="deepspeed") as raised:
+            from_preset("tiny", **backbones)
+        failed_in = {entry.name for entry in raised.traceback}
+        assert not failed_in & {"build_encoder", "load_pretrained_encoder"}, failed_in
+        assert ("load_pretrained_text_model" if pretrained else "__init__") in failed_in
+        assert is_deepspeed_zero3_enabled() and deepspeed_config() == settings  # in force again after the encoder
+    finally:
+        unset_hf_deepspeed_config()
