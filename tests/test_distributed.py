@@ -1,7 +1,7 @@
 """Data parallelism: 2 CPU processes x b clips train the projector exactly as 1 process x 2b clips, for
 SpeechLlmTrainer (ASR), ContrastiveTrainer (gathered negatives) and ContinuationTrainer (CE + KL), with and without
-gradient accumulation (script: tests/scripts/ddp_equivalence.py); and, under a DeepSpeed ZeRO-3 config, an encoder
-built outside deepspeed.zero.Init."""
+gradient accumulation (script: tests/scripts/ddp_equivalence.py); the same for FSDP2 wrapped as fsdp.yaml asks; and,
+under a DeepSpeed ZeRO-3 config, an encoder built outside deepspeed.zero.Init."""
 
 import importlib.util
 import json
@@ -25,6 +25,7 @@ from transformers.integrations import (
 from speechllm_hf import from_preset
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_equivalence.py"
+FSDP2_SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_equivalence.py"
 CASES = (
     "asr",
     "asr_accumulation",
@@ -75,6 +76,20 @@ def test_two_processes_train_the_projector_as_one_process_with_the_global_batch(
         assert trained_one.keys() == trained_two.keys()
         for name, tensor in trained_one.items():
             torch.testing.assert_close(trained_two[name], tensor, rtol=0, atol=ATOL, msg=f"{case}: {name}")
+
+
+def test_fsdp2_wrapping_of_fsdp_yaml_trains_the_projector_as_one_unsharded_process(tmp_path):
+    # FSDP2 (fully_shard) runs on CPU with gloo; accelerate applies it on GPUs only, so the script wraps the model as
+    # accelerate does for fsdp.yaml. The root unit mixes frozen backbone parts with the trainable projector.
+    result = launch_two_cpu_processes([str(FSDP2_SCRIPT), str(tmp_path)], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((tmp_path / "result.json").read_text())
+    assert run["world_size"] == 2 and run["sharded"]
+    assert run["largest_update"] > 1000 * ATOL
+    sharded, reference = load_file(tmp_path / "fsdp.safetensors"), load_file(tmp_path / "reference.safetensors")
+    assert sharded.keys() == reference.keys() and sharded  # the FULL_STATE_DICT gather holds the whole projector
+    for name, tensor in reference.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=0, atol=ATOL, msg=name)
 
 
 class FakeZero3Config:
