@@ -5,6 +5,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -37,6 +41,24 @@ def clip(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
     wave = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 5))
     envelope = np.interp(t, np.linspace(0, t[-1] if len(t) else 1, 8), rng.uniform(0.1, 1.0, 8))
     return (0.3 * wave * envelope + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def launch_two_cpu_processes(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs `command` (a script path or `-m module`, then its arguments) under `accelerate launch` as 2 processes in
+    one gloo group on the CPU.
+
+    `accelerate launch --cpu --num_processes 2` starts a single process (accelerate 1.x runs several CPU processes
+    only through mpirun); `--multi_gpu` starts torchrun, and the script's own CPU switch (`use_cpu=True` in the
+    training arguments, `--cpu` for continue-writing) makes accelerate join the processes with gloo.
+    """
+    with socket.socket() as probe:  # a free port for the process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(launch + command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -3,13 +3,11 @@
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 
 import datasets
 import pytest
 import torch
+from conftest import launch_two_cpu_processes
 
 from speechllm_hf import from_preset
 from speechllm_hf.cli import main
@@ -156,21 +154,8 @@ def test_two_processes_write_the_same_file_as_one(tmp_path):
     command += ["--max_new_tokens", "6", "--batch_size", "2", "--cpu"]
     assert main(command + ["--output_file", str(tmp_path / "one.jsonl")]) == 0
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # `accelerate launch --cpu` starts a single process; --multi_gpu starts torchrun, and --cpu (of continue-writing)
-    # puts the processes in one gloo group on the CPU.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(port), "-m", "speechllm_hf"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        launch + command + ["--output_file", str(tmp_path / "two.jsonl")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = launch_two_cpu_processes(
+        ["-m", "speechllm_hf", *command, "--output_file", str(tmp_path / "two.jsonl")], timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Process 1 of 2:" in result.stderr

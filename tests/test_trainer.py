@@ -274,6 +274,23 @@ def test_cli_train_refuses_a_manifest_that_loses_every_row(tmp_path):
         main([*argv, "--max_steps", "1", "--use_cpu"])
 
 
+def test_cli_train_seed_decides_the_new_projector(tmp_path, local_backbones):
+    from speechllm_hf.cli import main
+
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in load_split("dev")[:2]))
+    argv = ["train", "--projector_type", "mlp", "--train_manifest", str(tmp_path / "m.jsonl"), "--max_steps", "1"]
+    argv += ["--learning_rate", "0", "--use_cpu", "--save_strategy", "no", "--report_to", "none"]
+    argv += ["--encoder_name_or_path", str(local_backbones / "hubert")]
+    argv += ["--text_name_or_path", str(local_backbones / "llm")]  # so that only the projector is saved
+    projectors = []
+    for run, seed in enumerate([3, 3, 4]):
+        torch.manual_seed(100 + run)  # whatever state the global generator is in
+        assert main([*argv, "--seed", str(seed), "--output_dir", str(tmp_path / str(run))]) == 0
+        projectors.append(load_file(tmp_path / str(run) / "projector.safetensors"))  # lr 0: the initial weights
+    assert all(torch.equal(projectors[0][name], tensor) for name, tensor in projectors[1].items())
+    assert not all(torch.equal(projectors[0][name], tensor) for name, tensor in projectors[2].items())
+
+
 def dev_rows(n=4):
     return datasets.Dataset.from_list(load_split("dev")[:n])
 

@@ -169,6 +169,8 @@ def resume_argument(value: str | bool | None) -> str | bool | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers import set_seed
+
     from speechllm_hf import SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
     from speechllm_hf.training.lora import add_lora
 
@@ -180,6 +182,9 @@ def run(args: argparse.Namespace) -> int:
     if not data_args.train_manifest:
         raise SystemExit("speechllm-hf train: give at least one --train_manifest.")
 
+    # Before the model is built, as transformers' examples do: --seed also decides the new projector's weights, the
+    # same on every process and in every run.
+    set_seed(training_args.seed)
     if model_args.model:
         model = SpeechLlmForConditionalGeneration.from_pretrained(model_args.model)
         processor = SpeechLlmProcessor.from_pretrained(model_args.model)

@@ -8,8 +8,9 @@ fresh generator seeded from `(seed, epoch)`: the order is a pure function of the
 
 The Trainer calls `train_dataloader.set_epoch(epoch)` at the start of every epoch, resumed ones included, and
 accelerate forwards it to the sampler's `set_epoch`. `SpeechLlmTrainer.get_train_dataloader` (a public hook) builds
-its training loader with this sampler, the per-example durations as `lengths` and `batch_size = per-device batch
-size * gradient_accumulation_steps` (what transformers groups by).
+its training loader with this sampler, the per-example durations as `lengths` and `batch_size` the global batch of
+an optimizer step (per-device batch size * gradient_accumulation_steps * processes; transformers groups by the
+per-device batch instead, which makes the order depend on the number of processes).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class LengthGroupedSampler(_TransformersLengthGroupedSampler):
 
     Args:
         lengths: One length per example (durations in seconds, frames, tokens: any comparable number).
-        batch_size: Examples per group; pass the per-device batch size times the gradient accumulation steps.
+        batch_size: Examples per group; pass the global batch of an optimizer step (per-device batch size x
+            gradient accumulation steps x processes).
         seed: Seed of the shuffling; the same on every process.
         mega_batch_mult: Batches per megabatch (sorted together); transformers' default when None: 50, or fewer so
             that there are at least 4 megabatches.

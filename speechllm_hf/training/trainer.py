@@ -178,9 +178,11 @@ class SpeechLlmTrainer(Trainer):
         args = self.args
         if not (args.group_by_duration and "duration" in _columns(dataset)):
             return super().get_train_dataloader()
-        sampler = LengthGroupedSampler(
-            dataset["duration"], args.per_device_train_batch_size * args.gradient_accumulation_steps, _data_seed(args)
-        )
+        # Grouped by the global batch of an optimizer step (transformers groups by the per-device one): the order
+        # is then the same whatever the number of processes, and accelerate deals its consecutive micro-batches out
+        # to them, so N processes x b clips train on the clips of 1 process x N*b.
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        sampler = LengthGroupedSampler(dataset["duration"], global_batch, _data_seed(args))
         params = {
             "batch_size": args.train_batch_size,
             "sampler": sampler,

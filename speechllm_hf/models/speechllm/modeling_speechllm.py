@@ -240,6 +240,38 @@ def encoder_attn_implementation(config: SpeechLlmConfig) -> str | None:
     return requested
 
 
+# Keeps alive the DeepSpeed config that `outside_zero3_init` registers again: transformers holds only a weak reference.
+_ZERO3_CONFIG: list = []
+
+
+@contextlib.contextmanager
+def outside_zero3_init():
+    """Builds the models of the block outside `deepspeed.zero.Init` while a DeepSpeed ZeRO-3 config is in force.
+
+    Under ZeRO-3, transformers builds every model inside `deepspeed.zero.Init`, which partitions each parameter as
+    its module is created; HuBERT and wav2vec2 then take a special path for their weight-norm positional convolution
+    that is reported to hang at load time (huggingface/transformers#31797). Used for the frozen encoder, which is
+    small: it is built as an ordinary module and partitioned only when DeepSpeed wraps the whole model, while the
+    LLM, the part worth partitioning, still loads inside `zero.Init`. Must not be entered inside an active
+    `zero.Init` (such as the one `PreTrainedModel.from_pretrained` opens around `__init__`). transformers has no
+    public way to re-register the config object that was in force, so an equal one is registered afterwards; the
+    Trainer's accelerator registers its own when it starts.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig, deepspeed_config, unset_hf_deepspeed_config
+
+    config = deepspeed_config()
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        _ZERO3_CONFIG[:] = [HfDeepSpeedConfig(config)]
+
+
 def build_encoder(config: SpeechLlmConfig) -> PreTrainedModel:
     """A randomly initialised encoder for `config.encoder_config` (weights are loaded separately)."""
     encoder_config = config.encoder_config
@@ -361,7 +393,8 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         `attn_implementation` (a name for both backbones, or a dict keyed by `"encoder_config"` / `"text_config"`,
         as transformers takes it) is recorded on the config, so that backbones built from config honour it as well
         as loaded ones; a Whisper encoder keeps SDPA when flash attention is asked for (see
-        `encoder_attn_implementation`). `dtype` applies to every part.
+        `encoder_attn_implementation`). `dtype` applies to every part. Under DeepSpeed ZeRO-3 the encoder is built
+        outside `deepspeed.zero.Init` (see `outside_zero3_init`), the LLM inside.
         """
         if "attn_implementation" in kwargs:
             # The property setter that transformers uses for configs: it passes the request on to the sub-configs.
@@ -374,7 +407,11 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         if config.text_name_or_path and config.text_revision is None:
             config.text_revision = hub_commit(config.text_name_or_path, **hub_kwargs)
         encoder_kwargs = {k: v for k, v in kwargs.items() if k != "quantization_config"}
-        encoder = load_pretrained_encoder(config, **encoder_kwargs) if config.encoder_name_or_path else None
+        with outside_zero3_init():
+            if config.encoder_name_or_path:
+                encoder = load_pretrained_encoder(config, **encoder_kwargs)
+            else:
+                encoder = build_encoder(config)
         language_model = load_pretrained_text_model(config, **kwargs) if config.text_name_or_path else None
         model = cls(config, encoder=encoder, language_model=language_model)
         # The new projector (and any randomly built backbone) joins the LLM's input device and the requested dtype.
@@ -385,7 +422,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             dtype = getattr(torch, dtype)
         device = model.get_input_embeddings().weight.device
         model.projector.to(device=device, dtype=dtype)
-        if encoder is None:
+        if not config.encoder_name_or_path:
             model.encoder.to(device=device, dtype=dtype)
         if language_model is None:
             model.language_model.to(device=device, dtype=dtype)
