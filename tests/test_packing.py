@@ -7,12 +7,14 @@ import os
 import subprocess
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import clip
 from test_hub import COMPAT_TRANSFORMERS, compat_python  # noqa: F401  (the 4.57 virtualenv fixture)
+from test_trainer import multi_task_rows
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from speechllm_hf import from_preset
 from speechllm_hf.cli import main
@@ -28,10 +30,10 @@ from speechllm_hf.training.trainer import SpeechLlmTrainer
 CHECK_SCRIPT = Path(__file__).parent / "scripts" / "padding_free_without_package.py"
 
 
-def tiny_model(attn_implementation="sdpa", projector_type="mlp"):
+def tiny_model(attn_implementation="sdpa"):
     """A tiny model whose LLM uses `attn_implementation`; the MLP projector has no dropout, so runs repeat exactly."""
     torch.manual_seed(0)
-    return from_preset("tiny", projector_type=projector_type, attn_implementation={"text_config": attn_implementation})
+    return from_preset("tiny", projector_type="mlp", attn_implementation={"text_config": attn_implementation})
 
 
 def asr_batch(processor, n=4):
@@ -85,6 +87,46 @@ def test_packed_batch_gives_the_padded_loss_gradients_and_logits(attn_implementa
     assert not logits[~valid].any()
 
 
+def test_flash_attention_gets_each_sequences_boundaries(monkeypatch):
+    """flash-attn does not install on CPU: a reference varlen attention, causal within each sequence the cumulative
+    lengths delimit, stands in for flash_attention_2's kernel and checks what the packed forward hands it."""
+    calls = []
+
+    def varlen_reference(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        assert attention_mask is None and query.shape[0] == 1  # one packed row, no mask
+        bounds, longest = kwargs["cu_seq_lens_q"].tolist(), kwargs["max_length_q"]
+        calls.append((tuple(bounds), longest))
+        outputs = [
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=True,
+            )
+            for start, end in zip(bounds, bounds[1:])
+        ]
+        return torch.cat(outputs, dim=2).transpose(1, 2), None
+
+    model, processor = tiny_model("sdpa")
+    model.train()
+    batch = asr_batch(processor)
+    padded_loss, padded_gradients, padded_logits, _ = run(model, batch, padding_free=False)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", varlen_reference)
+    monkeypatch.setattr(model.language_model.config, "_attn_implementation", "flash_attention_2")
+    loss, gradients, logits, shape = run(model, batch, padding_free=True)
+
+    lengths = batch["attention_mask"].sum(-1)
+    assert shape == (1, int(lengths.sum()))
+    assert calls and set(calls) == {((0, *lengths.cumsum(0).tolist()), int(lengths.max()))}
+    torch.testing.assert_close(loss, padded_loss, atol=1e-6, rtol=1e-6)
+    for name, gradient in padded_gradients.items():
+        torch.testing.assert_close(gradients[name], gradient, atol=1e-6, rtol=1e-5)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], padded_logits[valid], atol=1e-5, rtol=1e-5)
+
+
 def test_the_first_token_of_a_sequence_is_never_predicted_from_the_previous_one():
     """Every real token labelled (as `labels=input_ids` does): packed, the last token of one sequence would be made to
     predict the first token of the next, which the padded batch never asks."""
@@ -112,8 +154,9 @@ def test_generation_runs_padded_and_an_explicit_request_with_a_cache_is_refused(
     model.config.padding_free = True
     try:
         assert torch.equal(model.generate(**prompt, **settings), reference)
-        with pytest.raises(ValueError, match="without a key/value cache.*padding_free=False"):
-            model(**prompt, use_cache=True, padding_free=True)
+        for generating in ({"use_cache": True}, {"logits_to_keep": 1}):
+            with pytest.raises(ValueError, match="this one generates.*padding_free=False"):
+                model(**prompt, **generating, padding_free=True)
     finally:
         model.config.padding_free = False
 
@@ -123,7 +166,6 @@ def test_generation_runs_padded_and_an_explicit_request_with_a_cache_is_refused(
     [
         ({"position_ids": "given"}, "position ids are given"),
         ({"output_attentions": True}, "attention weights are asked for"),
-        ({"logits_to_keep": 1}, "logits_to_keep is set"),
     ],
 )
 def test_forwards_that_cannot_be_packed_are_refused(extra, reason):
@@ -155,22 +197,6 @@ def test_attention_that_would_mix_the_sequences_is_refused(monkeypatch, tmp_path
 def test_the_contrastive_trainer_refuses_it(tmp_path):
     with pytest.raises(ValueError, match="not supported by the contrastive trainer"):
         ContrastiveTrainingArguments(output_dir=str(tmp_path), padding_free=True, use_cpu=True)
-
-
-def multi_task_rows():
-    rows = []
-    for i, row in enumerate(load_split("dev")[:4]):
-        st = i % 2 == 1
-        rows.append(
-            {
-                "audio": row["audio"],
-                "text": row["text"],
-                "task": "st" if st else "asr",
-                "translation": f"übersetzung {i}" if st else None,
-                "target_language": "German" if st else None,
-            }
-        )
-    return datasets.Dataset.from_list(rows)
 
 
 def test_training_with_padding_free_logs_the_same_losses(tmp_path):

@@ -112,7 +112,8 @@ class SpeechLlmConfig(PretrainedConfig):
             computes nothing on padding. Loss and gradients are those of the padded batch; logits and hidden states
             come back as `(batch, length, ...)`, zero at padded positions. The LLM's attention must be
             `flash_attention_2/3/4` (varlen kernels) or `sdpa`/`eager`/`flex_attention` (a block-diagonal causal
-            mask). Generation runs padded whatever this says; the `padding_free` argument of `forward` overrides it.
+            mask). Generation forwards run padded whatever this says; the `padding_free` argument of `forward`
+            overrides it.
 
     Example:
 

@@ -803,9 +803,9 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
                 lengths, instead of `input_features` (a feature cache).
             labels: (B, L) next-token targets; audio positions are set to `ignore_index` whatever they hold.
             padding_free: pack the valid positions of the padded rows into one row before the LLM (see
-                `SpeechLlmConfig.padding_free`, which this overrides; None: the config's setting). Asked for here, a
-                forward that cannot be packed (a key/value cache, given position ids, attention weights,
-                `logits_to_keep`, an attention implementation that would mix the sequences) is an error.
+                `SpeechLlmConfig.padding_free`, which this overrides; None: the config's setting). Packing a
+                forward that cannot be packed is an error: given position ids, attention weights, an attention
+                implementation that would mix the sequences, and (asked for here) a generation forward.
             **kwargs: passed to the LLM: its key/value cache (`past_key_values` on transformers 4.x, `cache` on newer
                 5.x: left unnamed here so that either version's name passes through), `num_items_in_batch` for the
                 loss, `output_hidden_states`, ...
@@ -865,18 +865,22 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
     def _packs(self, requested, attention_mask, position_ids, use_cache, logits_to_keep, kwargs) -> bool:
         """Whether this forward runs the LLM on packed rows; raises where packing is on but cannot be done.
 
-        The config's `padding_free` applies to forwards without a key/value cache: generation (`use_cache=True`)
-        runs padded. A batch without padding is not packed: there is nothing to remove.
+        The config's `padding_free` applies to training and scoring forwards: a generation forward (a key/value
+        cache, `use_cache=True`, or `logits_to_keep`, which would keep the last positions of the packed row rather
+        than of each sequence) runs padded. A batch without padding is not packed: there is nothing to remove.
         """
         explicit = requested is not None
         if not (requested if explicit else getattr(self.config, "padding_free", False)):
             return False
-        if use_cache or kwargs.get("cache", kwargs.get("past_key_values")) is not None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        keeps_logits = not isinstance(logits_to_keep, int) or logits_to_keep != 0
+        if use_cache or cache is not None or keeps_logits:
             if not explicit:
                 return False
             raise ValueError(
-                "padding_free=True packs the rows of a forward without a key/value cache (training, scoring), but "
-                "this one has a cache or use_cache=True. Pass padding_free=False (or leave it unset) to generate."
+                "padding_free=True packs the rows of a training or scoring forward, but this one generates (a "
+                "key/value cache, use_cache=True or logits_to_keep). Pass padding_free=False (or leave it unset) to "
+                "generate."
             )
         refusals = {
             "position ids are given (packing derives them from attention_mask, restarting at 0 for each row)": (
@@ -884,9 +888,6 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             ),
             "attention weights are asked for (they would span the whole packed row)": bool(
                 kwargs.get("output_attentions")
-            ),
-            "logits_to_keep is set (it would keep the last positions of the packed row, not of each sequence)": (
-                not isinstance(logits_to_keep, int) or logits_to_keep != 0
             ),
             "attention_mask is not a 2-D padding mask": attention_mask is not None and attention_mask.dim() != 2,
         }
