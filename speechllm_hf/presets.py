@@ -95,7 +95,14 @@ PRESETS: dict[str, Preset] = {
 }
 
 # Settings that go to SpeechLlmConfig; every other keyword of `from_preset` goes to the backbones' from_pretrained.
-_CONFIG_KEYS = ("freeze_encoder", "freeze_text_model", "encoder_train_mode_augment", "audio_token", "ignore_index")
+_CONFIG_KEYS = (
+    "freeze_encoder",
+    "freeze_text_model",
+    "encoder_train_mode_augment",
+    "audio_token",
+    "ignore_index",
+    "padding_free",
+)
 
 
 def tiny_tokenizer(audio_token: str = "<audio>") -> PreTrainedTokenizerFast:
@@ -214,8 +221,8 @@ def from_preset(
             `*_revision`). For "tiny", giving one replaces the random sub-model with the pretrained one.
         chat_template, system_prompt: replace the preset's prompt format.
         **kwargs: `freeze_encoder`, `freeze_text_model`, `encoder_train_mode_augment`, `audio_token`,
-            `ignore_index` go to `SpeechLlmConfig`; anything else (dtype, device_map, attn_implementation,
-            quantization_config, token, cache_dir, local_files_only, ...) to
+            `ignore_index`, `padding_free` go to `SpeechLlmConfig`; anything else (dtype, device_map,
+            attn_implementation, quantization_config, token, cache_dir, local_files_only, ...) to
             `SpeechLlmForConditionalGeneration.from_backbones`, which honours dtype and attn_implementation for
             random tiny backbones too and gives quantization_config to the LLM only.
 

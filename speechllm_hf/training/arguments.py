@@ -78,6 +78,14 @@ class SpeechLlmTrainingArguments(TrainingArguments):
             "help": "Encoder-feature cache folder: built on first use, then read instead of running the encoder."
         },
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack each batch's sequences into one row without padding before the LLM (flash-attention varlen "
+            "kernels, or a block-diagonal mask with sdpa/eager/flex_attention); the loss is unchanged. Sets the "
+            "model's config.padding_free, as the Trainer sets config.use_cache."
+        },
+    )
     data_subset: float | None = field(
         default=None, metadata={"help": "Train on a random fraction of the data (seeded by `data_seed` or `seed`)."}
     )

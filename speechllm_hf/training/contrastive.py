@@ -107,6 +107,12 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
             raise ValueError(f"contrastive_loss must be 'infonce' or 'wasserstein'; got {self.contrastive_loss!r}.")
         if self.speech_input not in ("speech", "mixed"):
             raise ValueError(f"speech_input must be 'speech' or 'mixed'; got {self.speech_input!r}.")
+        if self.padding_free:
+            raise ValueError(
+                "padding_free is not supported by the contrastive trainer: it pools hidden states per sequence, "
+                "layer by layer, in both branches, and its text branch runs the bare LLM. Drop --padding_free (the "
+                "asr and continuation methods take it)."
+            )
         if self.gather_negatives and self.contrastive_loss == "wasserstein":
             raise ValueError(
                 "gather_negatives works with the InfoNCE loss only: the Wasserstein variant compares whole "

@@ -1,6 +1,7 @@
 """SpeechLlmTrainer: the one Trainer behind ASR pretraining, multi-task fine-tuning and both pretraining methods.
 
 It adds to `transformers.Trainer`: the speech collator by default, length-grouped batches, the encoder-feature cache,
+padding-free packing (`--padding_free`, applied by the model: see `SpeechLlmConfig.padding_free`),
 projector-only checkpoints that still resume exactly (optimizer, scheduler and RNG state are the Trainer's own) and
 that `load_best_model_at_end` reloads, per-task losses on multi-task data, per-loss metrics that subclasses record
 with `record_metric`, a stop at the first step whose loss or weights are not finite (`DivergenceGuard`),
@@ -28,6 +29,7 @@ from ..data.mixed_collator import MixedSpeechTextCollator
 from ..data.sampler import LengthGroupedSampler
 from ..data.tasks import TASKS, PromptConfig, check_columns
 from ..models.speechllm.hub_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_NAME, upload_saved_folder
+from ..models.speechllm.modeling_speechllm import padding_free_unsupported
 from .arguments import MIXED_TASK, SpeechLlmTrainingArguments
 from .checkpoints import mark_complete, resolve_resume, unmark
 from .divergence import DivergenceGuard
@@ -57,7 +59,8 @@ class SpeechLlmTrainer(Trainer):
     Raises:
         ValueError: before any row is read, for a dataset that lacks a column its tasks need, a feature cache with a
             collator that does not read it, `remove_unused_columns=True` with a speech collator, a transformers
-            sampling strategy that duration grouping would override, or `push_to_hub=True` (see `push_to_hub`).
+            sampling strategy that duration grouping would override, `padding_free` with an LLM attention that
+            cannot keep packed sequences apart, or `push_to_hub=True` (see `push_to_hub`).
         TrainingDivergedError: from `train`, at the first step whose loss or trainable weights are not finite (or
             after `max_skipped_steps` skipped fp16 steps), before that step is logged or saved.
     """
@@ -83,6 +86,8 @@ class SpeechLlmTrainer(Trainer):
             )
         if args.data_subset is not None and train_dataset is not None:
             train_dataset = subset(train_dataset, args.data_subset, _data_seed(args))
+        if model is not None:
+            use_padding_free(model, args.padding_free)
         datasets_by_name = _named_datasets(train_dataset, eval_dataset)
         use_cache = args.feature_cache_dir is not None
         if data_collator is None and processing_class is None:
@@ -359,6 +364,16 @@ class _LoadBestProjectorCallback(TrainerCallback):
         if args.load_best_model_at_end and best and os.path.isfile(os.path.join(best, PROJECTOR_WEIGHTS_NAME)):
             logger.info("Loading the best projector from %s (score %s).", best, state.best_metric)
             model.load_trained_weights(best)
+
+
+def use_padding_free(model, enabled: bool) -> None:
+    """Set the model's `config.padding_free` from `--padding_free` (as the Trainer sets `config.use_cache` from
+    `--use_cache`), refusing, before any step, an LLM whose attention would mix the packed sequences."""
+    if enabled:
+        problem = padding_free_unsupported(model.language_model.config._attn_implementation)
+        if problem:
+            raise ValueError(problem)
+    model.config.padding_free = enabled
 
 
 def _data_seed(args) -> int:

@@ -31,6 +31,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
+from transformers.utils import is_torch_greater_or_equal
 
 from .configuration_speechllm import WHISPER_CONVS, SpeechLlmConfig, conv_output_length, convs_output_length
 from .hub_speechllm import (
@@ -57,6 +58,40 @@ _WHISPER_LAYER_TAKES_HEAD_MASK = "layer_head_mask" in inspect.signature(WhisperE
 def lengths_to_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
     """(B,) lengths -> (B, max_length) bool mask, True on valid positions."""
     return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+# Attention implementations that keep packed sequences apart, in transformers 4.57 and 5.x alike. Flash attention runs
+# its varlen kernels on the cumulative sequence lengths passed with the packed row (`cu_seq_lens_q/k`, the
+# `FlashAttentionKwargs` that DataCollatorWithFlattening also returns). The others get the block-diagonal causal mask
+# that `masking_utils.create_causal_mask` builds when there is no attention mask and no cache and the position ids
+# restart (`find_packed_sequence_indices`): 4.57 builds it only on torch >= 2.6, and 5.x requires that torch.
+PACKED_MASK_ATTENTION = ("eager", "sdpa", "flex_attention")
+
+
+def padding_free_unsupported(attn_implementation: str | None) -> str | None:
+    """Why an LLM with this attention implementation cannot run packed sequences here, or None when it can."""
+    if attn_implementation is not None and attn_implementation.startswith("flash_attention_"):
+        return None
+    if attn_implementation not in PACKED_MASK_ATTENTION:
+        return (
+            f"padding-free packing needs the LLM's attention to keep packed sequences apart: flash_attention_2/3/4 "
+            f"or one of {', '.join(PACKED_MASK_ATTENTION)}; this LLM uses {attn_implementation!r}. Load it with "
+            "attn_implementation set to one of those, or turn padding_free off."
+        )
+    if not is_torch_greater_or_equal("2.6"):
+        return (
+            f"padding-free packing with {attn_implementation} attention needs torch >= 2.6 (transformers ignores "
+            f"packed position ids in its masks before it; torch {torch.__version__} is installed): upgrade torch, use "
+            "flash attention, or turn padding_free off."
+        )
+    return None
+
+
+def unpack(packed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(1, N, ...) values of the packed row -> (B, L, ...) with zeros at the padded positions (`valid`: (B, L) bool,
+    N True entries, packed in row-major order)."""
+    unpacked = packed.new_zeros(*valid.shape, *packed.shape[2:])
+    return unpacked.index_put(valid.nonzero(as_tuple=True), packed[0])
 
 
 @dataclass
@@ -797,6 +832,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        padding_free: bool | None = None,
         **kwargs,
     ) -> SpeechLlmCausalLMOutputWithPast:
         r"""
@@ -807,6 +843,10 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             encoder_hidden_states, encoder_lengths: precomputed encoder outputs (num_clips, T', C) and their valid
                 lengths, instead of `input_features` (a feature cache).
             labels: (B, L) next-token targets; audio positions are set to `ignore_index` whatever they hold.
+            padding_free: pack the valid positions of the padded rows into one row before the LLM (see
+                `SpeechLlmConfig.padding_free`, which this overrides; None: the config's setting). Packing a
+                forward that cannot be packed is an error: given position ids, attention weights, an attention
+                implementation that would mix the sequences, and (asked for here) a generation forward.
             **kwargs: passed to the LLM: its key/value cache (`past_key_values` on transformers 4.x, `cache` on newer
                 5.x: left unnamed here so that either version's name passes through), `num_items_in_batch` for the
                 loss, `output_hidden_states`, ...
@@ -840,9 +880,15 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             inputs_embeds = self.merge_audio_features(input_ids, inputs_embeds, audio_embeds, audio_lengths)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(self._audio_positions(input_ids), self.config.ignore_index)
+        packed = self._packs(padding_free, attention_mask, position_ids, use_cache, logits_to_keep, kwargs)
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # Left padding must not shift positions: count only real tokens (also for the cached decode steps).
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+        if packed:
+            outputs = self._packed_language_model(inputs_embeds, attention_mask, position_ids, labels, kwargs)
+            return SpeechLlmCausalLMOutputWithPast(
+                **outputs, audio_hidden_states=audio_embeds, audio_lengths=audio_lengths
+            )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -856,6 +902,93 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         return SpeechLlmCausalLMOutputWithPast(
             **outputs, audio_hidden_states=audio_embeds, audio_lengths=audio_lengths
         )
+
+    def _packs(self, requested, attention_mask, position_ids, use_cache, logits_to_keep, kwargs) -> bool:
+        """Whether this forward runs the LLM on packed rows; raises where packing is on but cannot be done.
+
+        The config's `padding_free` applies to training and scoring forwards: a generation forward (a key/value
+        cache, `use_cache=True`, or `logits_to_keep`, which would keep the last positions of the packed row rather
+        than of each sequence) runs padded. A batch without padding is not packed: there is nothing to remove.
+        """
+        explicit = requested is not None
+        if not (requested if explicit else getattr(self.config, "padding_free", False)):
+            return False
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        keeps_logits = not isinstance(logits_to_keep, int) or logits_to_keep != 0
+        if use_cache or cache is not None or keeps_logits:
+            if not explicit:
+                return False
+            raise ValueError(
+                "padding_free=True packs the rows of a training or scoring forward, but this one generates (a "
+                "key/value cache, use_cache=True or logits_to_keep). Pass padding_free=False (or leave it unset) to "
+                "generate."
+            )
+        refusals = {
+            "position ids are given (packing derives them from attention_mask, restarting at 0 for each row)": (
+                position_ids is not None
+            ),
+            "attention weights are asked for (they would span the whole packed row)": bool(
+                kwargs.get("output_attentions")
+            ),
+            "attention_mask is not a 2-D padding mask": attention_mask is not None and attention_mask.dim() != 2,
+        }
+        reasons = [reason for reason, refused in refusals.items() if refused]
+        unsupported = padding_free_unsupported(self.language_model.config._attn_implementation)
+        if unsupported:
+            reasons.append(unsupported)
+        if reasons:
+            raise ValueError(
+                f"padding_free is on but this forward cannot be packed: {'; '.join(reasons)}. Turn padding_free off "
+                "for it (padding_free=False, or config.padding_free = False)."
+            )
+        return attention_mask is not None and not bool(attention_mask.all())
+
+    def _packed_language_model(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        labels: torch.Tensor | None,
+        kwargs: dict,
+    ) -> CausalLMOutputWithPast:
+        """Run the LLM on the valid positions of all rows packed into one row, and unpack its per-token outputs.
+
+        The packed row has no attention mask and position ids that restart at 0 for each sequence: transformers then
+        keeps the sequences apart (see `padding_free_unsupported`). The label of each sequence's first token is
+        ignored, as in `DataCollatorWithFlattening`: the loss shifts labels along the packed row, and would otherwise
+        have the last token of one sequence predict the first token of the next. No real token predicts a row's
+        first token in the padded batch either, so the loss is the padded batch's (the one exception: a labelled
+        first token of a left-padded row, which the padded batch has a padding position predict).
+        """
+        valid = attention_mask.bool()  # (B, L)
+        if labels is not None:
+            label_valid = valid.to(labels.device)
+            first = label_valid & (label_valid.cumsum(-1) == 1)
+            labels = labels.masked_fill(first, self.config.ignore_index)[label_valid][None]
+        if self.language_model.config._attn_implementation.startswith("flash_attention_"):
+            lengths = valid.sum(-1, dtype=torch.int32)
+            lengths = lengths[lengths > 0]
+            cu_seq_lens = nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+            max_length = int(lengths.max())
+            kwargs = {
+                **kwargs,
+                "cu_seq_lens_q": cu_seq_lens,
+                "cu_seq_lens_k": cu_seq_lens,
+                "max_length_q": max_length,
+                "max_length_k": max_length,
+            }
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds[valid][None],  # (1, N, D)
+            attention_mask=None,
+            position_ids=position_ids[valid][None],
+            labels=labels,
+            use_cache=False,  # a cache would make transformers skip the packed-sequence mask
+            **{**kwargs, "return_dict": True},
+        )
+        outputs.logits = unpack(outputs.logits, valid)
+        if outputs.hidden_states is not None:
+            outputs.hidden_states = tuple(unpack(states, valid) for states in outputs.hidden_states)
+        return outputs
 
     _AUDIO_INPUTS = ("input_features", "feature_attention_mask", "encoder_hidden_states", "encoder_lengths")
 
