@@ -530,3 +530,33 @@ def test_train_command_validates_each_manifest_row_against_its_task(tmp_path):
     (tmp_path / "st.jsonl").write_text("".join(json.dumps(row) + "\n" for row in st_rows))
     rows = load_rows([f"st={tmp_path / 'st.jsonl'}"], arguments(tmp_path), DataArguments(target_language="German"))
     assert rows["translation"] == ["hallo"] and rows["target_language"] == ["German"] and rows["task"] == ["st"]
+
+
+def test_cli_train_loads_backbones_in_dtype_with_the_llm_attention_and_an_fp32_projector(tmp_path, monkeypatch):
+    from speechllm_hf.cli import main
+    from speechllm_hf.commands import train as train_command
+
+    built = {}
+    original = train_command.methods
+
+    def recording_methods():
+        table = original()
+        trainer_class, arguments_class = table["asr"]
+
+        class RecordingTrainer(trainer_class):
+            def __init__(self, model=None, **kwargs):
+                built["model"] = model
+                super().__init__(model=model, **kwargs)
+
+        return {**table, "asr": (RecordingTrainer, arguments_class)}
+
+    monkeypatch.setattr(train_command, "methods", recording_methods)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in load_split("dev")[:2]))
+    argv = ["train", "--train_manifest", str(tmp_path / "m.jsonl"), "--max_steps", "1", "--use_cpu"]
+    argv += ["--save_strategy", "no", "--report_to", "none", "--output_dir", str(tmp_path / "run")]
+    assert main([*argv, "--dtype", "bfloat16", "--attn_implementation", "eager"]) == 0
+    model = built["model"]
+    assert model.language_model.dtype == model.encoder.dtype == torch.bfloat16
+    assert {p.dtype for p in model.projector.parameters()} == {torch.float32}
+    assert model.language_model.config._attn_implementation == "eager"
+    assert model.encoder.config._attn_implementation != "eager"  # the encoder keeps its default

@@ -33,6 +33,30 @@ class ModelArguments:
     text_revision: str | None = field(
         default=None, metadata={"help": "LLM revision (a commit hash pins it; default: the commit loaded now)."}
     )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "The LLM's attention: sdpa (default), eager, flex_attention or flash_attention_2 (pip install "
+            "flash-attn). With --padding_free only flex_attention and flash attention skip the padding's work. The "
+            "encoder keeps its default."
+        },
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights of the frozen encoder and LLM: bfloat16, float16 or float32 (default float32). The "
+            "projector keeps float32 weights; --bf16/--fp16 compute in half precision."
+        },
+    )
+
+    def backbone_kwargs(self) -> dict:
+        """What `from_preset` / `from_pretrained` take from these arguments for the backbones."""
+        kwargs = {}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = {"text_config": self.attn_implementation}
+        if self.dtype:
+            kwargs["dtype"] = self.dtype
+        return kwargs
 
 
 @dataclass
@@ -186,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     # same on every process and in every run.
     set_seed(training_args.seed)
     if model_args.model:
-        model = SpeechLlmForConditionalGeneration.from_pretrained(model_args.model)
+        model = SpeechLlmForConditionalGeneration.from_pretrained(model_args.model, **model_args.backbone_kwargs())
         processor = SpeechLlmProcessor.from_pretrained(model_args.model)
     else:
         model, processor = from_preset(
@@ -197,7 +221,10 @@ def run(args: argparse.Namespace) -> int:
             encoder_revision=model_args.encoder_revision,
             text_name_or_path=model_args.text_name_or_path,
             text_revision=model_args.text_revision,
+            **model_args.backbone_kwargs(),
         )
+    # The projector trains: it keeps float32 master weights whatever the frozen backbones are stored in.
+    model.projector.float()
     if training_args.lora_r > 0:
         add_lora(
             model,
