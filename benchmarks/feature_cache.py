@@ -10,7 +10,7 @@ encoder), the encoder forward's own share of the uncached step (timed inside the
 cached path's read + collate time with the cache read as numpy arrays (what the trainer uses) and as Python lists
 (the `datasets` default).
 
-    python benchmarks/feature_cache.py --steps 5 --batch_size 4 --seconds 6
+    python benchmarks/feature_cache.py --steps 5 --batch_size 4 --seconds 6 --threads 1
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def time_collate(dataset: datasets.Dataset, collator, batch_size: int) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     """The benchmark with the options of `add_arguments`."""
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, processor = build(args.encoder_layers, args.text_layers)
     step = library_step(model, processor)
@@ -154,6 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="clip duration")
     parser.add_argument("--encoder_layers", type=int, default=24)
     parser.add_argument("--text_layers", type=int, default=4)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (more than the idle cores make timings erratic)"
+    )
 
 
 def main() -> None:
