@@ -4,8 +4,10 @@ LibriSpeech's training utterances were cut at silences with a 35 s cap, most of 
 length: the histogram peaks around 14-16 s with a long tail of short, sentence-final segments (mean about 12.3 s).
 We draw a mixture that mimics it: 75% N(14.5 s, 2.5 s) + 25% lognormal(median 5 s, sigma 0.6), clipped to [1, 35] s.
 
-Prints one JSON line: `{"name": "padding_fraction", "random": x, "grouped": y, "ratio": y / x, "goal": 0.05}`,
-where the goal is the largest acceptable padding fraction for grouped batches.
+Prints one JSON line: `{"name": "padding_fraction", "ratio": y, "goal": 0.05, "higher_is_better": false,
+"random": x, "grouped_over_random": y / x, ...}`, where `ratio` is the padding fraction of grouped batches (padded
+duration / total duration of the padded batches), the goal its largest acceptable value, and `random` the
+baseline's.
 
     python benchmarks/padding.py --batch_size 16 --num 20000 --seed 0
 """
@@ -38,25 +40,35 @@ def measure(durations: np.ndarray, batch_size: int, seed: int = 0) -> dict[str, 
     grouped = padding_fraction(lengths, to_batches(list(LengthGroupedSampler(lengths, batch_size, seed)), batch_size))
     return {
         "name": "padding_fraction",
-        "random": round(random, 4),
-        "grouped": round(grouped, 4),
-        "ratio": round(grouped / random, 4),
+        "ratio": round(grouped, 4),
         "goal": GOAL,
+        "higher_is_better": False,
+        "random": round(random, 4),
+        "grouped_over_random": round(grouped / random, 4),
+        "batch_size": batch_size,
+        "clips": len(lengths),
     }
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The benchmark with the options of `add_arguments`."""
+    return measure(librispeech_like_durations(args.num, args.seed), args.batch_size, args.seed)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--num", type=int, default=20000, help="number of clips drawn")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num", type=int, default=20000, help="number of clips drawn")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    durations = librispeech_like_durations(args.num, args.seed)
-    print(json.dumps(measure(durations, args.batch_size, args.seed)))
+    add_arguments(parser)
+    print(json.dumps(run(parser.parse_args())))
 
 
 if __name__ == "__main__":
     main()
 
 
-__all__ = ["GOAL", "librispeech_like_durations", "measure"]
+__all__ = ["GOAL", "add_arguments", "librispeech_like_durations", "measure", "run"]

@@ -154,6 +154,23 @@ def test_labels_at_audio_positions_are_ignored():
     torch.testing.assert_close(loss, expected)
 
 
+def test_logits_to_keep_with_labels_takes_the_loss_on_the_kept_positions():
+    model, processor = tiny()
+    inputs = batch(processor)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels[:, :-3] = -100  # labels on the last 3 positions: predicted by the 4 positions before them
+    with torch.no_grad():
+        full = model(**inputs, labels=labels)
+        kept = model(**inputs, labels=labels, logits_to_keep=4)
+    assert kept.logits.shape[1] == 4
+    torch.testing.assert_close(kept.logits, full.logits[:, -4:])
+    torch.testing.assert_close(kept.loss, full.loss)
+    with pytest.raises(ValueError, match="leaves out the logits of labelled positions"):
+        model(**inputs, labels=labels, logits_to_keep=3)
+    with pytest.raises(ValueError, match="logits_to_keep must be an int"):
+        model(**inputs, labels=labels, logits_to_keep=torch.arange(4))
+
+
 def test_left_padding_does_not_shift_positions():
     """Position ids come from the attention mask, so a left-padded prompt sees the positions it sees alone."""
     model, processor = tiny()

@@ -21,7 +21,7 @@ from speechllm_hf.data.prepare import prepare_dataset
 from speechllm_hf.data.sampler import LengthGroupedSampler
 from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
 from speechllm_hf.training.lora import LORA_TARGET_MODULES, add_lora
-from speechllm_hf.training.trainer import SpeechLlmTrainer, subset
+from speechllm_hf.training.trainer import SpeechLlmTrainer, logits_to_keep, subset
 
 
 def tiny_with_ids(local_backbones, projector_type="qformer"):
@@ -79,6 +79,38 @@ def test_collator_labels_only_the_response_and_end_of_turn():
         assert processor.tokenizer.decode(labelled) == row["text"] + processor.tokenizer.eos_token
         audio = batch["input_ids"][i] == processor.audio_token_id
         assert audio.any() and (batch["labels"][i][audio] == IGNORE_INDEX).all()
+
+
+def test_logits_to_keep_starts_one_before_the_first_label_of_any_row():
+    labels = torch.tensor([[-100, -100, -100, 5, 6, -100], [-100, -100, 7, 8, -100, -100]])
+    assert logits_to_keep(labels) == 5  # positions 1..5: position 1 predicts the first label, at 2
+    assert logits_to_keep(torch.full((2, 6), IGNORE_INDEX)) == 0  # nothing labelled: all
+    assert logits_to_keep(torch.tensor([[1, 2, -100]])) == 3  # at most every position
+
+
+def test_the_loss_takes_logits_of_the_response_only_with_the_same_loss_and_gradients(tmp_path):
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny")
+    model.eval()  # no projector dropout, so that both losses see the same forward
+    batch = SpeechLlmCollator(processor)(load_split("train")[:4])
+    length = batch["labels"].shape[1]
+    trainer = SpeechLlmTrainer(model=model, args=arguments(tmp_path), processing_class=processor)
+    loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    # The prompt and the audio come before the response: most positions need no logits.
+    assert outputs.logits.shape[1] == logits_to_keep(batch["labels"]) < length / 2
+    loss.backward()
+    trimmed = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full = model(**batch)
+    assert full.logits.shape[1] == length
+    full.loss.backward()
+    torch.testing.assert_close(loss, full.loss)
+    assert trimmed.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, grad in trimmed.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad)
+    # Metrics computed at evaluation read the logits: every position keeps them.
+    trainer.compute_metrics = lambda predictions: {}
+    assert trainer.compute_loss(model, batch, return_outputs=True)[1].logits.shape[1] == length
 
 
 def test_a_few_steps_change_every_trainable_parameter_and_no_frozen_one(local_backbones, tmp_path):

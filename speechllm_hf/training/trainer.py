@@ -287,7 +287,14 @@ class SpeechLlmTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's loss; a batch with `task_ids` (multi-task data) also records each task's loss per response
-        token as `loss_<task>`."""
+        token as `loss_<task>`.
+
+        The model computes logits only from the position before the batch's first label on (`logits_to_keep`, as
+        TRL's `use_logits_to_keep`), not at the prompt and audio positions, unless something beyond the model's own
+        loss reads the logits: label smoothing, `compute_loss_func`, or metrics at evaluation.
+        """
+        if "labels" in inputs and "logits_to_keep" not in inputs and not self._reads_logits(model):
+            inputs = {**inputs, "logits_to_keep": logits_to_keep(inputs["labels"])}
         if TASK_IDS not in inputs:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -296,14 +303,21 @@ class SpeechLlmTrainer(Trainer):
         task_ids = inputs.pop(TASK_IDS)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         with torch.no_grad():
-            labelled = inputs["labels"][:, 1:] != IGNORE_INDEX  # (B, L - 1): position t predicts token t + 1
+            labels = inputs["labels"][:, -outputs.logits.shape[1] :]  # the positions whose logits were kept
+            labelled = labels[:, 1:] != IGNORE_INDEX  # (B, kept - 1): position t predicts token t + 1
             token_losses = F.cross_entropy(
-                outputs.logits[:, :-1][labelled].float(), inputs["labels"][:, 1:][labelled], reduction="none"
+                outputs.logits[:, :-1][labelled].float(), labels[:, 1:][labelled], reduction="none"
             )  # (N,)
             token_tasks = task_ids.to(labelled.device)[:, None].expand_as(labelled)[labelled]  # (N,)
             for index in token_tasks.unique().tolist():
                 self.record_metric(f"loss_{TASKS[index]}", token_losses[token_tasks == index].mean())
         return (loss, outputs) if return_outputs else loss
+
+    def _reads_logits(self, model) -> bool:
+        """Whether logits are read beyond the model's loss, so that every position needs them."""
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return True
+        return not model.training and (self.compute_metrics or self.preprocess_logits_for_metrics) is not None
 
     # ---------------------------------------------------------------------------------------------------------------
     # Per-loss metrics, averaged over the logging interval and merged into the Trainer's logs.
@@ -381,6 +395,15 @@ def _data_seed(args) -> int:
     return args.data_seed if args.data_seed is not None else args.seed
 
 
+def logits_to_keep(labels: torch.Tensor) -> int:
+    """How many last positions' logits the loss of `labels` needs: from the position before the earliest label of
+    any row to the end (the response, not the prompt and audio before it); 0 (all) when nothing is labelled."""
+    labelled = (labels != IGNORE_INDEX).any(0)  # (L,)
+    if not bool(labelled.any()):
+        return 0
+    return min(labels.shape[1] - int(labelled.int().argmax()) + 1, labels.shape[1])
+
+
 def subset(dataset, fraction: float, seed: int):
     """A seeded random `fraction` of `dataset` (the contrastive paper's 10%, seed 42, fine-tuning runs)."""
     if not 0 < fraction <= 1:
@@ -419,4 +442,4 @@ def _other_sampling(args) -> str | None:
     return "group_by_length=True" if args.group_by_length else None
 
 
-__all__ = ["SpeechLlmTrainer", "subset"]
+__all__ = ["SpeechLlmTrainer", "logits_to_keep", "subset"]

@@ -847,6 +847,8 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
                 `SpeechLlmConfig.padding_free`, which this overrides; None: the config's setting). Packing a
                 forward that cannot be packed is an error: given position ids, attention weights, an attention
                 implementation that would mix the sequences, and (asked for here) a generation forward.
+            logits_to_keep: compute the logits of the last `logits_to_keep` positions only (0: all); with `labels`,
+                the loss is taken on them, so they must include every position that predicts a label.
             **kwargs: passed to the LLM: its key/value cache (`past_key_values` on transformers 4.x, `cache` on newer
                 5.x: left unnamed here so that either version's name passes through), `num_items_in_batch` for the
                 loss, `output_hidden_states`, ...
@@ -880,6 +882,16 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             inputs_embeds = self.merge_audio_features(input_ids, inputs_embeds, audio_embeds, audio_lengths)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(self._audio_positions(input_ids), self.config.ignore_index)
+        if labels is not None and not isinstance(logits_to_keep, int):
+            raise ValueError("With labels, logits_to_keep must be an int: the number of last positions kept.")
+        if labels is not None and logits_to_keep:
+            # Position t predicts label t + 1: the kept logits cover the labels of the last logits_to_keep - 1.
+            if bool((labels[:, 1 : labels.shape[1] - logits_to_keep + 1] != self.config.ignore_index).any()):
+                raise ValueError(
+                    f"logits_to_keep={logits_to_keep} leaves out the logits of labelled positions: keep from the "
+                    "position before the first label on (or pass 0 to keep all)."
+                )
+            labels = labels[:, -logits_to_keep:]  # the LLM's loss pairs them with the logits it keeps
         packed = self._packs(padding_free, attention_mask, position_ids, use_cache, logits_to_keep, kwargs)
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # Left padding must not shift positions: count only real tokens (also for the cached decode steps).
