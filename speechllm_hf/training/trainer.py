@@ -291,9 +291,11 @@ class SpeechLlmTrainer(Trainer):
 
         The model computes logits only from the position before the batch's first label on (`logits_to_keep`, as
         TRL's `use_logits_to_keep`), not at the prompt and audio positions, unless something beyond the model's own
-        loss reads the logits: label smoothing, `compute_loss_func`, or metrics at evaluation.
+        loss reads the logits (label smoothing, `compute_loss_func`, or metrics at evaluation) or the batch is packed
+        (`padding_free`: the last positions of one packed row are not those of each sequence).
         """
-        if "labels" in inputs and "logits_to_keep" not in inputs and not self._reads_logits(model):
+        keep_all = self._reads_logits(model) or self.args.padding_free
+        if "labels" in inputs and "logits_to_keep" not in inputs and not keep_all:
             inputs = {**inputs, "logits_to_keep": logits_to_keep(inputs["labels"])}
         if TASK_IDS not in inputs:
             return super().compute_loss(
