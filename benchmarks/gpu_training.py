@@ -225,8 +225,7 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2)
@@ -236,8 +235,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     p.add_argument("--only", nargs="*", help="variants to run (default: all)")
     p.add_argument("--device", default="cuda", help="cpu runs the same code slowly, as a check of the script")
-    return p
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(parser().parse_args())))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    print(json.dumps(run(parser.parse_args())))

@@ -83,6 +83,13 @@ BENCHMARKS = (
         quick={"num_clips": 32, "threads": 1},  # 2 threads on a shared 2-core machine stall behind other jobs
         smoke={"num_clips": 4, "batch_size": 2, "max_new_tokens": 4},
     ),
+    Benchmark(
+        "gpu_training",
+        "gpu_training",
+        "run",
+        smoke={"batch_size": 2, "steps": 1, "warmup": 1, "encoder_layers": 1, "llm_layers": 1, "flop_sample": 1},
+        requires_cuda=True,
+    ),
 )
 
 
