@@ -23,6 +23,13 @@ PROJECTORS = ("qformer", "cnn", "mlp")
 _MODELS: dict = {}
 
 
+# The training-argument settings every in-process training test shares: on the CPU, quiet, reproducible, logging
+# each step and saving nothing unless the test asks.
+CPU_TRAINING = dict(
+    use_cpu=True, disable_tqdm=True, report_to="none", seed=0, logging_steps=1, save_strategy="no", warmup_steps=0
+)
+
+
 def tiny(encoder_type: str = "hubert", projector_type: str = "qformer", **kwargs):
     """A cached tiny (model, processor) pair; the model is in eval mode with a fixed seed."""
     key = (encoder_type, projector_type, tuple(sorted(kwargs.items())))

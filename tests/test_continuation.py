@@ -7,7 +7,7 @@ import os
 import datasets
 import pytest
 import torch
-from conftest import launch_two_cpu_processes
+from conftest import CPU_TRAINING, launch_two_cpu_processes
 
 from speechllm_hf import from_preset
 from speechllm_hf.cli import main
@@ -69,13 +69,7 @@ def training_args(tmp_path, **overrides):
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
         learning_rate=1e-3,
-        warmup_steps=0,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        use_cpu=True,
-        disable_tqdm=True,
-        report_to="none",
+        **CPU_TRAINING,
     )
     return ContinuationTrainingArguments(**{**settings, **overrides})
 

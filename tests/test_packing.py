@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import clip
+from conftest import CPU_TRAINING, clip
 from test_hub import COMPAT_TRANSFORMERS, compat_python  # noqa: F401  (the 4.57 virtualenv fixture)
 from test_trainer import multi_task_rows
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -210,13 +210,7 @@ def test_training_with_padding_free_logs_the_same_losses(tmp_path):
             per_device_train_batch_size=4,
             optim="sgd",
             learning_rate=0.1,
-            warmup_steps=0,
-            logging_steps=1,
-            save_strategy="no",
-            seed=0,
-            use_cpu=True,
-            disable_tqdm=True,
-            report_to="none",
+            **CPU_TRAINING,
             padding_free=padding_free,
         )
         trainer = SpeechLlmTrainer(model=model, args=args, train_dataset=multi_task_rows(), processing_class=processor)

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from conftest import clip
+from conftest import CPU_TRAINING, clip
 from safetensors.torch import load_file
 
 from speechllm_hf import SpeechLlmForConditionalGeneration, from_preset
@@ -44,12 +44,7 @@ def arguments(output_dir, **overrides):
         max_steps=4,
         per_device_train_batch_size=4,
         learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        use_cpu=True,
-        disable_tqdm=True,
-        report_to="none",
+        **CPU_TRAINING,
     )
     return SpeechLlmTrainingArguments(**{**settings, **overrides})
 

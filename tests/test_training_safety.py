@@ -16,6 +16,7 @@ import datasets
 import pytest
 import torch
 import transformers
+from conftest import CPU_TRAINING
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -61,14 +62,8 @@ def make_trainer(local_backbones):
             max_steps=4,
             per_device_train_batch_size=2,
             learning_rate=1e-3,
-            warmup_steps=0,
-            logging_steps=1,
-            save_strategy="steps",
+            **{**CPU_TRAINING, "save_strategy": "steps"},
             save_steps=1,
-            seed=0,
-            use_cpu=True,
-            disable_tqdm=True,
-            report_to="none",
         )
         torch.manual_seed(0)
         model, processor = from_preset(
