@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HubertModel, PreTr
 
 from speechllm_hf import SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
 from speechllm_hf.data import audio_duration, load_audio, prepare_dataset
-from speechllm_hf.data.collator import IGNORE_INDEX, SpeechLlmCollator
+from speechllm_hf.data.collator import IGNORE_INDEX, SpeechLlmCollator, special_token_strings
 from speechllm_hf.inference import generate_responses
 from speechllm_hf.inference.generate import default_prompts
 from speechllm_hf.presets import TINY_CHAT_TEMPLATE, tiny_encoder_config, tiny_text_config
@@ -320,6 +320,31 @@ def test_text_with_no_or_too_many_audio_tokens(tmp_path, hubert, pipe):
     assert list(errors) == [1] and "instruction holds the audio token" in errors[1]
     with pytest.raises(ValueError, match="instruction holds the audio token"):
         pipe(requests[1])
+
+
+def test_text_holding_a_special_token(tmp_path, hubert):
+    """An end-of-sequence token written inside a transcript would be tokenized as the real one: the model would learn
+    to stop mid-sentence. The collator refuses it; `train` (prepare_dataset with the tokenizer's special tokens) drops
+    the row as special_token_in_text."""
+    model, processor = hubert
+    wave = clip(1.0)
+    eos = processor.tokenizer.eos_token
+    assert processor.tokenizer(f"stop {eos} here", add_special_tokens=False)["input_ids"].count(
+        processor.tokenizer.eos_token_id
+    )  # what would reach the labels
+    collator = SpeechLlmCollator(processor)
+    with pytest.raises(ValueError, match=r"Batch row 0 .*\['text'\] field\(s\) hold special tokens"):
+        collator([array_row(wave, text=f"stop {eos} here")])
+    assert collator([array_row(wave, text="stop here")])["labels"].shape[0] == 1
+
+    sf.write(tmp_path / "a.wav", wave, RATE)
+    rows = [{"audio": str(tmp_path / "a.wav"), "text": text} for text in ("fine", f"stop {eos} here", "<|end|> x")]
+    special_tokens = special_token_strings(processor.tokenizer)
+    assert eos in special_tokens and "<|end|>" in special_tokens
+    kept, report = prepare_dataset(write_manifest(tmp_path, rows), special_tokens=special_tokens)
+    assert dropped(report) == {"special_token_in_text": 2} and kept["text"] == ["fine"]
+    kept, report = prepare_dataset(write_manifest(tmp_path, rows))  # prepare alone knows no tokenizer
+    assert dropped(report) == {}
 
 
 def test_audio_without_text(tmp_path, hubert, pipe):

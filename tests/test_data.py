@@ -130,6 +130,7 @@ EXPECTED_DROPPED = {
     "missing_text": 1,
     "missing_field": 0,
     "audio_token_in_text": 0,
+    "special_token_in_text": 0,
 }
 
 

@@ -2,6 +2,7 @@
 best-model reloading, per-task losses, early argument checks and the train command's argument parsing."""
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -587,3 +588,17 @@ def test_cli_train_loads_backbones_in_dtype_with_the_llm_attention_and_an_fp32_p
     assert {p.dtype for p in model.projector.parameters()} == {torch.float32}
     assert model.language_model.config._attn_implementation == "eager"
     assert model.encoder.config._attn_implementation != "eager"  # the encoder keeps its default
+
+
+def test_cli_train_drops_rows_whose_text_holds_a_special_token(tmp_path, caplog):
+    from speechllm_hf.cli import main
+
+    rows = load_split("dev")[:3]
+    rows[1]["text"] = f"{rows[1]['text']} </s> and on"  # the tiny tokenizer's end of sequence
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["train", "--train_manifest", str(tmp_path / "m.jsonl"), "--max_steps", "1", "--use_cpu"]
+    argv += ["--save_strategy", "no", "--report_to", "none", "--output_dir", str(tmp_path / "run")]
+    with caplog.at_level(logging.INFO, logger="speechllm_hf.commands.train"):
+        assert main(argv) == 0
+    report = next(json.loads(r.getMessage().split(": ", 1)[1]) for r in caplog.records if "m.jsonl" in r.getMessage())
+    assert report["kept"] == 2 and report["dropped"]["special_token_in_text"] == 1

@@ -130,12 +130,14 @@ def parse_arguments(arguments_class, config: str | None, argv: list[str]):
     return parser.parse_args_into_dataclasses(argv)
 
 
-def load_rows(manifests: list[str], args, data_args: DataArguments, audio_token: str = "<audio>"):
+def load_rows(
+    manifests: list[str], args, data_args: DataArguments, audio_token: str = "<audio>", special_tokens: list[str] = ()
+):
     """Validate and concatenate manifests; `TASK=PATH` items get a `task` column, ST rows the languages given.
 
     Rows are validated after those columns are added, each against its own task's fields, so that an ST manifest
     relying on --target_language is kept and an ST row without a translation is dropped (and counted). Rows whose
-    text holds the model's `audio_token` are dropped too.
+    text holds the model's `audio_token`, or another of its tokenizer's `special_tokens`, are dropped too.
     """
     import datasets
 
@@ -169,6 +171,7 @@ def load_rows(manifests: list[str], args, data_args: DataArguments, audio_token:
             # Mixed speech-text rows are not task rows: their word times are checked when they are aligned.
             require_text=args.task != MIXED_TASK,
             audio_token=audio_token,
+            special_tokens=special_tokens,
         )
         logger.info("%s: %s", path, json.dumps({k: report[k] for k in ("total", "kept", "dropped")}))
         if report["total"] and not report["kept"]:  # a whole manifest gone is a mistake, not a few bad rows
@@ -196,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
     from speechllm_hf import SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
+    from speechllm_hf.data.collator import special_token_strings
     from speechllm_hf.training.lora import add_lora
 
     available = methods()
@@ -233,11 +237,10 @@ def run(args: argparse.Namespace) -> int:
             training_args.lora_dropout,
             training_args.lora_target_modules.split(","),
         )
-    train_rows = load_rows(data_args.train_manifest, training_args, data_args, processor.audio_token)
+    row_checks = (processor.audio_token, special_token_strings(processor.tokenizer))
+    train_rows = load_rows(data_args.train_manifest, training_args, data_args, *row_checks)
     eval_rows = (
-        load_rows(data_args.eval_manifest, training_args, data_args, processor.audio_token)
-        if data_args.eval_manifest
-        else None
+        load_rows(data_args.eval_manifest, training_args, data_args, *row_checks) if data_args.eval_manifest else None
     )
     trainer = trainer_class(
         model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows, processing_class=processor

@@ -60,6 +60,7 @@ class SpeechLlmCollator:
         self.use_cached_features = use_cached_features
         self.return_task_ids = return_task_ids
         self.num_truncated = 0
+        self.special_tokens = [t for t in special_token_strings(processor.tokenizer) if t != processor.audio_token]
 
     def row_task(self, row: dict) -> str:
         """The row's own task (its `task` column), else the collator's."""
@@ -74,6 +75,13 @@ class SpeechLlmCollator:
             raise ValueError(
                 f"The row's {holding} field(s) hold the audio token {audio_token!r}, which marks where the audio "
                 "goes: remove it from the text."
+            )
+        holding = fields_holding(row, task, self.prompts, self.special_tokens, self.text_column)
+        if holding:
+            raise ValueError(
+                f"The row's {holding} field(s) hold special tokens of the tokenizer, which it would read as control "
+                "tokens (end of turn, padding, ...) rather than as text: remove them from the text (`speechllm-hf "
+                "train` drops such rows as special_token_in_text)."
             )
         prompt = self.processor.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
         full = self.processor.apply_chat_template(
@@ -163,6 +171,13 @@ class SpeechLlmCollator:
         return batch
 
 
+def special_token_strings(tokenizer) -> list[str]:
+    """Every special token of `tokenizer` as text (BOS, EOS, padding, chat markers, reserved tokens): a row's text that
+    holds one would be tokenized as that control token, not as the characters it shows."""
+    added = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    return sorted(set(tokenizer.all_special_tokens) | set(added))
+
+
 def pad_token_lists(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists to the longest: (B, L) ids and (B, L) attention mask."""
     width = max(len(s) for s in sequences)
@@ -180,4 +195,12 @@ def _pad_encoder_states(states: list) -> dict[str, torch.Tensor]:
     }
 
 
-__all__ = ["SpeechLlmCollator", "IGNORE_INDEX", "CACHE_COLUMNS", "PREPARE_HINT", "TASK_IDS", "pad_token_lists"]
+__all__ = [
+    "SpeechLlmCollator",
+    "IGNORE_INDEX",
+    "CACHE_COLUMNS",
+    "PREPARE_HINT",
+    "TASK_IDS",
+    "pad_token_lists",
+    "special_token_strings",
+]

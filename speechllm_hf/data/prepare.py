@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ logger = logging.getLogger(__name__)
 # One reason per row, the first check that fails: the header (unreadable, empty, too_short, too_long) before the
 # samples, so that an over-long file is never decoded; then decoding (unreadable), non_finite, and the row's fields
 # last: its task (unknown_task), its response text (missing_text), the fields its instruction reads (missing_field),
-# and text that holds the audio token (audio_token_in_text), which would be read as a second audio placeholder.
+# text that holds the audio token (audio_token_in_text), which would be read as a second audio placeholder, and text
+# that holds another of the tokenizer's special tokens (special_token_in_text), which would be read as a control token.
 REASONS: tuple[str, ...] = (
     "unreadable",
     "empty",
@@ -37,6 +39,7 @@ REASONS: tuple[str, ...] = (
     "missing_text",
     "missing_field",
     "audio_token_in_text",
+    "special_token_in_text",
 )
 REPORT_FILE = "report.json"
 DROPPED_FILE = "dropped.jsonl"
@@ -94,7 +97,12 @@ def _check_audio(
 
 
 def _check_fields(
-    row: dict[str, Any], task: str, prompts: PromptConfig, text_column: str, audio_token: str
+    row: dict[str, Any],
+    task: str,
+    prompts: PromptConfig,
+    text_column: str,
+    audio_token: str,
+    special_tokens: list[str],
 ) -> tuple[str | None, str]:
     """(reason or None, detail) for the fields of one row, checked against its own task."""
     task = row.get("task") or task
@@ -108,6 +116,10 @@ def _check_fields(
     holding = fields_holding(row, task, prompts, audio_token, text_column)
     if holding:
         return "audio_token_in_text", f"{audio_token!r} in {', '.join(holding)}"
+    holding = fields_holding(row, task, prompts, special_tokens, text_column)
+    if holding:
+        found = sorted({token for name in holding for token in special_tokens if token in str(row.get(name))})
+        return "special_token_in_text", f"{', '.join(map(repr, found))} in {', '.join(holding)}"
     return None, ""
 
 
@@ -122,11 +134,12 @@ def _check_row(
     max_duration: float,
     target_rate: int,
     audio_token: str,
+    special_tokens: list[str],
 ) -> dict[str, Any]:
     audio = row[audio_column]
     reason, duration, detail = _check_audio(audio, min_duration, max_duration, target_rate)
     if reason is None and prompts is not None:
-        reason, detail = _check_fields(row, task, prompts, text_column, audio_token)
+        reason, detail = _check_fields(row, task, prompts, text_column, audio_token, special_tokens)
     return {"duration": duration, _REASON: reason or "", _DETAIL: detail, _REF: audio_ref(audio)}
 
 
@@ -155,6 +168,7 @@ def prepare_dataset(
     prompts: PromptConfig | None = None,
     require_text: bool = True,
     audio_token: str = "<audio>",
+    special_tokens: Sequence[str] = (),
 ) -> tuple[datasets.Dataset, dict[str, Any]]:
     """Validates every row of a manifest and keeps the good ones.
 
@@ -164,7 +178,9 @@ def prepare_dataset(
     (NaN/inf samples); then, when `require_text`, against the row's own task (its `task` column, else `task`):
     `unknown_task`, `missing_text` (no response text: transcript, translation, answer, continuation or response),
     `missing_field` (a field the task's instruction reads, such as `target_language` or `question`) or
-    `audio_token_in_text` (one of those fields holds `audio_token`, which the model would read as audio). Every row is
+    `audio_token_in_text` (one of those fields holds `audio_token`, which the model would read as audio) or
+    `special_token_in_text` (one holds another of `special_tokens`, which the tokenizer would read as a control
+    token, such as an end of turn inside a transcript). Every row is
     checked against the fields its own task needs, so multi-task manifests keep their ST and QA rows. A bad row never
     stops the run.
 
@@ -184,6 +200,8 @@ def prepare_dataset(
         require_text: Check each row's fields against its task (and, without a `task` column, that the columns
             `task` needs exist); False checks the audio only.
         audio_token: The model's audio placeholder (`SpeechLlmConfig.audio_token`), which row texts must not hold.
+        special_tokens: The tokenizer's other special tokens (`special_token_strings(tokenizer)`), which row texts
+            must not hold either; `speechllm-hf train` passes the model's.
 
     Returns:
         `(kept, report)`: the kept rows, with their audio as given (paths stay paths, arrays stay arrays) and a float
@@ -218,6 +236,7 @@ def prepare_dataset(
             "max_duration": float(max_duration),
             "target_rate": target_rate,
             "audio_token": audio_token,
+            "special_tokens": [token for token in special_tokens if token != audio_token],
         },
         num_proc=num_proc if num_proc > 1 else None,
         # Audio files can change behind an unchanged manifest: never reuse an earlier verdict.

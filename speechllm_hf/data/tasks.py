@@ -113,13 +113,19 @@ def missing_fields(row: dict, task: str, prompts: PromptConfig, text_column: str
     return missing
 
 
-def fields_holding(row: dict, task: str, prompts: PromptConfig, token: str, text_column: str = "text") -> list[str]:
+def fields_holding(
+    row: dict, task: str, prompts: PromptConfig, tokens: str | Iterable[str], text_column: str = "text"
+) -> list[str]:
     """The fields of `row` that its `task` writes into the conversation (instruction fields, response) and whose
-    text holds `token`. The audio token in a row's text would be read as a second audio placeholder (or an audio
-    position in the response): `prepare_dataset` drops such rows, the collator refuses them."""
+    text holds `tokens` (one token, or any of several). The audio token in a row's text would be read as a second
+    audio placeholder (or an audio position in the response), another special token as a control token (end of
+    turn, padding, ...): `prepare_dataset` drops such rows, the collator refuses them."""
+    tokens = [tokens] if isinstance(tokens, str) else list(tokens)
     values = {name: row.get(name) for name in _template_fields(task, prompts)}
     values[response_column(task, text_column)] = _response(row, task, text_column)
-    return [name for name, value in values.items() if isinstance(value, str) and token in value]
+    return [
+        name for name, value in values.items() if isinstance(value, str) and any(token in value for token in tokens)
+    ]
 
 
 def check_columns(
