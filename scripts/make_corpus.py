@@ -26,27 +26,30 @@ import os
 import random
 import shlex
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import soxr
 
-SAMPLE_RATE = 16000
-PEAK = 0.9
-# libsndfile maps this to Vorbis quality 1 - level (its default is 0.6, i.e. q0.4); q0.3 keeps the corpus small and
-# is still transparent enough for clean synthetic speech.
-VORBIS_COMPRESSION_LEVEL = 0.7
-# Variants must be attached to "en"/"en-us"/...: espeak-ng 1.51 silently ignores them on "en-gb" (identical output).
-VOICES = ["en-us", "en-gb", "en-gb-x-rp", "en-us+f2", "en+f3", "en-us+m3", "en-gb-scotland+f4", "en-029"]
-SPEED_RANGE = (140, 190)  # words per minute
-PITCH_RANGE = (30, 70)  # espeak-ng pitch, 0-99
+from speechllm_hf.data.synthetic import (
+    PEAK,
+    PITCH_RANGE,
+    SAMPLE_RATE,
+    SPEED_RANGE,
+    VOICES,
+    Job,
+    codec_description,
+    draw_jobs,
+    espeak,
+    espeak_version,
+    synthesise,
+    synthesise_all,
+    write_clip,
+    write_manifest,
+)
+
 # espeak-ng pads words with (near) digital silence, so this cuts exactly the padding and no speech: the bounds found
 # at -35 dB and at -50 dB are the same 10 ms frames, also for words with weak fricatives ("six", "fish", "cups").
 TRIM_THRESHOLD_DB = -35.0
@@ -100,32 +103,6 @@ def make_sentences(rng: random.Random, count: int) -> list[str]:
     return list(seen)
 
 
-@dataclass(frozen=True)
-class Job:
-    """One clip to synthesise."""
-
-    split: str
-    index: int
-    text: str
-    voice: str
-    speed: int
-    pitch: int
-
-    @property
-    def audio(self) -> str:
-        return f"{self.split}/{self.index:04d}.ogg"
-
-
-def espeak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
-    """Synthesises ``text`` with espeak-ng and returns float32 mono audio at ``SAMPLE_RATE``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        wav = Path(tmp) / "out.wav"
-        cmd = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(wav), text]
-        subprocess.run(cmd, check=True, capture_output=True)
-        x, sr = sf.read(wav, dtype="float32", always_2d=True)
-    return soxr.resample(x.mean(axis=1), sr, SAMPLE_RATE).astype(np.float32)
-
-
 def trim_silence(x: np.ndarray) -> np.ndarray:
     """Drops leading/trailing 10 ms frames whose RMS is ``TRIM_THRESHOLD_DB`` below the loudest frame."""
     frame = int(TRIM_FRAME_S * SAMPLE_RATE)
@@ -133,11 +110,6 @@ def trim_silence(x: np.ndarray) -> np.ndarray:
     rms = np.sqrt(np.mean(x[: n * frame].reshape(n, frame).astype(np.float64) ** 2, axis=1))
     loud = np.flatnonzero(rms >= rms.max() * 10 ** (TRIM_THRESHOLD_DB / 20))
     return x[loud[0] * frame : (loud[-1] + 1) * frame]
-
-
-def normalise(x: np.ndarray) -> np.ndarray:
-    """Scales to a peak of ``PEAK`` so that every voice has the same level."""
-    return (x * (PEAK / np.abs(x).max())).astype(np.float32)
 
 
 def concatenate_words(job: Job) -> tuple[np.ndarray, list[dict]]:
@@ -155,29 +127,12 @@ def concatenate_words(job: Job) -> tuple[np.ndarray, list[dict]]:
     return np.concatenate([*pieces, pad]), words
 
 
-def synthesise(job: Job, out_dir: Path) -> dict:
-    """Synthesises one clip, writes it as Ogg Vorbis and returns its manifest row."""
-    words: list[dict] | None = None
-    if job.split == "aligned":
-        x, words = concatenate_words(job)
-    else:
-        x = espeak(job.text, job.voice, job.speed, job.pitch)
-    x = normalise(x)
-    sf.write(
-        out_dir / job.audio, x, SAMPLE_RATE, format="OGG", subtype="VORBIS", compression_level=VORBIS_COMPRESSION_LEVEL
-    )
-    row = {
-        "id": f"{job.split}-{job.index:04d}",
-        "audio": job.audio,
-        "text": job.text,
-        "duration": round(len(x) / SAMPLE_RATE, 3),
-        "voice": job.voice,
-        "speed": job.speed,
-        "pitch": job.pitch,
-    }
-    if words is not None:
-        row["words"] = words
-    return row
+def synthesise_clip(job: Job, out_dir: Path) -> dict:
+    """Synthesises one clip (word by word for the aligned split) and returns its manifest row."""
+    if job.split != "aligned":
+        return synthesise(job, out_dir)
+    x, words = concatenate_words(job)
+    return {**write_clip(job, x, out_dir), "words": words}
 
 
 def main() -> None:
@@ -190,31 +145,23 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel synthesis threads")
     args = parser.parse_args()
 
-    version = subprocess.run(["espeak-ng", "--version"], check=True, capture_output=True, text=True).stdout.strip()
+    version = espeak_version()
     rng = random.Random(args.seed)
     counts = {"train": args.num_train, "dev": args.num_dev, "aligned": args.num_aligned}
     sentences = iter(make_sentences(rng, sum(counts.values())))
-    # All random draws happen here, sequentially, so the corpus does not depend on the worker count.
-    jobs = []
-    for split, count in counts.items():
-        for i in range(count):
-            voice = VOICES[len(jobs) % len(VOICES)]
-            jobs.append(Job(split, i, next(sentences), voice, rng.randint(*SPEED_RANGE), rng.randint(*PITCH_RANGE)))
+    jobs = draw_jobs({split: [next(sentences) for _ in range(count)] for split, count in counts.items()}, rng)
 
     out_dir: Path = args.output_dir
     for split in counts:  # only our own sub-folders: the corpus folder also holds __init__.py and README.md
         shutil.rmtree(out_dir / split, ignore_errors=True)
-        (out_dir / split).mkdir(parents=True)
     start = time.perf_counter()
-    with ThreadPoolExecutor(args.workers) as pool:  # the work happens in espeak-ng subprocesses and GIL-free C code
-        rows = list(pool.map(lambda job: synthesise(job, out_dir), jobs))
+    rows = synthesise_all(jobs, out_dir, args.workers, build=synthesise_clip)
     elapsed = time.perf_counter() - start
 
     hours = {}
     for split in counts:
         split_rows = [r for r in rows if r["id"].startswith(f"{split}-")]
-        with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in split_rows)
+        write_manifest(split_rows, out_dir / f"{split}.jsonl")
         hours[split] = round(sum(r["duration"] for r in split_rows) / 3600, 4)
 
     vocab = sorted({w for r in rows for w in r["text"].split()})
@@ -230,7 +177,7 @@ def main() -> None:
         "hours": hours,
         "sample_rate": SAMPLE_RATE,
         "channels": 1,
-        "codec": f"Ogg Vorbis, libsndfile {sf.__libsndfile_version__}, compression_level {VORBIS_COMPRESSION_LEVEL}",
+        "codec": codec_description(),
         "peak": PEAK,
         "resampler": f"soxr {soxr.__version__}",
         "aligned": {

@@ -47,9 +47,10 @@ from transformers import (
 
 from speechllm_hf.corpus import load_split
 from speechllm_hf.data import load_audio
+from speechllm_hf.data.synthetic import PITCH_RANGE, SPEED_RANGE, VOICES, espeak, peak_normalise
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_corpus import PITCH_RANGE, SPEED_RANGE, VOICES, espeak, normalise, trim_silence  # noqa: E402
+from make_corpus import trim_silence  # noqa: E402
 
 # facebook/wav2vec2-base-960h's vocabulary, in its order: the same alphabet as the aligner the paper used.
 VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLUMWCFGYPBVK'XJQZ"]
@@ -146,7 +147,7 @@ def synthesise_word_clips(rows: list[dict], rng: random.Random, args: argparse.N
             spans.append((position, position + len(audio)))
             position += len(audio)
         pieces.append(np.zeros(int(tail * SAMPLE_RATE), np.float32))
-        return {"waveform": normalise(np.concatenate(pieces)), "text": text, "spans": spans}
+        return {"waveform": peak_normalise(np.concatenate(pieces)), "text": text, "spans": spans}
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # the work happens in espeak-ng subprocesses
         return list(pool.map(build, jobs, layouts))
