@@ -11,6 +11,7 @@ import sys
 COMMANDS = (
     "info",
     "prepare",
+    "synthesize",
     "align",
     "push",
     "train",
