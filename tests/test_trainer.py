@@ -196,6 +196,26 @@ def test_a_cache_of_another_encoder_is_refused(tmp_path):
         train(other, processor, tmp_path / "out", max_steps=1, feature_cache_dir=str(tmp_path / "cache"))
 
 
+def test_a_local_encoder_folder_whose_weights_changed_in_place_is_refused(local_backbones, tmp_path):
+    """A local folder has no revision: the key must follow its weights, not its path."""
+    import shutil
+
+    from transformers import HubertModel
+
+    folder = tmp_path / "hubert"
+    shutil.copytree(local_backbones / "hubert", folder)
+    model, processor = from_preset("tiny", projector_type="mlp", encoder_name_or_path=str(folder))
+    train(model, processor, tmp_path / "out", max_steps=1, feature_cache_dir=str(tmp_path / "cache"))
+    encoder = HubertModel.from_pretrained(folder)
+    with torch.no_grad():
+        encoder.encoder.layers[0].feed_forward.output_dense.bias.add_(0.1)
+    encoder.save_pretrained(folder)
+    changed, processor = from_preset("tiny", projector_type="mlp", encoder_name_or_path=str(folder))
+    assert changed.config.encoder_name_or_path == model.config.encoder_name_or_path
+    with pytest.raises(ValueError, match="encoder_weights"):
+        train(changed, processor, tmp_path / "out", max_steps=1, feature_cache_dir=str(tmp_path / "cache"))
+
+
 def test_bad_rows_are_counted_and_an_8khz_stereo_row_is_trained_on(tmp_path):
     rows = []
     good = load_split("train")[0]

@@ -2,9 +2,9 @@
 
 The cache is a `datasets` Arrow file in `cache_dir` (memory-mapped when read), row-aligned with the training set,
 with columns `audio_key` (which clip), `feature_length` (its feature frames/samples, for placeholder expansion) and
-`encoder_states` (T', C). `cache_dir/cache_key.json` records the encoder (id, revision, config and
-feature-extractor fingerprints): a cache built for another encoder, or for other clips, is refused rather than
-silently used.
+`encoder_states` (T', C). `cache_dir/cache_key.json` records the encoder (id and resolved revision, or for a local
+folder or random encoder a hash of its weights as loaded; config and feature-extractor fingerprints): a cache built
+for another encoder, or for other clips, is refused rather than silently used.
 """
 
 from __future__ import annotations
@@ -34,17 +34,28 @@ def _fingerprint(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def encoder_weights_hash(encoder: torch.nn.Module) -> str:
+    """SHA-256 over the encoder's tensors (names, dtypes, shapes and bytes) as loaded."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def encoder_cache_key(model, processor) -> dict:
-    """What the cached features depend on: the encoder's weights source and config, and the feature extractor."""
+    """What the cached features depend on: the encoder's weights, its config, and the feature extractor.
+
+    A Hub id is pinned by its resolved commit. A local folder (or a random encoder) has no revision, and its files can
+    change in place, so the weights themselves are hashed as loaded.
+    """
     config = model.config
+    pinned = bool(config.encoder_name_or_path and config.encoder_revision)
     return {
         "encoder_name_or_path": config.encoder_name_or_path,
         "encoder_revision": config.encoder_revision,
         "encoder_config": _fingerprint(config.encoder_config.to_dict()),
-        # Random encoders (no id) differ run to run: their weights are part of the key.
-        "encoder_weights": None
-        if config.encoder_name_or_path
-        else _fingerprint({k: float(v.float().sum()) for k, v in model.encoder.state_dict().items()}),
+        "encoder_weights": None if pinned else encoder_weights_hash(model.encoder),
         "feature_extractor": _fingerprint(processor.feature_extractor.to_dict()),
     }
 
@@ -174,4 +185,4 @@ def attach_feature_cache(
     return attached.with_format("numpy", columns=["encoder_states"], output_all_columns=True)
 
 
-__all__ = ["build_feature_cache", "attach_feature_cache", "encoder_cache_key", "audio_key"]
+__all__ = ["build_feature_cache", "attach_feature_cache", "encoder_cache_key", "encoder_weights_hash", "audio_key"]
