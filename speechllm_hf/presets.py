@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import string
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from transformers import (
     WhisperConfig,
     WhisperFeatureExtractor,
 )
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .models.speechllm import SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor
 from .models.speechllm.hub_speechllm import hub_commit
@@ -187,11 +189,16 @@ def _absolute_if_local(name_or_path: str | None) -> str | None:
     return os.path.abspath(name_or_path) if name_or_path and os.path.isdir(name_or_path) else name_or_path
 
 
+_ADD_SPECIAL_TOKENS_RENAMED = (
+    "replace_extra_special_tokens" in inspect.signature(PreTrainedTokenizerBase.add_special_tokens).parameters
+)
+
+
 def _prepare_text_tokenizer(tokenizer, audio_token: str):
     if audio_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens(
-            {"additional_special_tokens": [audio_token]}, replace_additional_special_tokens=False
-        )
+        # transformers 5.x renamed the keyword that keeps the tokenizer's own additional special tokens.
+        keep = "replace_extra_special_tokens" if _ADD_SPECIAL_TOKENS_RENAMED else "replace_additional_special_tokens"
+        tokenizer.add_special_tokens({"additional_special_tokens": [audio_token]}, **{keep: False})
     # Before the processor is built: the generation config takes the pad id from the tokenizer.
     return ensure_pad_token(tokenizer)
 
