@@ -125,17 +125,18 @@ def test_a_nan_loss_in_one_accumulated_micro_batch_stops_before_its_checkpoint(m
 
 
 def test_weights_made_non_finite_under_a_finite_loss_stop_the_run(tmp_path, make_trainer):
-    # A backward pass that overflows (possible in half precision) gives a NaN gradient under a finite loss. The
-    # Trainer's gradient norm then spreads it to every gradient, and the update to every weight.
+    # A backward pass that overflows (possible in half precision) gives a NaN gradient under a finite loss. Whether
+    # it spreads to the other weights depends on the Trainer version (a gradient norm computed without clipping
+    # spreads it; transformers 5.25 computes none at max_grad_norm=0): the poisoned weight is named first either way.
     trainer = make_trainer(tmp_path, max_grad_norm=0.0)
     weight = next(iter(trainer.model.projector.parameters()))
     weight.register_hook(lambda grad: grad * float("nan") if trainer.state.global_step == 1 else grad)
     with pytest.raises(TrainingDivergedError) as caught:
         trainer.train()
     message = str(caught.value)
-    names = [name for name, p in trainer.model.named_parameters() if p.requires_grad][:3]
+    first = next(name for name, p in trainer.model.named_parameters() if p.requires_grad)
     assert message.startswith(
-        f"Training stopped at step 2: trainable weights became NaN or infinite in the update ({', '.join(names)}, ...)"
+        f"Training stopped at step 2: trainable weights became NaN or infinite in the update ({first}, "
     )
     assert "gradient clipping (--max_grad_norm 1.0)" in message  # clipping was off
     assert checkpoints(tmp_path) == ["checkpoint-1"]
