@@ -31,7 +31,7 @@ from transformers import (
 from .models.speechllm import SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor
 from .models.speechllm.hub_speechllm import hub_commit
 from .models.speechllm.modeling_speechllm import from_pretrained_or_explain
-from .models.speechllm.processing_speechllm import ensure_pad_token
+from .models.speechllm.processing_speechllm import add_special_token, ensure_pad_token
 
 ENCODER_TYPES = ("hubert", "whisper", "wav2vec2")
 
@@ -188,10 +188,7 @@ def _absolute_if_local(name_or_path: str | None) -> str | None:
 
 
 def _prepare_text_tokenizer(tokenizer, audio_token: str):
-    if audio_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens(
-            {"additional_special_tokens": [audio_token]}, replace_additional_special_tokens=False
-        )
+    add_special_token(tokenizer, audio_token)
     # Before the processor is built: the generation config takes the pad id from the tokenizer.
     return ensure_pad_token(tokenizer)
 

@@ -7,6 +7,7 @@ transformers and the standard library; soxr and soundfile are imported only when
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import json
 import os
@@ -150,6 +151,21 @@ def prepare_waveform(audio, sampling_rate: int | None, target_rate: int, index: 
     return waveform
 
 
+def add_special_token(tokenizer, token: str) -> None:
+    """Add `token` to `tokenizer` as an extra special token (kept whole, skipped when decoding with
+    `skip_special_tokens`), leaving the tokenizer's other special tokens as they are; nothing when it already knows
+    the token.
+
+    The keyword that keeps the existing extra special tokens is `replace_additional_special_tokens` on transformers
+    4.x and `replace_extra_special_tokens` on 5.x (which still reads the `additional_special_tokens` key).
+    """
+    if token in tokenizer.get_vocab():
+        return
+    renamed = "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters
+    keep = "replace_extra_special_tokens" if renamed else "replace_additional_special_tokens"
+    tokenizer.add_special_tokens({"additional_special_tokens": [token]}, **{keep: False})
+
+
 def ensure_pad_token(tokenizer):
     """Give `tokenizer` a pad token when it has none (Llama's tokenizers have none; both original code bases set
     one): the first of `PAD_TOKEN_CANDIDATES` in its vocabulary, else its unknown token, else EOS. Padding is masked
@@ -210,7 +226,7 @@ class SpeechLlmProcessor(ProcessorMixin):
         if audio_token_id is None or audio_token_id == tokenizer.unk_token_id:
             raise ValueError(
                 f"The tokenizer does not know the audio token {audio_token!r}: add it with "
-                f"tokenizer.add_special_tokens({{'additional_special_tokens': [{audio_token!r}]}})."
+                f"`add_special_token(tokenizer, {audio_token!r})` of processing_speechllm (any transformers version)."
             )
         self.audio_token_id = audio_token_id
         ensure_pad_token(tokenizer)  # batches (and the training collator) pad
@@ -431,6 +447,7 @@ def _is_clip_list(audio) -> bool:
 
 __all__ = [
     "SpeechLlmProcessor",
+    "add_special_token",
     "check_sampling_rate",
     "ensure_pad_token",
     "load_audio_file",
