@@ -1,5 +1,7 @@
 """from_preset: tiny build, pretrained backbones from local folders, offline errors, Auto classes."""
 
+import logging
+
 import pytest
 import torch
 from transformers import (
@@ -37,7 +39,17 @@ def test_local_encoder_and_text_model_weights_are_loaded(local_backbones):
 
 
 def test_whisper_checkpoint_loads_only_its_encoder(local_backbones):
-    model, _ = from_preset("tiny", encoder_type="whisper", encoder_name_or_path=str(local_backbones / "whisper"))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")  # it does not propagate: caplog would not see it
+    transformers_logger.addHandler(handler)
+    try:
+        model, _ = from_preset("tiny", encoder_type="whisper", encoder_name_or_path=str(local_backbones / "whisper"))
+    finally:
+        transformers_logger.removeHandler(handler)
+    # The decoder's weights are expected to go unused: no load report listing them.
+    assert not [record.getMessage() for record in records if "decoder" in record.getMessage()]
     reference = WhisperForConditionalGeneration.from_pretrained(local_backbones / "whisper").model.encoder
     assert type(model.encoder).__name__ == "SpeechLlmWhisperEncoder"
     for name, tensor in reference.state_dict().items():
