@@ -1,5 +1,6 @@
 """from_preset: tiny build, pretrained backbones from local folders, offline errors, Auto classes."""
 
+import json
 import logging
 
 import pytest
@@ -99,3 +100,11 @@ def test_config_round_trips_through_json(tmp_path):
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert loaded.projector_type == "cnn" and loaded.encoder_config.model_type == "whisper"
     assert loaded.audio_length_spec == model.config.audio_length_spec
+
+
+def test_saved_tokenizer_config_holds_no_loading_options(local_backbones, tmp_path):
+    _, processor = from_preset("tiny", text_name_or_path=str(local_backbones / "llm"), local_files_only=True)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert not {"local_files_only", "is_local", "cache_dir", "token", "_commit_hash"} & set(saved)
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"  # 5.x's TokenizersBackend is unknown to 4.57

@@ -423,13 +423,33 @@ class SpeechLlmProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "input_features", "feature_attention_mask"]
 
 
+# Options of a `from_pretrained` call that transformers 5.x records in tokenizer_config.json: they describe how the
+# files were loaded on the machine that saved them (a local folder, offline), not the tokenizer.
+_TOKENIZER_LOAD_OPTIONS = (
+    "local_files_only",
+    "is_local",
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "revision",
+    "subfolder",
+    "trust_remote_code",
+    "gguf_file",
+    "_commit_hash",
+)
+
+
 def _make_tokenizer_config_portable(path: str) -> None:
     """Rewrite what transformers 5.x writes into tokenizer_config.json in the form 4.x reads (5.x reads both):
-    the generic fast tokenizer class under its 4.x name and extra special tokens as `additional_special_tokens`."""
+    the generic fast tokenizer class under its 4.x name and extra special tokens as `additional_special_tokens`;
+    the loading options it records (`_TOKENIZER_LOAD_OPTIONS`) are dropped."""
     if not os.path.exists(path):
         return
     with open(path) as file:
         config = json.load(file)
+    for option in _TOKENIZER_LOAD_OPTIONS:
+        config.pop(option, None)
     if isinstance(config.get("extra_special_tokens"), list):
         config["additional_special_tokens"] = config.pop("extra_special_tokens")
     if config.get("tokenizer_class") == "TokenizersBackend":
