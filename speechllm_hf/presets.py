@@ -3,14 +3,18 @@
 - "hubert-qformer": contrastive task-independent pretraining (arXiv 2412.15712): HuBERT-large + window Q-Former +
   Llama-3.1-8B-Instruct with its chat template and the paper's system prompt.
 - "whisper-cnn": BLSP (arXiv 2309.00916): Whisper-small encoder + CNN subsampler/adapter + Llama-2-7B, BLSP prompt.
+- "whisper-base-smollm2", "whisper-base-smollm2-qformer": whisper-base's encoder + CNN adapter (or window Q-Former) +
+  SmolLM2-135M-Instruct: real pretrained backbones small enough to train on a CPU.
 - "tiny": a randomly initialised model of a few MB with its own small BPE tokenizer (merges learnt from the bundled
   corpus), built without any download:
   the default for tests, examples and the quickstart.
+
+Prompt format: the LLM's own chat template when its tokenizer has one, else BLSP's (a base LLM); `chat_template=`
+replaces either.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import string
 from dataclasses import dataclass, field
@@ -28,12 +32,11 @@ from transformers import (
     WhisperConfig,
     WhisperFeatureExtractor,
 )
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .models.speechllm import SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor
 from .models.speechllm.hub_speechllm import hub_commit
 from .models.speechllm.modeling_speechllm import from_pretrained_or_explain
-from .models.speechllm.processing_speechllm import ensure_pad_token
+from .models.speechllm.processing_speechllm import add_special_token, ensure_pad_token
 
 ENCODER_TYPES = ("hubert", "whisper", "wav2vec2")
 
@@ -49,9 +52,10 @@ CONTRASTIVE_SYSTEM_PROMPT = (
     "detailed, and polite answers to the user's questions."
 )
 
-# BLSP: `###[Human]:{instruction}<speech>\n\n\n###[Assistant]:{response}</s>`, BOS once at the start.
+# BLSP: `###[Human]:{instruction}<speech>\n\n\n###[Assistant]:{response}</s>`, BOS once at the start (when the
+# tokenizer has one). The template of a base LLM, which has none of its own.
 BLSP_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
+    "{% if bos_token %}{{ bos_token }}{% endif %}{% for message in messages %}"
     "{% if message['role'] == 'user' %}###[Human]:{{ message['content'] }}\n\n\n###[Assistant]:"
     "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}{% endif %}"
     "{% endfor %}"
@@ -62,6 +66,14 @@ TINY_CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}<|end|>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+# For a 512-d encoder (whisper-base) and a 576-d LLM (SmolLM2-135M): about 8.5 M parameters either way, a few
+# percent of the LLM. The CNN keeps the encoder's width between its convolutions and a bottleneck below the LLM's;
+# the Q-Former takes the encoder's width, with 2 layers instead of the paper's 4 at 768 for an 8B LLM.
+SMALL_LLM_PROJECTOR_CONFIGS = {
+    "cnn": {"adapter_size": 256},
+    "qformer": {"hidden_size": 512, "num_hidden_layers": 2, "num_attention_heads": 8, "intermediate_size": 2048},
+}
 
 # Small enough to train in minutes on two CPU cores, with the token rates of the full-size projectors.
 TINY_PROJECTOR_CONFIGS = {
@@ -77,9 +89,9 @@ class Preset:
     encoder_name_or_path: str | None
     text_name_or_path: str | None
     projector_type: str
-    chat_template: str | None = None  # None: the tokenizer's own
     system_prompt: str | None = None
-    projector_config: dict = field(default_factory=dict)
+    # Projector settings over the type's defaults, per projector type (so that `projector_type=` keeps them sized).
+    projector_configs: dict[str, dict] = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {
@@ -90,10 +102,24 @@ PRESETS: dict[str, Preset] = {
         "qformer",
         system_prompt=CONTRASTIVE_SYSTEM_PROMPT,
     ),
-    "whisper-cnn": Preset(
-        "whisper", "openai/whisper-small", "meta-llama/Llama-2-7b-hf", "cnn", chat_template=BLSP_CHAT_TEMPLATE
+    "whisper-cnn": Preset("whisper", "openai/whisper-small", "meta-llama/Llama-2-7b-hf", "cnn"),
+    # Offline stand-ins for both backbones: `python scripts/offline_backbones.py DIR`, then
+    # encoder_name_or_path=DIR/whisper-base, text_name_or_path=DIR/smollm2-135m-instruct.
+    "whisper-base-smollm2": Preset(
+        "whisper",
+        "openai/whisper-base",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "cnn",
+        projector_configs=SMALL_LLM_PROJECTOR_CONFIGS,
     ),
-    "tiny": Preset("hubert", None, None, "qformer", chat_template=TINY_CHAT_TEMPLATE),
+    "whisper-base-smollm2-qformer": Preset(
+        "whisper",
+        "openai/whisper-base",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "qformer",
+        projector_configs=SMALL_LLM_PROJECTOR_CONFIGS,
+    ),
+    "tiny": Preset("hubert", None, None, "qformer", projector_configs=TINY_PROJECTOR_CONFIGS),
 }
 
 # Settings that go to SpeechLlmConfig; every other keyword of `from_preset` goes to the backbones' from_pretrained.
@@ -189,16 +215,14 @@ def _absolute_if_local(name_or_path: str | None) -> str | None:
     return os.path.abspath(name_or_path) if name_or_path and os.path.isdir(name_or_path) else name_or_path
 
 
-_ADD_SPECIAL_TOKENS_RENAMED = (
-    "replace_extra_special_tokens" in inspect.signature(PreTrainedTokenizerBase.add_special_tokens).parameters
-)
+def default_chat_template(tokenizer) -> str:
+    """The prompt format of a preset: the LLM's own chat template (an instruction-tuned LLM was trained on it), else
+    BLSP's (a base LLM has none)."""
+    return getattr(tokenizer, "chat_template", None) or BLSP_CHAT_TEMPLATE
 
 
 def _prepare_text_tokenizer(tokenizer, audio_token: str):
-    if audio_token not in tokenizer.get_vocab():
-        # transformers 5.x renamed the keyword that keeps the tokenizer's own additional special tokens.
-        keep = "replace_extra_special_tokens" if _ADD_SPECIAL_TOKENS_RENAMED else "replace_additional_special_tokens"
-        tokenizer.add_special_tokens({"additional_special_tokens": [audio_token]}, **{keep: False})
+    add_special_token(tokenizer, audio_token)
     # Before the processor is built: the generation config takes the pad id from the tokenizer.
     return ensure_pad_token(tokenizer)
 
@@ -220,13 +244,15 @@ def from_preset(
     """Build a model and its processor from a named preset.
 
     Args:
-        name: "hubert-qformer", "whisper-cnn" or "tiny".
+        name: one of `PRESETS`: "hubert-qformer", "whisper-cnn", "whisper-base-smollm2",
+            "whisper-base-smollm2-qformer" or "tiny".
         encoder_type: "hubert", "whisper" or "wav2vec2" instead of the preset's encoder.
         projector_type: "qformer", "cnn" or "mlp" instead of the preset's projector.
         projector_config: projector settings over the type's defaults.
         encoder_name_or_path, text_name_or_path: a Hub id or local folder whose weights are loaded (with
             `*_revision`). For "tiny", giving one replaces the random sub-model with the pretrained one.
-        chat_template, system_prompt: replace the preset's prompt format.
+        chat_template: a Jinja chat template instead of the LLM's own (or, for a base LLM without one, BLSP's).
+        system_prompt: a system message inserted into conversations without one, instead of the preset's.
         **kwargs: `freeze_encoder`, `freeze_text_model`, `encoder_train_mode_augment`, `audio_token`,
             `ignore_index`, `padding_free` go to `SpeechLlmConfig`; anything else (dtype, device_map,
             attn_implementation, quantization_config, token, cache_dir, local_files_only, ...) to
@@ -303,12 +329,11 @@ def from_preset(
         text_config = tiny_text_config(tokenizer)
     tokenizer = _prepare_text_tokenizer(tokenizer, audio_token)
 
-    tiny_projector = TINY_PROJECTOR_CONFIGS.get(projector_type, {}) if is_tiny else {}
     config = SpeechLlmConfig(
         encoder_config=encoder_config,
         text_config=text_config,
         projector_type=projector_type,
-        projector_config={**tiny_projector, **preset.projector_config, **(projector_config or {})},
+        projector_config={**preset.projector_configs.get(projector_type, {}), **(projector_config or {})},
         audio_token_id=tokenizer.convert_tokens_to_ids(audio_token),
         encoder_name_or_path=encoder_name_or_path,
         encoder_revision=encoder_revision,
@@ -321,7 +346,7 @@ def from_preset(
     processor = SpeechLlmProcessor(
         feature_extractor,
         tokenizer,
-        chat_template=chat_template or preset.chat_template,
+        chat_template=chat_template or default_chat_template(tokenizer),
         audio_token=audio_token,
         audio_length_spec=config.audio_length_spec,
         system_prompt=system_prompt if system_prompt is not None else preset.system_prompt,

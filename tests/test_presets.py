@@ -1,5 +1,9 @@
 """from_preset: tiny build, pretrained backbones from local folders, offline errors, Auto classes."""
 
+import json
+import logging
+import shutil
+
 import pytest
 import torch
 from transformers import (
@@ -12,6 +16,7 @@ from transformers import (
 )
 
 from speechllm_hf import PRESETS, SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
+from speechllm_hf.presets import BLSP_CHAT_TEMPLATE, TINY_CHAT_TEMPLATE
 
 
 def test_tiny_preset_is_a_few_megabytes_and_needs_no_download():
@@ -37,7 +42,17 @@ def test_local_encoder_and_text_model_weights_are_loaded(local_backbones):
 
 
 def test_whisper_checkpoint_loads_only_its_encoder(local_backbones):
-    model, _ = from_preset("tiny", encoder_type="whisper", encoder_name_or_path=str(local_backbones / "whisper"))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")  # it does not propagate: caplog would not see it
+    transformers_logger.addHandler(handler)
+    try:
+        model, _ = from_preset("tiny", encoder_type="whisper", encoder_name_or_path=str(local_backbones / "whisper"))
+    finally:
+        transformers_logger.removeHandler(handler)
+    # The decoder's weights are expected to go unused: no load report listing them.
+    assert not [record.getMessage() for record in records if "decoder" in record.getMessage()]
     reference = WhisperForConditionalGeneration.from_pretrained(local_backbones / "whisper").model.encoder
     assert type(model.encoder).__name__ == "SpeechLlmWhisperEncoder"
     for name, tensor in reference.state_dict().items():
@@ -51,7 +66,7 @@ def test_encoder_type_conflicting_with_the_checkpoint_is_refused(local_backbones
     assert model.config.encoder_config.model_type == "hubert"
 
 
-@pytest.mark.parametrize("name", ["hubert-qformer", "whisper-cnn"])
+@pytest.mark.parametrize("name", [name for name, preset in PRESETS.items() if preset.encoder_name_or_path])
 def test_real_preset_offline_says_what_to_download(name):
     with pytest.raises(OSError, match=rf"hf download {PRESETS[name].encoder_name_or_path}"):
         from_preset(name)
@@ -87,3 +102,22 @@ def test_config_round_trips_through_json(tmp_path):
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert loaded.projector_type == "cnn" and loaded.encoder_config.model_type == "whisper"
     assert loaded.audio_length_spec == model.config.audio_length_spec
+
+
+def test_saved_tokenizer_config_holds_no_loading_options(local_backbones, tmp_path):
+    _, processor = from_preset("tiny", text_name_or_path=str(local_backbones / "llm"), local_files_only=True)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert not {"local_files_only", "is_local", "cache_dir", "token", "_commit_hash"} & set(saved)
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"  # 5.x's TokenizersBackend is unknown to 4.57
+
+
+def test_presets_use_the_llms_own_chat_template_else_blsps(local_backbones, tmp_path):
+    _, processor = from_preset("tiny", text_name_or_path=str(local_backbones / "llm"))
+    assert processor.chat_template == TINY_CHAT_TEMPLATE  # the tokenizer's own
+    base_llm = shutil.copytree(local_backbones / "llm", tmp_path / "base-llm")
+    (base_llm / "chat_template.jinja").unlink()  # a base LLM: no template of its own
+    _, processor = from_preset("tiny", text_name_or_path=str(base_llm))
+    assert processor.chat_template == BLSP_CHAT_TEMPLATE
+    _, processor = from_preset("tiny", chat_template="{{ messages[0]['content'] }}")
+    assert processor.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"

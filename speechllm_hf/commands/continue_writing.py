@@ -1,4 +1,4 @@
-"""`speechllm-hf continue-writing --preset NAME | --text_model ID --manifest M --output_file F.jsonl`.
+"""`speechllm-hf continue-writing --preset NAME | --text_name_or_path ID --manifest M --output_file F.jsonl`.
 
 The text LLM continues every transcript (BLSP's continuation data, arXiv 2309.00916; see
 `speechllm_hf.data.continuation`). Runs on one process as is, or split over several under `accelerate launch
@@ -15,14 +15,22 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from speechllm_hf.presets import PRESETS
+
+    from .model_arguments import PromptArguments, add_arguments
+
     parser = subparsers.add_parser(
         "continue-writing",
         help="let the text LLM continue each transcript (BLSP continuation data for `train --method continuation`)",
     )
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--preset", help="use the LLM of this preset (tiny, hubert-qformer, whisper-cnn)")
-    model.add_argument(
-        "--text_model", help="a causal LM: Hub id or local folder (e.g. the stage-1 instruction-tuned LLM)"
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="use the LLM of this preset")
+    # Only the LLM writes: of the backbone flags, the LLM's path. --text_model is its older name.
+    parser.add_argument(
+        "--text_name_or_path",
+        "--text_model",
+        dest="text_model",
+        help="a causal LM: Hub id or local folder (e.g. the stage-1 instruction-tuned LLM); with --preset, instead "
+        "of the preset's LLM",
     )
     parser.add_argument("--manifest", required=True, help="jsonl file, parquet file or folder of parquet files")
     parser.add_argument("--output_file", required=True, help="output .jsonl; F.report.json is written beside it")
@@ -32,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--prompt", choices=["blsp", "chat"], default="blsp", help="BLSP's ###[Human]: format, or the chat template"
     )
     parser.add_argument("--instruction", help="replace BLSP's continuation instruction")
+    add_arguments(parser, PromptArguments)
     parser.add_argument("--max_input_tokens", type=int, default=192, help="drop prompts of this many tokens or more")
     parser.add_argument("--normalize", action="store_true", help="apply Whisper's English normaliser to transcripts")
     parser.add_argument(
@@ -51,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_text_model(preset: str | None, text_model: str | None, dtype: str = "auto", seed: int = 0):
-    """The text LLM and its tokenizer: `text_model`, or the LLM a preset names (built randomly from `seed` for "tiny").
+    """The text LLM and its tokenizer: `text_model` (with or without a preset), else the LLM the preset names (built
+    randomly from `seed` for "tiny").
 
     Returns:
         `(model, tokenizer, name)`, name saying what the model is (for the resume check).
@@ -63,9 +73,9 @@ def load_text_model(preset: str | None, text_model: str | None, dtype: str = "au
     from speechllm_hf.models.speechllm.modeling_speechllm import from_pretrained_or_explain
     from speechllm_hf.presets import PRESETS, from_preset
 
-    if preset is not None:
+    if text_model is None:
         if preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+            raise ValueError(f"Give --text_name_or_path or --preset (one of {', '.join(PRESETS)}); got {preset!r}.")
         text_model = PRESETS[preset].text_name_or_path
         if text_model is None:  # a random LLM with its own tokenizer; the encoder is built (and discarded) too
             set_seed(seed)  # every process builds the same weights
@@ -90,10 +100,17 @@ def run(args: argparse.Namespace) -> int:
         write_continuations,
     )
 
+    from .model_arguments import chat_template_text
+
+    if args.prompt != "chat" and args.chat_template is not None:
+        raise SystemExit("speechllm-hf continue-writing: --chat_template applies to --prompt chat only.")
+
     # Without cpu=True, processes on a machine without GPU do not form a group (each would write everything).
     state = PartialState(cpu=args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
     try:
         model, tokenizer, name = load_text_model(args.preset, args.text_model, args.dtype, args.seed)
+        if args.chat_template is not None:
+            tokenizer.chat_template = chat_template_text(args.chat_template)
         normalize = args.normalize or args.normalizer_file is not None
         normalizer = make_normalizer(args.normalizer_file) if normalize else None
         report = write_continuations(
@@ -108,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             output_column=args.output_column or OUTPUT_COLUMN,
             style=args.prompt,
             instruction=args.instruction or BLSP_CONTINUATION_INSTRUCTION,
+            system_prompt=args.system_prompt or None,
             max_new_tokens=args.max_new_tokens,
             max_input_tokens=args.max_input_tokens,
             batch_size=args.batch_size,

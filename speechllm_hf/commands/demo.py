@@ -10,18 +10,10 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from speechllm_hf.presets import ENCODER_TYPES, PRESETS
+    from .generate import add_model_arguments
 
     parser = subparsers.add_parser("demo", help="chat with a model in the browser: upload or record audio (Gradio)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="saved model folder or Hub id (projector-only or full save)")
-    source.add_argument("--preset", choices=sorted(PRESETS), help="build a preset instead (tiny: random, offline)")
-    parser.add_argument("--encoder_type", choices=ENCODER_TYPES, help="with --preset: replace the encoder")
-    parser.add_argument("--projector_type", choices=["qformer", "cnn", "mlp"], help="with --preset")
-    parser.add_argument("--prompts", help="prompt file: default, blsp or a YAML path (user_template, instructions)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights' dtype")
-    parser.add_argument("--seed", type=int, default=0, help="seeds sampling and a preset's random weights")
+    add_model_arguments(parser)
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)

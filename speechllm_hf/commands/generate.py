@@ -22,18 +22,23 @@ logger = logging.getLogger(__name__)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model to load (`--model` or `--preset`), where to run it, its prompts and the batching."""
-    from speechllm_hf.presets import ENCODER_TYPES, PRESETS
+    """The model to load (`--model` or `--preset` with its backbones), its prompt format and prompts, where to run
+    it."""
+    from speechllm_hf.presets import PRESETS
+
+    from .model_arguments import BackboneArguments, PromptArguments, add_arguments
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="saved model folder or Hub id (projector-only or full save)")
     source.add_argument("--preset", choices=sorted(PRESETS), help="build a preset instead (tiny: random, offline)")
-    parser.add_argument("--encoder_type", choices=ENCODER_TYPES, help="with --preset: replace the encoder")
-    parser.add_argument("--projector_type", choices=["qformer", "cnn", "mlp"], help="with --preset")
+    add_arguments(parser, BackboneArguments, PromptArguments)
     parser.add_argument("--prompts", help="prompt file: default, blsp or a YAML path (user_template, instructions)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights' dtype")
     parser.add_argument("--seed", type=int, default=0, help="seeds sampling and a preset's random weights")
+
+
+def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--sort_window", type=int, help="rows sorted by duration together (default 32 batches)")
 
@@ -42,19 +47,11 @@ def load_model_and_processor(args: argparse.Namespace):
     """`(model, processor)` from `--model` or `--preset`, in eval mode on `--device`."""
     import torch
 
-    from speechllm_hf import SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
+    from . import model_arguments
 
     torch.manual_seed(args.seed)
     dtype = {"dtype": args.dtype} if args.dtype else {}
-    if args.model and (args.encoder_type or args.projector_type):
-        raise SystemExit("--encoder_type and --projector_type apply to --preset only; a saved model has its own.")
-    if args.model:
-        model = SpeechLlmForConditionalGeneration.from_pretrained(args.model, **dtype)
-        processor = SpeechLlmProcessor.from_pretrained(args.model)
-    else:
-        model, processor = from_preset(
-            args.preset, encoder_type=args.encoder_type, projector_type=args.projector_type, **dtype
-        )
+    model, processor = model_arguments.load_model_and_processor(args, **dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), processor
 
@@ -71,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate", help="answer a jsonl of audio (+ instruction) rows in batches; resumable, BLSP's format"
     )
     add_model_arguments(parser)
+    add_batching_arguments(parser)
     parser.add_argument("--input_file", required=True, help="jsonl: audio, optional instruction and reference")
     parser.add_argument("--output_file", required=True, help="jsonl: the input rows with `response` added")
     parser.add_argument("--instruction", help="instruction for rows without one (default: the ASR instruction)")
@@ -183,4 +181,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["register", "run", "add_model_arguments", "load_model_and_processor", "generation_settings"]
+__all__ = [
+    "register",
+    "run",
+    "add_model_arguments",
+    "add_batching_arguments",
+    "load_model_and_processor",
+    "generation_settings",
+]

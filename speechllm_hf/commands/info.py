@@ -7,18 +7,22 @@ import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from speechllm_hf.presets import PRESETS
+
+    from .model_arguments import BackboneArguments, add_arguments
+
     parser = subparsers.add_parser("info", help="describe a preset: sub-models, parameter counts, audio token rate")
-    parser.add_argument("--preset", default="tiny", help="preset name (tiny, hubert-qformer, whisper-cnn)")
-    parser.add_argument("--encoder_type", choices=["hubert", "whisper", "wav2vec2"])
-    parser.add_argument("--projector_type", choices=["qformer", "cnn", "mlp"])
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="preset name (default: tiny)")
+    add_arguments(parser, BackboneArguments)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from speechllm_hf import from_preset
     from speechllm_hf.models.speechllm.hub_speechllm import count_parameters
 
-    model, processor = from_preset(args.preset, encoder_type=args.encoder_type, projector_type=args.projector_type)
+    from .model_arguments import load_model_and_processor
+
+    model, processor = load_model_and_processor(args)
     config = model.config
     # Feature frames per second: raw samples for HuBERT/wav2vec2, mel frames (one per hop) for Whisper.
     feature_rate = processor.sampling_rate / getattr(processor.feature_extractor, "hop_length", 1)

@@ -8,10 +8,16 @@ import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from speechllm_hf.presets import PRESETS
+
+    from .model_arguments import BackboneArguments, add_arguments
+
     parser = subparsers.add_parser("retrieval", help="held-out speech<->text retrieval and contrastive loss per layer")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a saved model (folder or Hub id)")
-    source.add_argument("--preset", help="a preset, e.g. tiny")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="build a preset instead (tiny: random, offline)")
+    # No prompt flags: retrieval feeds the LLM the transcript and the audio tokens alone, without a chat prompt.
+    add_arguments(parser, BackboneArguments)
     parser.add_argument("--manifest", required=True, help="held-out jsonl/parquet manifest with audio and text")
     parser.add_argument("--output_dir", required=True, help="where retrieval.json and the heat maps go")
     parser.add_argument("--layers", default="all", help="'all', one index or a comma-separated list")
@@ -22,15 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from speechllm_hf import SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
     from speechllm_hf.data.prepare import prepare_dataset
     from speechllm_hf.evaluation.retrieval import evaluate_retrieval, write_retrieval_report
 
-    if args.model:
-        model = SpeechLlmForConditionalGeneration.from_pretrained(args.model)
-        processor = SpeechLlmProcessor.from_pretrained(args.model)
-    else:
-        model, processor = from_preset(args.preset)
+    from .model_arguments import load_model_and_processor
+
+    model, processor = load_model_and_processor(args)
     rows, report = prepare_dataset(args.manifest, text_column=args.text_column)
     results, similarities = evaluate_retrieval(
         model,

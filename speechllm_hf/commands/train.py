@@ -16,23 +16,17 @@ import json
 import logging
 from dataclasses import dataclass, field
 
+from speechllm_hf.presets import PRESETS
+
+from .model_arguments import BackboneArguments, PromptArguments, load_model_and_processor
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
-    preset: str = field(default="tiny", metadata={"help": "Preset to build: tiny, hubert-qformer, whisper-cnn."})
+class ModelArguments(BackboneArguments, PromptArguments):
+    preset: str = field(default="tiny", metadata={"help": f"Preset to build: {', '.join(PRESETS)}."})
     model: str | None = field(default=None, metadata={"help": "A saved model (folder or Hub id) to continue from."})
-    encoder_type: str | None = field(default=None, metadata={"help": "hubert, whisper or wav2vec2."})
-    projector_type: str | None = field(default=None, metadata={"help": "qformer, cnn or mlp."})
-    encoder_name_or_path: str | None = field(default=None, metadata={"help": "Encoder checkpoint (id or folder)."})
-    encoder_revision: str | None = field(
-        default=None, metadata={"help": "Encoder revision (a commit hash pins it; default: the commit loaded now)."}
-    )
-    text_name_or_path: str | None = field(default=None, metadata={"help": "LLM checkpoint (id or folder)."})
-    text_revision: str | None = field(
-        default=None, metadata={"help": "LLM revision (a commit hash pins it; default: the commit loaded now)."}
-    )
     attn_implementation: str | None = field(
         default=None,
         metadata={
@@ -198,7 +192,6 @@ def resume_argument(value: str | bool | None) -> str | bool | None:
 def run(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
-    from speechllm_hf import SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
     from speechllm_hf.data.collator import special_token_strings
     from speechllm_hf.training.lora import add_lora
 
@@ -213,20 +206,7 @@ def run(args: argparse.Namespace) -> int:
     # Before the model is built, as transformers' examples do: --seed also decides the new projector's weights, the
     # same on every process and in every run.
     set_seed(training_args.seed)
-    if model_args.model:
-        model = SpeechLlmForConditionalGeneration.from_pretrained(model_args.model, **model_args.backbone_kwargs())
-        processor = SpeechLlmProcessor.from_pretrained(model_args.model)
-    else:
-        model, processor = from_preset(
-            model_args.preset,
-            encoder_type=model_args.encoder_type,
-            projector_type=model_args.projector_type,
-            encoder_name_or_path=model_args.encoder_name_or_path,
-            encoder_revision=model_args.encoder_revision,
-            text_name_or_path=model_args.text_name_or_path,
-            text_revision=model_args.text_revision,
-            **model_args.backbone_kwargs(),
-        )
+    model, processor = load_model_and_processor(model_args, **model_args.backbone_kwargs())
     # The projector trains: it keeps float32 master weights whatever the frozen backbones are stored in.
     model.projector.float()
     if training_args.lora_r > 0:

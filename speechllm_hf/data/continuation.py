@@ -74,25 +74,30 @@ class ContinuationPrompt:
         tokenizer: The text LLM's tokenizer.
         style: "blsp" (BLSP's `###[Human]:` format after BOS) or "chat" (the tokenizer's chat template).
         instruction: The instruction placed before the transcript.
+        system_prompt: With "chat": a system message before the request (None: the template's default, if any).
     """
 
     tokenizer: object
     style: str = "blsp"
     instruction: str = BLSP_CONTINUATION_INSTRUCTION
+    system_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.style not in PROMPT_STYLES:
             raise ValueError(f"Unknown prompt style {self.style!r}; choose one of {', '.join(PROMPT_STYLES)}.")
         if self.style == "chat" and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("The tokenizer has no chat template: use the 'blsp' prompt style.")
+        if self.style == "blsp" and self.system_prompt:
+            raise ValueError("BLSP's prompt has no system message: a system prompt needs the 'chat' style.")
 
     def text(self, transcript: str) -> str:
         """The prompt as text (for "blsp" without the BOS token, which `encode` adds)."""
         request = continuation_request(self.instruction, transcript)
         if self.style == "blsp":
             return BLSP_TEXT_TEMPLATE.format(request=request)
-        message = {"role": "user", "content": request}
-        return self.tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": request})
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode(self, transcripts: Sequence[str]) -> list[list[int]]:
         """Token ids of the prompts, BOS first for "blsp" (when the tokenizer has one; chat templates write it)."""
@@ -149,6 +154,7 @@ def write_continuations(
     output_column: str = OUTPUT_COLUMN,
     style: str = "blsp",
     instruction: str = BLSP_CONTINUATION_INSTRUCTION,
+    system_prompt: str | None = None,
     max_new_tokens: int = 64,
     max_input_tokens: int = 192,
     batch_size: int = 16,
@@ -171,6 +177,7 @@ def write_continuations(
         output_column: The column that receives the continuation.
         style: "blsp" or "chat" (see `ContinuationPrompt`).
         instruction: The instruction before the transcript.
+        system_prompt: With style "chat": a system message before the request.
         max_new_tokens: Longest continuation, in tokens.
         max_input_tokens: Prompts of this many tokens or more are dropped.
         batch_size: Prompts per `generate` call on each process.
@@ -188,7 +195,7 @@ def write_continuations(
     from accelerate import PartialState
 
     state = state if state is not None else PartialState()
-    prompt = ContinuationPrompt(tokenizer, style, instruction)
+    prompt = ContinuationPrompt(tokenizer, style, instruction, system_prompt)
     output_file = Path(output_file)
     with state.main_process_first():  # the main process fills the datasets cache, the others read it
         dataset = load_manifest(source, audio_column=audio_column, text_column=text_column)

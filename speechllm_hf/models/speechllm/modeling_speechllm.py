@@ -120,6 +120,11 @@ class SpeechLlmWhisperEncoder(WhisperEncoder):
     the clip alone. Parameter names are those of `WhisperEncoder`, so its checkpoints load unchanged.
     """
 
+    # A WhisperForConditionalGeneration checkpoint also holds the decoder (and its output projection): expected to go
+    # unused, so left out of transformers' load report (`load_pretrained_encoder` says so in one line). Missing encoder
+    # weights are still reported.
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)decoder\.", r"^proj_out\."]
+
     def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         batch_size, _, num_frames = input_features.shape  # (B, n_mels, T)
         max_frames = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
@@ -346,6 +351,10 @@ def load_pretrained_encoder(config: SpeechLlmConfig, **kwargs) -> PreTrainedMode
     if config.encoder_config.model_type == "whisper":
         # Map `model.encoder.*` (WhisperForConditionalGeneration) and `encoder.*` (WhisperModel) to the encoder.
         kwargs["key_mapping"] = {r"^(model\.)?encoder\.": ""}
+        logger.info(
+            "Loading the encoder of the Whisper checkpoint %s; its decoder's weights go unused.",
+            config.encoder_name_or_path,
+        )
         return from_pretrained_or_explain(
             SpeechLlmWhisperEncoder.from_pretrained, config.encoder_name_or_path, "encoder", **kwargs
         )

@@ -7,6 +7,7 @@ transformers and the standard library; soxr and soundfile are imported only when
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import json
 import os
@@ -150,6 +151,21 @@ def prepare_waveform(audio, sampling_rate: int | None, target_rate: int, index: 
     return waveform
 
 
+def add_special_token(tokenizer, token: str) -> None:
+    """Add `token` to `tokenizer` as an extra special token (kept whole, skipped when decoding with
+    `skip_special_tokens`), leaving the tokenizer's other special tokens as they are; nothing when it already knows
+    the token.
+
+    The keyword that keeps the existing extra special tokens is `replace_additional_special_tokens` on transformers
+    4.x and `replace_extra_special_tokens` on 5.x (which still reads the `additional_special_tokens` key).
+    """
+    if token in tokenizer.get_vocab():
+        return
+    renamed = "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters
+    keep = "replace_extra_special_tokens" if renamed else "replace_additional_special_tokens"
+    tokenizer.add_special_tokens({"additional_special_tokens": [token]}, **{keep: False})
+
+
 def ensure_pad_token(tokenizer):
     """Give `tokenizer` a pad token when it has none (Llama's tokenizers have none; both original code bases set
     one): the first of `PAD_TOKEN_CANDIDATES` in its vocabulary, else its unknown token, else EOS. Padding is masked
@@ -210,7 +226,7 @@ class SpeechLlmProcessor(ProcessorMixin):
         if audio_token_id is None or audio_token_id == tokenizer.unk_token_id:
             raise ValueError(
                 f"The tokenizer does not know the audio token {audio_token!r}: add it with "
-                f"tokenizer.add_special_tokens({{'additional_special_tokens': [{audio_token!r}]}})."
+                f"`add_special_token(tokenizer, {audio_token!r})` of processing_speechllm (any transformers version)."
             )
         self.audio_token_id = audio_token_id
         ensure_pad_token(tokenizer)  # batches (and the training collator) pad
@@ -407,13 +423,33 @@ class SpeechLlmProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "input_features", "feature_attention_mask"]
 
 
+# Options of a `from_pretrained` call that transformers 5.x records in tokenizer_config.json: they describe how the
+# files were loaded on the machine that saved them (a local folder, offline), not the tokenizer.
+_TOKENIZER_LOAD_OPTIONS = (
+    "local_files_only",
+    "is_local",
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "revision",
+    "subfolder",
+    "trust_remote_code",
+    "gguf_file",
+    "_commit_hash",
+)
+
+
 def _make_tokenizer_config_portable(path: str) -> None:
     """Rewrite what transformers 5.x writes into tokenizer_config.json in the form 4.x reads (5.x reads both):
-    the generic fast tokenizer class under its 4.x name and extra special tokens as `additional_special_tokens`."""
+    the generic fast tokenizer class under its 4.x name and extra special tokens as `additional_special_tokens`;
+    the loading options it records (`_TOKENIZER_LOAD_OPTIONS`) are dropped."""
     if not os.path.exists(path):
         return
     with open(path) as file:
         config = json.load(file)
+    for option in _TOKENIZER_LOAD_OPTIONS:
+        config.pop(option, None)
     if isinstance(config.get("extra_special_tokens"), list):
         config["additional_special_tokens"] = config.pop("extra_special_tokens")
     if config.get("tokenizer_class") == "TokenizersBackend":
@@ -431,6 +467,7 @@ def _is_clip_list(audio) -> bool:
 
 __all__ = [
     "SpeechLlmProcessor",
+    "add_special_token",
     "check_sampling_rate",
     "ensure_pad_token",
     "load_audio_file",
