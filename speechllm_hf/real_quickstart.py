@@ -54,7 +54,7 @@ class RealQuickstartConfig:
 
     encoder_name_or_path: str = "openai/whisper-base"
     text_name_or_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    preset: str = "whisper-cnn"
+    preset: str = "whisper-base-smollm2"
     train_manifest: str = ""  # empty: the bundled corpus
     dev_manifest: str = ""
     stages: str = ",".join(STAGES)

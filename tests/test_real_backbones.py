@@ -40,7 +40,7 @@ def test_the_conversion_was_verified_against_its_sources(real_backbones):
 def test_train_generate_save_and_reload_without_the_package(real_backbones, tmp_path):
     torch.manual_seed(0)
     model, processor = from_preset(
-        "whisper-cnn",
+        "whisper-base-smollm2",
         encoder_name_or_path=str(real_backbones / "whisper-base"),
         text_name_or_path=str(real_backbones / "smollm2-135m-instruct"),
     )
@@ -73,6 +73,7 @@ def test_train_generate_save_and_reload_without_the_package(real_backbones, tmp_
         {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Transcribe the audio."}]}
     ]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert text.count("<|im_start|>") == 3  # SmolLM2's own ChatML template, with its default system turn
     clips = [load_audio(row["audio"]) for row in load_split("dev")[:2]]
     inputs = processor([text, text], audio=clips, sampling_rate=16000)
     with torch.no_grad():
