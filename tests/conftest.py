@@ -8,19 +8,27 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 from speechllm_hf import from_preset  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads; with `pytest -n 2` on 2 cores they only oversubscribe.
 torch.set_num_threads(1)
 
+REPO = Path(__file__).resolve().parents[1]
 ENCODERS = ("hubert", "whisper", "wav2vec2")
 PROJECTORS = ("qformer", "cnn", "mlp")
 _MODELS: dict = {}
+COMPAT_TRANSFORMERS = "4.57.6"
+# The folders `python scripts/offline_backbones.py DIR` writes (stand-ins for openai/whisper-base and
+# HuggingFaceTB/SmolLM2-135M-Instruct); their tests run when SPEECHLLM_BACKBONES_DIR=DIR.
+BACKBONES_ENV = "SPEECHLLM_BACKBONES_DIR"
+REAL_BACKBONES = ("whisper-base", "smollm2-135m-instruct")
 
 
 # The training-argument settings every in-process training test shares: on the CPU, quiet, reproducible, logging
@@ -96,3 +104,47 @@ def local_backbones(tmp_path_factory):
     AutoModelForCausalLM.from_config(tiny_text_config(tokenizer)).save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     return root
+
+
+@pytest.fixture(scope="session")
+def compat_python() -> str:
+    """A virtualenv with transformers 4.57 and without speechllm_hf (created once, reused across runs)."""
+    venv = REPO / f".venv-transformers-{COMPAT_TRANSFORMERS}"
+    python = venv / "bin" / "python"
+    with FileLock(str(venv) + ".lock"):
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run(
+                [
+                    str(python),
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "torch==2.13.0",
+                    f"transformers=={COMPAT_TRANSFORMERS}",
+                    "soundfile",
+                    "soxr",
+                ],
+                check=True,
+            )
+    return str(python)
+
+
+@pytest.fixture(scope="session")
+def real_backbones() -> Path:
+    """The folder holding the real pretrained backbones (`REAL_BACKBONES`), from $SPEECHLLM_BACKBONES_DIR.
+
+    Skips when the variable is unset; fails when it names a folder without a complete conversion (each backbone's
+    `conversion.json` is written last), which is a broken setup rather than a machine without the backbones.
+    """
+    folder = os.environ.get(BACKBONES_ENV)
+    if not folder:
+        pytest.skip(
+            f"{BACKBONES_ENV} is not set: run `python scripts/offline_backbones.py DIR` and set {BACKBONES_ENV}=DIR "
+            "for the real-backbone tests"
+        )
+    incomplete = [name for name in REAL_BACKBONES if not (Path(folder) / name / "conversion.json").exists()]
+    if incomplete:
+        pytest.fail(f"{BACKBONES_ENV}={folder} lacks a complete {', '.join(incomplete)} (no conversion.json).")
+    return Path(folder).resolve()
