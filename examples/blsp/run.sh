@@ -52,7 +52,8 @@ cat "$WORK/continuations.report.json"
 #    decay, 1 epoch, bf16 on GPUs that support it, prompt file "blsp", loss on the continuation + EOS only.
 LOSS_FLAGS=()
 if [[ "$LOSS" == kl ]]; then LOSS_FLAGS=(--kl_weight 1 --ce_weight 0 --kl_temperature 2); fi
-launch train --method continuation --preset whisper-cnn --text_name_or_path "$STAGE1_LLM" \
+#    --chat_template blsp: BLSP's ###[Human]: template even if the stage-1 tokenizer was given a chat template.
+launch train --method continuation --preset whisper-cnn --text_name_or_path "$STAGE1_LLM" --chat_template blsp \
     --train_manifest "$WORK/continuations.jsonl" --num_proc "$NUM_PROC" --max_duration 30 \
     --output_dir "$WORK/stage2" \
     --per_device_train_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$ACCUMULATION" \
