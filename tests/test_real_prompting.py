@@ -1,4 +1,4 @@
-"""Real tokenizer and prompting on the real backbones (SmolLM2-135M-Instruct's ChatML, Whisper-base): templates, padding, labels,
+"""The whisper-base-smollm2 presets on the real pretrained backbones (local stand-ins, see conftest.real_backbones):
 the real ChatML tokenizer, its chat template with audio, batching for generation, labels, the saved tokenizer on
 transformers 4.57."""
 
