@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_TRAINING, clip
-from test_hub import COMPAT_TRANSFORMERS, compat_python  # noqa: F401  (the 4.57 virtualenv fixture)
+from conftest import COMPAT_TRANSFORMERS, CPU_TRAINING, clip
 from test_trainer import multi_task_rows
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -255,7 +254,7 @@ def test_train_command_takes_padding_free_and_saves_it_in_the_config(tmp_path):
     assert json.loads((out / "config.json").read_text())["padding_free"] is True
 
 
-def test_the_hub_copy_packs_on_transformers_4_57(compat_python, tmp_path):  # noqa: F811
+def test_the_hub_copy_packs_on_transformers_4_57(compat_python, tmp_path):
     """A saved model loaded without the package on transformers 4.57 (its own masking code): eager and sdpa packed
     give the padded batch's loss and projector gradients."""
     model, processor = tiny_model("sdpa")
