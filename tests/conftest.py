@@ -96,3 +96,19 @@ def local_backbones(tmp_path_factory):
     AutoModelForCausalLM.from_config(tiny_text_config(tokenizer)).save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     return root
+
+
+@pytest.fixture(scope="session")
+def real_backbones():
+    """The folder of the real pretrained pair (`whisper-base`, `smollm2-135m-instruct`), as written by
+    `scripts/offline_backbones.py`, named by the environment variable SPEECHLLM_BACKBONES_DIR; skips without it, and
+    fails when it names a folder without them (a misconfigured run must not pass by skipping)."""
+    from pathlib import Path
+
+    folder = os.environ.get("SPEECHLLM_BACKBONES_DIR")
+    if not folder:
+        pytest.skip("real backbones: set SPEECHLLM_BACKBONES_DIR to the output of scripts/offline_backbones.py")
+    missing = [name for name in ("whisper-base", "smollm2-135m-instruct") if not (Path(folder) / name).is_dir()]
+    if missing:
+        pytest.fail(f"real backbones: {', '.join(missing)} missing from SPEECHLLM_BACKBONES_DIR={folder}")
+    return Path(folder)
