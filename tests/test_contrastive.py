@@ -1,6 +1,7 @@
 """ContrastiveTrainer: the loss it trains on, what it runs, retrieval that rises above chance (DDP: see
 test_distributed.py)."""
 
+import copy
 import json
 import math
 import os
@@ -9,11 +10,18 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from conftest import tiny
 
 from speechllm_hf import from_preset
 from speechllm_hf.corpus import load_split
 from speechllm_hf.evaluation.retrieval import evaluate_retrieval, write_retrieval_report
-from speechllm_hf.training.contrastive import ContrastiveCollator, ContrastiveTrainer, ContrastiveTrainingArguments
+from speechllm_hf.training.contrastive import (
+    ContrastiveCollator,
+    ContrastiveTrainer,
+    ContrastiveTrainingArguments,
+    contrastive_states,
+    sink_token_id,
+)
 
 
 def make_trainer(tmp_path, model, processor, rows=8, **overrides):
@@ -42,10 +50,10 @@ def hand_loss(text_states, text_mask, speech_states, speech_mask, tau=0.1):
     return -(logits.diagonal() - logits.logsumexp(dim=1)).mean()
 
 
-def test_trained_loss_is_the_sum_over_layers_of_the_hand_written_loss(tmp_path):
+def test_published_loss_is_the_sum_over_layers_of_the_hand_written_loss(tmp_path):
     torch.manual_seed(0)
     model, processor = from_preset("tiny", projector_type="mlp")
-    trainer = make_trainer(tmp_path, model, processor, contrastive_layers="all")
+    trainer = make_trainer(tmp_path, model, processor, contrastive_layers="all", sink_token="none")
     assert trainer.layers == [0, 1, 2]  # a 2-layer LLM: "all" is spaced like {0, 5, ..., 25, 32} and ends at the last
     batch = ContrastiveCollator(processor)(load_split("train")[:4])
     model.eval()
@@ -260,3 +268,91 @@ def test_a_few_hundred_steps_raise_held_out_retrieval_far_above_chance(tmp_path)
     paths = write_retrieval_report(after, similarities, tmp_path / "report")
     assert json.loads(Path(paths[0]).read_text())["layer_0"]["chance_R@1"] == chance
     assert Path(paths[1]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def sink_inputs(processor, rows=4):
+    """A contrastive batch of clips of different lengths, so both branches hold padding."""
+    return ContrastiveCollator(processor)(load_split("train")[:rows])
+
+
+def test_the_published_form_is_unchanged_bit_for_bit():
+    """sink_token='none': the LLM sees the bare transcript and the bare projector output, and the states returned are
+    its hidden states over the whole (right-padded) span, exactly."""
+    model, processor = tiny(projector_type="mlp")
+    batch = sink_inputs(processor)
+    with torch.no_grad():
+        states, outputs = contrastive_states(model, model, batch, [0, 1, 2], sink_token_id=None)
+        text = model.language_model(
+            inputs_embeds=model.embed_tokens(batch["text_input_ids"]),
+            attention_mask=batch["text_attention_mask"],
+            output_hidden_states=True,
+        ).hidden_states
+    speech_mask = batch["speech_attention_mask"]
+    assert torch.equal(states[0][0], model.embed_tokens(batch["text_input_ids"]).detach())
+    for layer in (1, 2):
+        text_states, text_mask, speech_states, mask = states[layer]
+        assert torch.equal(text_states, text[layer]) and torch.equal(text_mask, batch["text_attention_mask"])
+        assert torch.equal(speech_states, outputs.hidden_states[layer]) and torch.equal(mask, speech_mask)
+    assert outputs.hidden_states[0].shape[1] == speech_mask.shape[1]  # nothing was prepended
+
+
+@pytest.mark.parametrize("shift", [None, 7])
+def test_the_sink_token_leads_both_branches_and_its_position_is_never_pooled(shift):
+    model, processor = tiny(projector_type="mlp")
+    batch = sink_inputs(processor)
+    bos = processor.tokenizer.bos_token_id
+    shifts = None if shift is None else torch.full((4,), shift)
+    with torch.no_grad():
+        states, outputs = contrastive_states(model, model, batch, [0, 1, 2], shift=shifts, sink_token_id=bos)
+        audio = model(input_features=batch["input_features"], feature_attention_mask=batch["feature_attention_mask"])
+    speech_ids = outputs.hidden_states[0]
+    assert speech_ids.shape[1] == batch["speech_input_ids"].shape[1] + 1  # one leading position was run...
+    torch.testing.assert_close(speech_ids[:, 0], model.embed_tokens(torch.tensor([bos]))[0].expand(4, -1))
+    for layer in (0, 1, 2):  # ...and is left out of what is pooled, at every layer, with the unprefixed masks
+        text_states, text_mask, speech_states, speech_mask = states[layer]
+        assert torch.equal(text_mask, batch["text_attention_mask"])
+        assert torch.equal(speech_mask, batch["speech_attention_mask"])
+        assert text_states.shape[1] == text_mask.shape[1] and speech_states.shape[1] == speech_mask.shape[1]
+    # Layer 0 does not depend on the sink: the token embeddings and the projector output themselves.
+    assert torch.equal(states[0][0], model.embed_tokens(batch["text_input_ids"]).detach())
+    assert torch.equal(states[0][2], audio.audio_hidden_states)
+    # Each row, run alone with its sink and no padding, gives the batched row over its valid positions: padding
+    # stays invisible with the extra column, and the sink sits at position 0 (plus the shift) in both branches.
+    for row in range(4):
+        text_ids = batch["text_input_ids"][row][batch["text_attention_mask"][row].bool()]
+        embeds = {
+            "text": model.embed_tokens(torch.cat([torch.tensor([bos]), text_ids]))[None],
+            "speech": torch.cat(
+                [
+                    model.embed_tokens(torch.tensor([bos]))[None],
+                    audio.audio_hidden_states[row : row + 1, : audio.audio_lengths[row]],
+                ],
+                1,
+            ),
+        }
+        for branch, index, mask_index in (("text", 0, 1), ("speech", 2, 3)):
+            length = embeds[branch].shape[1]
+            positions = torch.arange(length)[None] + (shift or 0)
+            with torch.no_grad():
+                alone = model.language_model(
+                    inputs_embeds=embeds[branch], position_ids=positions, output_hidden_states=True
+                ).hidden_states
+            for layer in (1, 2):
+                valid = states[layer][mask_index][row].bool()
+                torch.testing.assert_close(states[layer][index][row][valid], alone[layer][0, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_the_sink_token_is_resolved_from_the_tokenizer(tmp_path):
+    _, processor = tiny()
+    tokenizer, audio_id = processor.tokenizer, processor.audio_token_id
+    assert sink_token_id(tokenizer, "none", audio_id) is None
+    assert sink_token_id(tokenizer, "bos", audio_id) == tokenizer.bos_token_id
+    assert sink_token_id(tokenizer, "<|end|>", audio_id) == tokenizer.convert_tokens_to_ids("<|end|>")
+    without_bos = copy.deepcopy(tokenizer)
+    without_bos.bos_token = None
+    assert sink_token_id(without_bos, "bos", audio_id) == tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="names no token"):
+        sink_token_id(tokenizer, "not a token", audio_id)
+    with pytest.raises(ValueError, match="audio placeholder"):
+        sink_token_id(tokenizer, processor.audio_token, audio_id)
+    assert ContrastiveTrainingArguments(output_dir=str(tmp_path)).sink_token == "bos"

@@ -58,12 +58,16 @@ def test_next_word_training_on_mixed_sequences(tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in model.projector.named_parameters())
 
 
-def test_contrastive_between_a_mixed_sequence_and_its_text_runs_each_sequence_through_the_llm_once(tmp_path):
+@pytest.mark.parametrize("sink_token", ["none", "bos"])
+def test_contrastive_between_a_mixed_sequence_and_its_text_runs_each_sequence_through_the_llm_once(
+    tmp_path, sink_token
+):
     torch.manual_seed(0)
     model, processor = from_preset("tiny", projector_type="mlp")  # no dropout: training computes what eval does
     args = ContrastiveTrainingArguments(
         output_dir=str(tmp_path),
         speech_input="mixed",
+        sink_token=sink_token,
         contrastive_layers="0,2",
         ce_weight=1.0,
         max_steps=1,
@@ -78,8 +82,14 @@ def test_contrastive_between_a_mixed_sequence_and_its_text_runs_each_sequence_th
     )
     batch = trainer.data_collator(ROWS[:4])
     model_inputs = ("input_ids", "attention_mask", "input_features", "feature_attention_mask", "labels")
+    inputs = {key: batch[key] for key in model_inputs}
+    if sink_token == "bos":  # the sink leads the mixed sequence (left-padded) as a valid, unlabelled position
+        lead = torch.full((4, 1), processor.tokenizer.bos_token_id)
+        inputs["input_ids"] = torch.cat([lead, inputs["input_ids"]], 1)
+        inputs["attention_mask"] = torch.cat([torch.ones_like(lead), inputs["attention_mask"]], 1)
+        inputs["labels"] = torch.cat([torch.full_like(lead, -100), inputs["labels"]], 1)
     with torch.no_grad():
-        expected = model(**{key: batch[key] for key in model_inputs}).loss  # the next-word loss, run on its own
+        expected = model(**inputs).loss  # the next-word loss, run on its own
     rows = []
     model.language_model.register_forward_hook(
         lambda module, args, kwargs, output: rows.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True

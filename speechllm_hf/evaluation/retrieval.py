@@ -1,7 +1,8 @@
 """Speech <-> text retrieval on a held-out set, per LLM layer: R@1/R@5 both ways, the contrastive loss, heat maps.
 
 The pooled embeddings are those the contrastive loss compares (see `ContrastiveTrainer`): transcript tokens alone and
-projector outputs alone, mean-pooled at each hidden-state layer. `similarity[i, j]` = cos(text_i, speech_j); R@k is
+projector outputs alone, each run after the same sink token as in training (left out of the pooling), mean-pooled at
+each hidden-state layer. `similarity[i, j]` = cos(text_i, speech_j); R@k is
 computed over the WHOLE held-out set (chance R@1 = 1 / N), the loss is the per-batch InfoNCE of training averaged
 over the batches.
 """
@@ -14,7 +15,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from ..training.contrastive import ContrastiveCollator, contrastive_states
+from ..training.contrastive import ContrastiveCollator, ContrastiveTrainingArguments, contrastive_states, sink_token_id
 from ..training.contrastive_losses import contrastive_layer_indices, info_nce, mean_pool, similarity
 from .metrics import retrieval_metrics
 
@@ -29,10 +30,13 @@ def evaluate_retrieval(
     temperature: float = 0.1,
     text_column: str = "text",
     audio_column: str = "audio",
+    sink_token: str = ContrastiveTrainingArguments.sink_token,
 ) -> tuple[dict, dict[int, torch.Tensor]]:
     """Retrieval metrics and contrastive loss per layer on `rows` (a list of dicts or a `datasets.Dataset`).
 
-    `layers` is any layer spec of `contrastive_layer_indices`: "all", an index, a list, or "0,32".
+    `layers` is any layer spec of `contrastive_layer_indices`: "all", an index, a list, or "0,32". `sink_token` is
+    the leading token left out of the pooling, as in training (`ContrastiveTrainingArguments.sink_token`, with the
+    same default): give the one the projector was trained with, 'none' for the published form.
 
     Returns:
         `(results, similarities)`: `results["layer_<i>"]` holds `text_to_speech/R@1`, `text_to_speech/R@5`,
@@ -45,10 +49,13 @@ def evaluate_retrieval(
     pooled: dict[int, tuple[list, list]] = {layer: ([], []) for layer in indices}
     losses: dict[int, list[float]] = {layer: [] for layer in indices}
     device = next(model.parameters()).device
+    sink_id = sink_token_id(processor.tokenizer, sink_token, model.config.audio_token_id)
     for start in tqdm(range(0, len(rows), batch_size), desc="retrieval"):
         batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
         inputs = {k: v.to(device) for k, v in collator(batch).items()}
-        states, _ = contrastive_states(model, model, inputs, indices, pad_token_id=processor.tokenizer.pad_token_id)
+        states, _ = contrastive_states(
+            model, model, inputs, indices, pad_token_id=processor.tokenizer.pad_token_id, sink_token_id=sink_id
+        )
         for layer, (text, text_mask, speech, speech_mask) in states.items():
             text_pooled, speech_pooled = mean_pool(text, text_mask), mean_pool(speech, speech_mask)
             pooled[layer][0].append(text_pooled.cpu())

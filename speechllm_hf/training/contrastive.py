@@ -1,12 +1,18 @@
 """ContrastiveTrainer: task-independent contrastive pretraining of the projector (arXiv 2412.15712).
 
-Faithful default (`ContrastiveTrainingArguments()`): the transcript tokens alone (no BOS/EOS, template or
-instruction) and the projector output alone (no prompt) each go through the frozen LLM separately (not at all for
-layer 0); each sequence is mean-pooled over its valid positions, L2-normalised, and the InfoNCE loss text -> speech
-with tau = 0.1 and in-batch negatives is SUMMED over the hidden-state layers {0, 5, 10, 15, 20, 25, last}. The text
-branch runs under `torch.no_grad()`: it builds no graph (the original computed its gradient for nothing).
+The paper's loss: the transcript tokens alone (no BOS/EOS, template or instruction) and the projector output alone
+(no prompt) each go through the frozen LLM separately (not at all for layer 0); each sequence is mean-pooled over its
+valid positions, L2-normalised, and the InfoNCE loss text -> speech with tau = 0.1 and in-batch negatives is SUMMED
+over the hidden-state layers {0, 5, 10, 15, 20, 25, last}. The text branch runs under `torch.no_grad()`: it builds no
+graph (the original computed its gradient for nothing).
 
-Departures, each off by default and documented on its argument: a single layer or a list, the symmetric loss, a
+One departure is on by default, `sink_token='bos'`: both sequences run after a leading BOS whose position is left
+out of the pooling. As published, the pooled spans start at position 0, where a Llama-family LLM puts a massive
+activation at its middle layers (an attention sink, about 100 times the other positions' norm), so both pooled
+vectors point the same way there and those layers never learn; measured in docs/training.md. `sink_token='none'`
+is the published form, exactly.
+
+Departures off by default, each documented on its argument: a single layer or a list, the symmetric loss, a
 learnable temperature, negatives gathered across processes, an added ASR cross-entropy, a random position shift
 applied to both branches, the Wasserstein (Sinkhorn) variant, and the encoder's train-mode augmentation.
 
@@ -46,7 +52,8 @@ TEMPERATURE_FILE = "contrastive_temperature.safetensors"
 
 @dataclass
 class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
-    """Arguments of `ContrastiveTrainer`; defaults reproduce the paper's pretraining (arXiv 2412.15712)."""
+    """Arguments of `ContrastiveTrainer`; defaults reproduce the paper's pretraining (arXiv 2412.15712) but for
+    `sink_token` (set it to 'none' for the published form)."""
 
     contrastive_layers: str = field(
         default="all",
@@ -85,6 +92,17 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
             "(the paper's variant used 400)."
         },
     )
+    sink_token: str = field(
+        default="bos",
+        metadata={
+            "help": "Departure, on by default (measured in docs/training.md): a token prepended to both branches "
+            "before the LLM runs, whose position is left out of the pooling. The first position of a Llama-family "
+            "LLM carries a massive activation at the middle layers whatever its token (an attention sink), which "
+            "dominates a mean that includes it; with the sink outside the pooled span, every layer learns. 'bos' "
+            "(the tokenizer's BOS, else its EOS), any single token of the vocabulary, or 'none': the published "
+            "form, spans start at position 0 and nothing is prepended."
+        },
+    )
     speech_input: str = field(
         default="speech",
         metadata={
@@ -121,6 +139,37 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
         if self.contrastive_loss == "wasserstein" and self.contrastive_layers not in ("0",):
             logger.info("The Wasserstein variant compares embedding-level sequences: contrastive_layers set to '0'.")
             self.contrastive_layers = "0"
+
+
+def sink_token_id(tokenizer, sink_token: str, audio_token_id: int) -> int | None:
+    """The id of the leading token `sink_token` names (see `ContrastiveTrainingArguments.sink_token`); None for 'none'.
+
+    'bos' falls back to the EOS for an LLM without BOS: any fixed token takes the sink's role, and an end of text
+    followed by text is what the LLM saw between its pretraining documents.
+
+    Raises:
+        ValueError: If the token is not a single token of the vocabulary, or is the audio placeholder (which the
+            model would replace with projector outputs).
+    """
+    if sink_token == "none":
+        return None
+    token = (tokenizer.bos_token or tokenizer.eos_token) if sink_token == "bos" else sink_token
+    token_id = tokenizer.get_vocab().get(token) if token else None
+    if token_id is None:
+        raise ValueError(
+            f"sink_token {sink_token!r} names no token of the vocabulary: give 'bos', 'none' or one token of it."
+        )
+    if token_id == audio_token_id:
+        raise ValueError(f"sink_token {sink_token!r} is the audio placeholder: the model would replace it with audio.")
+    return token_id
+
+
+def _with_sink(ids: torch.Tensor, mask: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_id` prepended to every row as a valid position, in column 0 whatever the padding side: the text branch
+    is right-padded, and the model derives the speech branch's positions from its mask (`cumsum - 1`), so the sink
+    sits at position 0 (plus any shift) in both, and padding stays masked out."""
+    ids = torch.cat([torch.full_like(ids[:, :1], token_id), ids], 1)
+    return ids, torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
 
 
 def _shifted_positions(mask: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -174,6 +223,7 @@ def contrastive_states(
     with_ce: bool = False,
     mixed: bool = False,
     pad_token_id: int = 0,
+    sink_token_id: int | None = None,
 ) -> tuple[dict, object]:
     """Per layer: `(text_states, text_mask, speech_states, speech_mask)` as float32, and the model outputs.
 
@@ -186,6 +236,9 @@ def contrastive_states(
     embeddings, so the LLM forward runs for every layer set, and with `with_ce` the same forward carries the mixed
     sequences' next-word labels. `shift` (the position-shift variant) moves the positions of both branches; the
     ASR rows keep theirs, while the mixed sequences, being the speech side, are shifted for their next-word loss too.
+    `sink_token_id` (the attention-sink remedy) is prepended to the text and speech sequences wherever the LLM runs
+    (not to the ASR rows); the returned states and masks leave its position out, so they are the same span as
+    without it, and layer 0 is unchanged.
     """
     if "encoder_hidden_states" in inputs:
         states, state_lengths = inputs["encoder_hidden_states"], inputs["encoder_lengths"]
@@ -193,8 +246,14 @@ def contrastive_states(
         states, state_lengths = unwrapped.encode_audio(inputs["input_features"], inputs["feature_attention_mask"])
     speech_ids, speech_mask = inputs["speech_input_ids"], inputs["speech_attention_mask"]
     text_ids, text_mask = inputs["text_input_ids"], inputs["text_attention_mask"]
-    batch_size = speech_ids.shape[0]
+    batch_size, speech_width = speech_ids.shape
     deep = any(layer > 0 for layer in layers)
+    skip = 0 if sink_token_id is None else 1  # leading positions left out of what is returned
+    # The returned masks are the unprefixed ones: the sink's position is never pooled.
+    text_pool_mask, speech_pool_mask = text_mask, speech_mask
+    if sink_token_id is not None:
+        text_ids, text_mask = _with_sink(text_ids, text_mask, sink_token_id)
+        speech_ids, speech_mask = _with_sink(speech_ids, speech_mask, sink_token_id)
 
     with torch.no_grad():  # the text branch is a fixed target: no gradient, no graph
         text_embeds = unwrapped.embed_tokens(text_ids)
@@ -213,6 +272,8 @@ def contrastive_states(
         ids, mask, labels = speech_ids, speech_mask, None
         if with_ce and mixed:
             labels = inputs["labels"]
+            if sink_token_id is not None:
+                labels = torch.cat([torch.full_like(labels[:, :1], -100), labels], 1)
         elif with_ce:
             width = max(speech_ids.shape[1], inputs["input_ids"].shape[1])
             ids = torch.cat(
@@ -240,14 +301,12 @@ def contrastive_states(
         audio_mask = lengths_to_mask(outputs.audio_lengths[:batch_size], audio_embeds.shape[1]).long()
     per_layer = {}
     for layer in layers:
+        text = (text_embeds if layer == 0 else text_hidden[layer])[:, skip:].float()
         if layer == 0 and not mixed:
-            per_layer[layer] = (text_embeds.float(), text_mask, audio_embeds.float(), audio_mask)
-        elif layer == 0:
-            speech = outputs.hidden_states[0][:batch_size, : speech_mask.shape[1]]
-            per_layer[layer] = (text_embeds.float(), text_mask, speech.float(), speech_mask)
+            per_layer[layer] = (text, text_pool_mask, audio_embeds.float(), audio_mask)
         else:
-            speech = outputs.hidden_states[layer][:batch_size, : speech_mask.shape[1]]
-            per_layer[layer] = (text_hidden[layer].float(), text_mask, speech.float(), speech_mask)
+            speech = outputs.hidden_states[layer][:batch_size, skip : skip + speech_width].float()
+            per_layer[layer] = (text, text_pool_mask, speech, speech_pool_mask)
     return per_layer, outputs
 
 
@@ -288,6 +347,9 @@ class ContrastiveTrainer(SpeechLlmTrainer):
         if args.encoder_train_mode_augment and args.feature_cache_dir is not None:
             raise ValueError("encoder_train_mode_augment changes the encoder outputs: it excludes a feature cache.")
         self.layers = contrastive_layer_indices(model.config.text_config.num_hidden_layers, args.contrastive_layers)
+        if processor is None:
+            raise ValueError("ContrastiveTrainer needs processing_class (the model's processor): its tokenizer pads.")
+        self.sink_token_id = sink_token_id(processor.tokenizer, args.sink_token, model.config.audio_token_id)
         # The learnable temperature trains with the projector; it is saved beside it in each checkpoint.
         self.temperature = LearnableTemperature(args.temperature) if args.learnable_temperature else None
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
@@ -336,6 +398,7 @@ class ContrastiveTrainer(SpeechLlmTrainer):
             with_ce=self.args.ce_weight > 0,
             mixed=self.args.speech_input == "mixed",
             pad_token_id=self.processing_class.tokenizer.pad_token_id,
+            sink_token_id=self.sink_token_id,
         )
         per_layer = {}
         for layer, (text_states, text_mask, speech_states, speech_mask) in states.items():
@@ -393,4 +456,5 @@ __all__ = [
     "ContrastiveCollator",
     "MixedContrastiveCollator",
     "contrastive_states",
+    "sink_token_id",
 ]
