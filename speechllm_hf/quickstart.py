@@ -47,7 +47,9 @@ class QuickstartConfig:
     Measured on 2 CPU cores (the tiny Whisper-shaped encoder with each projector, 600 / 1000 / 1500 steps): the CNN
     adapter reached dev WER 0.36 and text -> speech R@1 0.30-0.35 (chance 0.0125) in 66 s, the MLP 0.45 and
     0.18-0.24, the Q-Former about 0.54 and 0.11-0.21; more ASR steps overfit the 320 training clips (WER 0.44 with
-    the CNN at 3000 steps) and fewer stage-1 steps leave the tiny LLM a weaker writer (0.50 at 300).
+    the CNN at 3000 steps) and fewer stage-1 steps leave the tiny LLM a weaker writer (0.50 at 300). Those figures
+    predate the contrastive sink token: with its default (`sink_token="bos"`) the CNN run gives WER 0.43 and R@1
+    0.21-0.31 in 69 s (2026-12-05); the steps were not retuned for it.
     """
 
     text_steps: int = 600
