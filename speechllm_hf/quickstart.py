@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 # BLSP's adapter on the tiny Whisper-shaped encoder: of the three projectors it learned best here (see below).
 PROJECTOR_TYPE = "cnn"
+# Training-argument settings of every quickstart stage: on the CPU, quiet, logging every 10 steps, saving nothing.
+CPU_RUN_ARGUMENTS = dict(logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
 PROJECTOR_NAMES = {"qformer": "window Q-Former", "cnn": "CNN adapter", "mlp": "frame-stacking MLP"}
 
 
@@ -129,16 +131,18 @@ def transcribe(model, processor, rows, batch_size: int = 16, max_new_tokens: int
     return [r.response for r in results]
 
 
-def _plot_losses(histories: dict[str, list[dict]], path: str) -> None:
+def plot_losses(histories: dict[str, list[dict]], path: str) -> None:
+    """One panel of training loss per stage (`{stage: trainer.state.log_history}`), saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5))
-    for axis, (stage, history) in zip(axes, histories.items()):
+    figure, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False)
+    for axis, (stage, history) in zip(axes[0], histories.items()):
         points = [(h["step"], h["loss"]) for h in history if "loss" in h]
-        axis.plot(*zip(*points), marker=".")
+        if points:
+            axis.plot(*zip(*points), marker=".")
         axis.set_title(stage)
         axis.set_xlabel("step")
         axis.set_ylabel("training loss")
@@ -170,13 +174,9 @@ def run_quickstart(output_dir: str, config: QuickstartConfig | None = None) -> d
     logger.info("Stage 2: contrastive pretraining of the projector.")
     common = dict(
         per_device_train_batch_size=config.batch_size,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
         seed=config.seed,
-        disable_tqdm=True,
         feature_cache_dir=cache_dir,
+        **CPU_RUN_ARGUMENTS,
     )
     contrastive = ContrastiveTrainer(
         model=model,
@@ -239,7 +239,7 @@ def run_quickstart(output_dir: str, config: QuickstartConfig | None = None) -> d
             for r, b, a in list(zip(references, hypotheses_before, hypotheses_after))[:8]
         ],
     }
-    _plot_losses(
+    plot_losses(
         {
             "stage 1: text LM": stage1,
             "stage 2: contrastive": contrastive.state.log_history,
@@ -297,4 +297,4 @@ Saved projector-only model: {", ".join(results["saved_files"])}.
 """
 
 
-__all__ = ["run_quickstart", "QuickstartConfig", "transcribe"]
+__all__ = ["run_quickstart", "QuickstartConfig", "transcribe", "plot_losses", "CPU_RUN_ARGUMENTS"]

@@ -20,7 +20,6 @@ open-vocabulary set of `speechllm-hf synthesize`.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -37,13 +36,11 @@ from .evaluation.baselines import continuation_cross_entropy, whisper_transcript
 from .evaluation.metrics import corpus_wer, mean_utterance_wer, require_optional
 from .evaluation.retrieval import evaluate_retrieval, plot_similarity
 from .presets import from_preset
-from .quickstart import transcribe
+from .quickstart import CPU_RUN_ARGUMENTS, plot_losses, transcribe
 from .training.arguments import SpeechLlmTrainingArguments
 from .training.continuation import ContinuationCollator, ContinuationTrainer, ContinuationTrainingArguments
 from .training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
 from .training.trainer import SpeechLlmTrainer
-
-logger = logging.getLogger(__name__)
 
 STAGES = ("baseline", "asr", "contrastive", "continuation")
 
@@ -99,12 +96,8 @@ def _training_args(cls, config: RealQuickstartConfig, output_dir: str, stage: st
         warmup_steps=max(1, steps // 30),
         weight_decay=0.0,
         per_device_train_batch_size=config.batch_size,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
         seed=config.seed,
-        disable_tqdm=True,
+        **CPU_RUN_ARGUMENTS,
         **kw,
     )
 
@@ -282,34 +275,14 @@ def run_real_quickstart(output_dir: str, config: RealQuickstartConfig | None = N
             config, output_dir, train_rows, dev_rows, os.path.join(cache_dir, "continuation")
         )
     results["seconds"] = round(time.time() - started, 1)
-    _plot_losses(results, os.path.join(output_dir, "losses.png"))
+    trained = {stage: results[stage]["history"] for stage in STAGES[1:] if stage in results}
+    if trained:
+        plot_losses(trained, os.path.join(output_dir, "losses.png"))
     with open(os.path.join(output_dir, "results.json"), "w") as file:
         json.dump(results, file, indent=2)
     with open(os.path.join(output_dir, "report.md"), "w") as file:
         file.write(_report(results))
     return results
-
-
-def _plot_losses(results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    trained = [stage for stage in STAGES[1:] if stage in results]
-    if not trained:
-        return
-    figure, axes = plt.subplots(1, len(trained), figsize=(5 * len(trained), 3.5), squeeze=False)
-    for axis, stage in zip(axes[0], trained):
-        points = [(h["step"], h["loss"]) for h in results[stage]["history"] if "loss" in h]
-        if points:
-            axis.plot(*zip(*points), marker=".")
-        axis.set_title(stage)
-        axis.set_xlabel("step")
-        axis.set_ylabel("training loss")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def _wer_lines(label: str, wer: dict) -> str:
