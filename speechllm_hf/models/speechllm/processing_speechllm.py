@@ -406,7 +406,7 @@ class SpeechLlmProcessor(ProcessorMixin):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        _make_tokenizer_config_portable(os.path.join(save_directory, "tokenizer_config.json"))
+        make_tokenizer_config_portable(os.path.join(save_directory, "tokenizer_config.json"))
         if not os.path.exists(os.path.join(save_directory, "preprocessor_config.json")):
             # transformers 5.x nests the feature extractor in processor_config.json; 4.x reads this file.
             self.feature_extractor.save_pretrained(save_directory)
@@ -440,7 +440,7 @@ _TOKENIZER_LOAD_OPTIONS = (
 )
 
 
-def _make_tokenizer_config_portable(path: str) -> None:
+def make_tokenizer_config_portable(path: str) -> None:
     """Rewrite what transformers 5.x writes into tokenizer_config.json in the form 4.x reads (5.x reads both):
     the generic fast tokenizer class under its 4.x name and extra special tokens as `additional_special_tokens`;
     the loading options it records (`_TOKENIZER_LOAD_OPTIONS`) are dropped."""
@@ -471,6 +471,7 @@ __all__ = [
     "check_sampling_rate",
     "ensure_pad_token",
     "load_audio_file",
+    "make_tokenizer_config_portable",
     "prepare_waveform",
     "resample",
     "to_mono_float32",
