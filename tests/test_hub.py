@@ -58,7 +58,14 @@ def saved(local_backbones, tmp_path_factory):
     model, processor = trained_tiny(local_backbones)
     model.save_pretrained(folder, processor=processor)
     texts = ["<|user|><audio> hi<|end|><|assistant|>", "<|user|>x <audio><|end|><|assistant|>"]
-    clips = [clip(0.9), clip(0.5, 1)]
+    expected = folder.parent / "expected.npz"
+    save_expected_outputs(expected, model, processor, texts, [clip(0.9), clip(0.5, 1)])
+    return folder, expected, model, processor
+
+
+def save_expected_outputs(path: Path, model, processor, texts: list[str], clips: list[np.ndarray]) -> None:
+    """What the in-process model gives on `texts` + `clips` (processor outputs, logits, greedy generation, the
+    "speech-llm" pipeline's answer), as `scripts/load_without_package.py` compares them in another process."""
     inputs = processor(texts, audio=clips, sampling_rate=16000)
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -67,19 +74,16 @@ def saved(local_backbones, tmp_path_factory):
     pipeline_text = pipeline("speech-llm", model=model, processor=processor)(
         clips[0], sampling_rate=16000, max_new_tokens=8
     )
-    expected = folder.parent / "expected.npz"
     np.savez(
-        expected,
+        path,
         texts=json.dumps(texts),
         num_clips=len(clips),
-        clip0=clips[0],
-        clip1=clips[1],
+        **{f"clip{i}": c for i, c in enumerate(clips)},
         logits=logits.numpy(),
         generated=generated.numpy(),
         pipeline_text=pipeline_text["generated_text"],
         **{k: v.numpy() for k, v in inputs.items()},
     )
-    return folder, expected, model, processor
 
 
 def test_saved_folder_holds_exactly_the_expected_files(saved, tmp_path):

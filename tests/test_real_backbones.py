@@ -12,12 +12,10 @@ import os
 import sys
 
 import datasets
-import numpy as np
 import pytest
 import torch
 from conftest import CPU_TRAINING
-from test_hub import run_loader
-from transformers import pipeline
+from test_hub import run_loader, save_expected_outputs
 
 from speechllm_hf import from_preset
 from speechllm_hf.corpus import load_split
@@ -75,24 +73,7 @@ def test_train_generate_save_and_reload_without_the_package(real_backbones, tmp_
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     assert text.count("<|im_start|>") == 3  # SmolLM2's own ChatML template, with its default system turn
     clips = [load_audio(row["audio"]) for row in load_split("dev")[:2]]
-    inputs = processor([text, text], audio=clips, sampling_rate=16000)
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    pipeline_text = pipeline("speech-llm", model=model, processor=processor)(
-        clips[0], sampling_rate=16000, max_new_tokens=8
-    )
     expected = tmp_path / "expected.npz"
-    np.savez(
-        expected,
-        texts=json.dumps([text, text]),
-        num_clips=len(clips),
-        clip0=clips[0],
-        clip1=clips[1],
-        logits=logits.numpy(),
-        generated=generated.numpy(),
-        pipeline_text=pipeline_text["generated_text"],
-        **{k: v.numpy() for k, v in inputs.items()},
-    )
+    save_expected_outputs(expected, model, processor, [text, text], clips)
     report = run_loader(sys.executable, folder, expected)
     assert report["model_class"].startswith("transformers_modules")
