@@ -24,12 +24,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="tiny: random tiny models, about a CPU minute (default); real: Whisper-base + SmolLM2-135M-Instruct "
         "(Hub ids by default; offline, pass the folders of scripts/offline_backbones.py)",
     )
-    seen = set()
-    for config in (QuickstartConfig(), RealQuickstartConfig()):
+    # One flag per config field; each set of backbones keeps its own defaults, so a flag not given stays unset here.
+    defaults: dict[str, dict] = {}
+    for backbones, config in (("tiny", QuickstartConfig()), ("real", RealQuickstartConfig())):
         for name, value in vars(config).items():
-            if name not in seen:
-                seen.add(name)
-                parser.add_argument(f"--{name}", type=type(value), default=value, help=f"(default {value})")
+            defaults.setdefault(name, {})[backbones] = value
+    for name, by_backbones in defaults.items():
+        kind = type(next(iter(by_backbones.values())))
+        shown = "; ".join(f"{backbones}: {value}" for backbones, value in by_backbones.items())
+        parser.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS, help=f"(default {shown})")
     parser.set_defaults(func=run)
 
 
@@ -37,12 +40,17 @@ def run(args: argparse.Namespace) -> int:
     from speechllm_hf.quickstart import QuickstartConfig, run_quickstart
     from speechllm_hf.real_quickstart import RealQuickstartConfig, run_real_quickstart
 
+    config_class = RealQuickstartConfig if args.backbones == "real" else QuickstartConfig
+    fields = vars(config_class())
+    every_field = set(vars(QuickstartConfig())) | set(vars(RealQuickstartConfig()))
+    foreign = sorted(f"--{name}" for name in every_field - set(fields) if hasattr(args, name))
+    if foreign:
+        raise SystemExit(f"{', '.join(foreign)}: not an option of --backbones {args.backbones} (see quickstart -h).")
+    config = config_class(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
     if args.backbones == "real":
-        config = RealQuickstartConfig(**{name: getattr(args, name) for name in vars(RealQuickstartConfig())})
         results = run_real_quickstart(args.output_dir, config)
         print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2, default=str)[:4000])
     else:
-        config = QuickstartConfig(**{name: getattr(args, name) for name in vars(QuickstartConfig())})
         results = run_quickstart(args.output_dir, config)
         print(json.dumps({k: results[k] for k in ("seconds", "retrieval_R@1", "wer")}, indent=2))
     print(f"report: {args.output_dir}/report.md")
