@@ -87,3 +87,17 @@ def test_continue_writing_chat_prompt_with_a_system_prompt(tmp_path):
     argv = ["continue-writing", "--preset", "tiny", "--manifest", str(tmp_path / "m.jsonl")]
     with pytest.raises(SystemExit, match="--chat_template applies to --prompt chat only"):
         main([*argv, "--output_file", str(tmp_path / "out.jsonl"), "--chat_template", "blsp"])
+
+
+def test_retrieval_pools_after_the_sink_token_it_is_given(tmp_path):
+    """`retrieval --sink_token` reaches the pooling: the published form ('none') and the default ('bos') score the same
+    untrained model differently, as they pool different sequences."""
+    manifest = tmp_path / "dev.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in load_split("dev")[:6]))
+    losses = {}
+    for sink in ("bos", "none"):
+        out = tmp_path / sink
+        argv = ["retrieval", "--preset", "tiny", "--manifest", str(manifest), "--output_dir", str(out)]
+        assert main([*argv, "--layers", "1", "--sink_token", sink]) == 0
+        losses[sink] = json.loads((out / "retrieval.json").read_text())["layer_1"]["loss"]
+    assert losses["bos"] != pytest.approx(losses["none"])

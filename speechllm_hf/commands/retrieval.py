@@ -24,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.1, help="temperature of the reported loss")
     parser.add_argument("--text_column", default="text")
+    parser.add_argument(
+        "--sink_token",
+        default="bos",
+        help="leading token left out of the pooling, as the projector was trained with (train's --sink_token): "
+        "'bos' (the default), 'none' (the published form) or a token",
+    )
     parser.set_defaults(func=run)
 
 
@@ -43,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         temperature=args.temperature,
         text_column=args.text_column,
+        sink_token=args.sink_token,
     )
     write_retrieval_report(
         {**results, "data": {k: report[k] for k in ("total", "kept", "dropped")}}, similarities, args.output_dir
