@@ -150,9 +150,9 @@ def real_backbones() -> Path:
     return folder
 
 
-# Property tests draw the same examples on every run, so that a CI result is reproducible. They found two edge cases
-# in random runs that are still open (issue 16 notes): a 1-sample clip refused as "too short" where the test expects
-# "empty", and a resampled length 2 frames off the test's soxr estimate.
+# Property tests draw the same examples on every run, so that a CI result is reproducible. Random runs found two edge
+# cases: a multi-channel clip shorter than its channel count (now expected either way, see test_bad_input's
+# expected_error), and a resampled length 2 frames off the test's soxr estimate (open; not reproduced since).
 from hypothesis import settings as _hypothesis_settings  # noqa: E402
 
 _hypothesis_settings.register_profile("reproducible", derandomize=True)

@@ -516,7 +516,11 @@ def feature_length(model, samples: int, rate: int) -> int:
 
 def expected_error(model, processor, clips) -> str | None:
     """The documented error a batch of clips raises, if any, from the clips' lengths alone."""
-    for samples, rate, *_ in clips:
+    for samples, rate, _, channels, *_ in clips:
+        if 0 < samples < channels:
+            # A clip shorter than its channel count has no telling orientation: read as `channels` samples of one
+            # channel (the shorter axis is taken as the channels), it is refused as too short, not as empty.
+            return "empty|too short"
         resampled = len(soxr.resample(np.zeros(samples, dtype=np.float32), rate, RATE))
         if resampled == 0:
             return "empty"
