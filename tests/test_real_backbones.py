@@ -77,3 +77,66 @@ def test_train_generate_save_and_reload_without_the_package(real_backbones, tmp_
     save_expected_outputs(expected, model, processor, [text, text], clips)
     report = run_loader(sys.executable, folder, expected)
     assert report["model_class"].startswith("transformers_modules")
+
+
+def test_real_quickstart_runs_every_stage_and_reports_them(real_backbones, tmp_path):
+    """`speechllm-hf quickstart --backbones real` end to end at smoke size: the Whisper baseline, ASR with the feature
+    cache, projector-only save and `AutoModel` reload, contrastive R@1 per layer, continuation writing, the report and
+    its plots. Its figures at goal size are in docs/real_backbones.md."""
+    from speechllm_hf.cli import main
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in load_split("train")[:6]))
+    out = tmp_path / "quickstart"
+    argv = ["quickstart", "--backbones", "real", "--output_dir", str(out), "--train_manifest", str(train)]
+    argv += ["--encoder_name_or_path", str(real_backbones / "whisper-base")]
+    argv += ["--text_name_or_path", str(real_backbones / "smollm2-135m-instruct")]
+    argv += ["--asr_steps", "2", "--contrastive_steps", "2", "--continuation_steps", "2", "--batch_size", "2"]
+    assert main([*argv, "--eval_limit", "2"]) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_clips"] == 6 and results["dev_clips"] == 2
+    assert set(results["whisper_baseline"]["wer"]) == {"papers", "whisper_english"}
+    asr = results["asr"]
+    assert asr["steps"] == 2 and asr["reload_gives_same_transcripts"]
+    assert "projector.safetensors" in asr["saved_files"] and "model.safetensors" not in asr["saved_files"]
+    layers = results["contrastive"]["R@1"]
+    assert set(layers) == {f"layer_{i}" for i in range(0, 31, 5)}  # the paper's 'all': every fifth of SmolLM2's 30
+    assert all(0 <= value["after"] <= 1 for value in layers.values())
+    continuation = results["continuation"]
+    assert continuation["continuations"] == {"train": 6, "dev": 2}
+    ce = continuation["cross_entropy"]
+    assert ce["from_transcript"] < ce["from_speech_untrained"]  # the transcript is the bound
+    report = (out / "report.md").read_text()
+    for section in ("## ASR", "## Contrastive", "## Continuation"):
+        assert section in report
+    assert (out / "losses.png").stat().st_size > 0 and (out / "similarity.png").stat().st_size > 0
+
+
+def test_throughput_benchmark_times_both_paths_and_the_parts_of_a_step(real_backbones):
+    """benchmarks/real_throughput.py at its smallest: both paths ran, the cached one without the encoder, and each
+    step's parts are shares of it (no timing is checked)."""
+    import importlib.util
+    from argparse import Namespace
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "real_throughput.py")
+    sys.path.insert(0, os.path.dirname(path))
+    spec = importlib.util.spec_from_file_location("real_throughput", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    result = benchmark.run(
+        Namespace(
+            preset="whisper-base-smollm2",
+            encoder_name_or_path=str(real_backbones / "whisper-base"),
+            text_name_or_path=str(real_backbones / "smollm2-135m-instruct"),
+            manifest="",
+            steps=1,
+            batch_size=2,
+            threads=torch.get_num_threads(),  # the benchmark sets it process-wide: keep the test process's
+        )
+    )
+    uncached, cached = result["uncached"]["share_of_step"], result["cached"]["share_of_step"]
+    assert set(uncached) == {"read_collate", "encoder", "projector", "language_model", "backward_update"}
+    assert "encoder" not in cached and set(cached) == set(uncached) - {"encoder"}
+    for shares in (uncached, cached):
+        assert all(0 < share < 1 for share in shares.values()) and sum(shares.values()) <= 1.01
