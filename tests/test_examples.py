@@ -80,3 +80,18 @@ def test_accelerate_configs_and_the_eval_data_config_load(monkeypatch, tmp_path)
         ("ST", tmp_path),
         ("SQA", tmp_path),
     ]
+
+
+def test_plain_trainer_example_trains_saves_reloads_and_runs_the_pipeline(tmp_path):
+    """examples/plain_trainer.py: a plain Trainer with the exported collator, LoRA through peft's get_peft_model, a
+    PeftModel reload over the AutoModel base with the same logits, and the pipeline on a raw array."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plain_trainer", REPO / "examples" / "plain_trainer.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--output_dir", str(tmp_path), "--max_steps", "4"])
+    assert result["reload_max_abs_logit_difference"] == 0.0
+    assert isinstance(result["pipeline_answer"], str) and result["pipeline_answer"]
+    adapter = {path.name for path in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= adapter

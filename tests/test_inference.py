@@ -255,6 +255,28 @@ def test_pipeline_equals_the_core(model_and_processor, dev, tmp_path):
         pipe(str(tmp_path / "missing.wav"))
 
 
+def test_pipeline_takes_the_inputs_of_transformers_speech_recognition_pipeline(model_and_processor, dev):
+    """Every input form transformers' automatic-speech-recognition pipeline documents gives the same answer."""
+    model, processor = model_and_processor
+    path = dev[0]["audio"]
+    waveform, rate = sf.read(path, dtype="float32")
+    assert rate == processor.sampling_rate
+    pipe = pipeline("speech-llm", model=model, processor=processor, max_new_tokens=TOKENS)
+    expected = pipe(path)
+    forms = {
+        "bytes": Path(path).read_bytes(),
+        "array": waveform,
+        "tensor": torch.from_numpy(waveform),
+        "raw dict": {"raw": waveform, "sampling_rate": rate},
+        "array dict": {"array": waveform, "sampling_rate": rate, "path": path},
+    }
+    for name, form in forms.items():
+        assert pipe(form) == expected, name
+    assert pipe(waveform, generate_kwargs={"max_new_tokens": TOKENS}) == expected
+    with pytest.raises(ValueError, match="'stride'"):
+        pipe({"raw": waveform, "sampling_rate": rate, "stride": (0, 0)})
+
+
 def audio_requests(audio: list[str]) -> list[dict]:
     return [{"audio": a} for a in audio]
 

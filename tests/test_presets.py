@@ -27,6 +27,16 @@ def test_tiny_preset_is_a_few_megabytes_and_needs_no_download():
     assert model.config.encoder_name_or_path is None and model.config.text_name_or_path is None
 
 
+def test_a_new_model_is_in_eval_mode_and_generates_the_same_answer_each_time():
+    """As `from_pretrained` leaves a model: the Q-Former's dropout is off until a trainer calls `train()`."""
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny", projector_type="qformer")
+    assert not any(module.training for module in model.modules())
+    inputs = processor("<audio>", audio=[torch.randn(16000).numpy()], sampling_rate=16000, return_tensors="pt")
+    answers = [model.generate(**inputs, max_new_tokens=8, do_sample=False).tolist() for _ in range(3)]
+    assert answers[0] == answers[1] == answers[2]
+
+
 def test_local_encoder_and_text_model_weights_are_loaded(local_backbones):
     model, processor = from_preset(
         "tiny", encoder_name_or_path=str(local_backbones / "hubert"), text_name_or_path=str(local_backbones / "llm")

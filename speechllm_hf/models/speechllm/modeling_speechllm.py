@@ -429,7 +429,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
     @classmethod
     def from_backbones(cls, config: SpeechLlmConfig, **kwargs) -> SpeechLlmForConditionalGeneration:
         """A model whose encoder and LLM are loaded from `config.encoder_name_or_path` / `config.text_name_or_path`
-        (a sub-model whose id is None is built randomly from its config) and whose projector is new.
+        (a sub-model whose id is None is built randomly from its config) and whose projector is new, in eval mode.
 
         `kwargs` (dtype, device_map, token, cache_dir, local_files_only, ...) are passed to each backbone's
         `from_pretrained`, except `quantization_config`, which only the LLM gets: quantisation is meant to shrink
@@ -470,7 +470,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             model.encoder.to(device=device, dtype=dtype)
         if language_model is None:
             model.language_model.to(device=device, dtype=dtype)
-        return model
+        return model.eval()  # as from_pretrained leaves a model: dropout off until a trainer calls train()
 
     # ----------------------------------------------------------------------------------------------------------------
     # Projector-only checkpoints. The inherited from_pretrained would leave encoder and LLM randomly initialised

@@ -155,13 +155,15 @@ class SpeechLlmPipeline(Pipeline):
     pipe(["a.wav", "b.wav", "c.wav"], batch_size=8, max_new_tokens=64)  # a list of results, in order
     ```
 
-    An input is a path, encoded bytes, a numpy array with `sampling_rate=`, a `datasets` Audio dict, or a dict with
-    `audio` and optional `instruction` / `sampling_rate`; a plain Python list is read as a list of inputs, so give
-    samples as a numpy array. Call keywords: `instruction`, `sampling_rate`, `user_template` (where the audio and
-    the instruction go in the user turn: the one the model was trained with, e.g. BLSP's `"{instruction}<audio>"`),
-    `stop_at_newline`, `generate_kwargs` (a dict) and any generation setting (`max_new_tokens`, `do_sample`,
-    `temperature`, `top_p`, `num_beams`, ...). Greedy, 128 new tokens by default. An unusable clip raises
-    `ValueError`. Batches (`batch_size=`) are padded by the model's processor, in the order given.
+    An input is what transformers' speech-recognition pipeline takes (a path, encoded bytes, a numpy array or torch
+    tensor of samples, at the model's rate unless `sampling_rate=` says otherwise, a `{"raw" | "array",
+    "sampling_rate"}` dict, a `datasets` Audio dict), or a dict with `audio` and optional `instruction` /
+    `sampling_rate`; a plain Python list is read as a list of inputs, so give samples as an array. Call keywords:
+    `instruction`, `sampling_rate`, `user_template` (where the audio and the instruction go in the user turn: the one
+    the model was trained with, e.g. BLSP's `"{instruction}<audio>"`), `stop_at_newline`, `generate_kwargs` (a
+    dict) and any generation setting (`max_new_tokens`, `do_sample`, `temperature`, `top_p`, `num_beams`, ...).
+    Greedy, 128 new tokens by default. An unusable clip raises `ValueError`. Batches (`batch_size=`) are padded by
+    the model's processor, in the order given.
     """
 
     # The SpeechLlmProcessor carries tokenizer and feature extractor; nothing else is loaded.
@@ -209,6 +211,9 @@ class SpeechLlmPipeline(Pipeline):
             instruction = inputs.get("instruction", instruction)
             sampling_rate = inputs.get("sampling_rate", sampling_rate)
             inputs = inputs["audio"]
+        if sampling_rate is None and hasattr(inputs, "shape"):
+            # As transformers' speech-recognition pipeline reads a bare array or tensor: at the model's own rate.
+            sampling_rate = self.processor.sampling_rate
         waveform = check_clip(self.processor, inputs, sampling_rate)
         return {"prompt": render_prompt(self.processor, instruction, user_template), "waveform": waveform}
 

@@ -113,21 +113,28 @@ def prepare_waveform(audio, sampling_rate: int | None, target_rate: int, index: 
     """Any accepted clip -> a validated float32 mono waveform at `target_rate`.
 
     Accepts an array/tensor/list of samples with `sampling_rate`, a `datasets` Audio dict
-    (`{"array", "sampling_rate"}` or `{"path"}` / `{"bytes"}`), a file path, or raw encoded bytes.
+    (`{"array", "sampling_rate"}` or `{"path"}` / `{"bytes"}`), transformers' speech-recognition pipeline dict
+    (`{"raw", "sampling_rate"}`), a file path, or raw encoded bytes.
     Raises `ValueError` naming the clip (`index`, when given) for a missing or non-positive sampling rate, an empty
     clip or NaN/inf samples. Float samples above full scale (1.0) are kept, with a warning: they are most often integer
     PCM converted to float without scaling, which log-mel features do not normalise away.
     """
     name = "Audio clip" if index is None else f"Audio clip {index}"
     if isinstance(audio, dict):
-        if audio.get("array") is not None:
-            audio, sampling_rate = audio["array"], audio.get("sampling_rate", sampling_rate)
+        if audio.get("stride") is not None:
+            raise ValueError(
+                f"{name}: 'stride' (chunked long-form decoding in transformers' speech-recognition pipeline) is not "
+                "supported; split long audio into clips the encoder accepts."
+            )
+        samples = audio.get("array", audio.get("raw"))  # `datasets`' key, and transformers' ASR pipeline's
+        if samples is not None:
+            audio, sampling_rate = samples, audio.get("sampling_rate", sampling_rate)
         elif audio.get("bytes") is not None:
             audio = audio["bytes"]
         elif audio.get("path") is not None:
             audio = audio["path"]
         else:
-            raise ValueError(f"{name}: a dict needs 'array' + 'sampling_rate', 'bytes' or 'path'.")
+            raise ValueError(f"{name}: a dict needs 'array' (or 'raw') + 'sampling_rate', 'bytes' or 'path'.")
     if isinstance(audio, (bytes, bytearray, memoryview)):  # encoded file data, never samples
         audio, sampling_rate = load_audio_file(io.BytesIO(bytes(audio)))
     elif isinstance(audio, (str, os.PathLike)):
