@@ -108,7 +108,7 @@ def local_backbones(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def compat_python() -> str:
-    """A virtualenv with transformers 4.57 and without speechllm_hf (created once, reused across runs)."""
+    """A virtualenv with transformers 4.57 and peft, without speechllm_hf (created once, reused across runs)."""
     venv = REPO / f".venv-transformers-{COMPAT_TRANSFORMERS}"
     python = venv / "bin" / "python"
     with FileLock(str(venv) + ".lock"):
@@ -128,6 +128,9 @@ def compat_python() -> str:
                 ],
                 check=True,
             )
+        # peft joined the venv later (the adapter tests): venvs made before get it now.
+        if subprocess.run([str(python), "-c", "import peft"], capture_output=True).returncode:
+            subprocess.run([str(python), "-m", "pip", "install", "-q", "peft"], check=True)
     return str(python)
 
 

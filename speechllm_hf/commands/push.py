@@ -1,7 +1,8 @@
 """`speechllm-hf push --model DIR --repo_id ID`: publish a saved model folder (projector, config, code, processor,
 card) to the Hub. Training state in a checkpoint folder (optimizer, scheduler, RNG) is never uploaded, a folder
 holding full backbone weights is refused unless `--allow_full_model` is given, and so is a config.json that names its
-encoder or LLM by a local folder path (nobody else could load it: set the Hub ids first)."""
+encoder or LLM by a local folder path (nobody else could load it): `--encoder_hub_id` / `--text_hub_id` name the Hub
+repos those folders hold, checked against the local weights (`speechllm_hf.publishing`), for the uploaded copy."""
 
 from __future__ import annotations
 
@@ -18,22 +19,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--commit_message", default="Upload speech LLM projector")
     parser.add_argument("--allow_full_model", action="store_true", help="also upload full backbone weights")
+    for part, label, example in (
+        ("encoder", "encoder", "openai/whisper-base"),
+        ("text", "LLM", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ):
+        parser.add_argument(
+            f"--{part}_hub_id",
+            help=f"publish with this Hub id for the {label} (e.g. {example}) in place of the local folder the config "
+            "names; the folder's weights are checked against the repo's first",
+        )
+        parser.add_argument(f"--{part}_hub_revision", help=f"revision of --{part}_hub_id (default: main, pinned)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from speechllm_hf.models.speechllm.hub_speechllm import upload_saved_folder
+    import tempfile
 
-    commit = upload_saved_folder(
-        args.model,
-        args.repo_id,
-        allow_full_model=args.allow_full_model,
-        commit_message=args.commit_message,
-        private=args.private or None,
-        token=args.token,
-        revision=args.revision,
-        create_pr=args.create_pr,
-    )
+    from speechllm_hf.models.speechllm.hub_speechllm import upload_saved_folder
+    from speechllm_hf.publishing import hub_backbones_copy
+
+    with tempfile.TemporaryDirectory() as copy:
+        folder = args.model
+        if args.encoder_hub_id or args.text_hub_id:
+            checks = hub_backbones_copy(
+                args.model,
+                copy,
+                encoder_id=args.encoder_hub_id,
+                encoder_revision=args.encoder_hub_revision,
+                text_id=args.text_hub_id,
+                text_revision=args.text_hub_revision,
+                token=args.token,
+                allow_full_model=args.allow_full_model,
+            )
+            for check in checks:
+                print(check.describe())
+            folder = copy
+        commit = upload_saved_folder(
+            folder,
+            args.repo_id,
+            allow_full_model=args.allow_full_model,
+            commit_message=args.commit_message,
+            private=args.private or None,
+            token=args.token,
+            revision=args.revision,
+            create_pr=args.create_pr,
+        )
     print(f"pushed {args.model} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
     return 0
 

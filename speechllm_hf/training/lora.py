@@ -7,20 +7,18 @@ LORA_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def add_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules=LORA_TARGET_MODULES):
-    """Wrap `model.language_model` with a peft LoRA adapter (in place); only the adapter and the projector train.
+    """Add a LoRA adapter to `model.language_model` (in place, `model.add_adapter`); only the adapter and the
+    projector train.
 
     Returns:
         The model, for chaining.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    if model.has_lora:
-        raise ValueError("The LLM already carries a LoRA adapter.")
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM"
     )
-    model.language_model = get_peft_model(model.language_model, config)
-    model.train(model.training)  # the LLM now has trainable weights: let its dropout follow the model's mode
+    model.add_adapter(config)
     return model
 
 

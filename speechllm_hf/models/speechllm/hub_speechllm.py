@@ -161,8 +161,8 @@ def check_backbone_ids_are_public(folder: str | os.PathLike) -> None:
         if is_local:
             raise ValueError(
                 f"{folder}/config.json names the {field} {name!r}, a local folder: nobody else could load the model "
-                f"from it. Set model.config.{field} (and its revision) to the Hub id of that checkpoint, then save "
-                "and publish again."
+                f"from it. Publish with `speechllm-hf push --{field.split('_')[0]}_hub_id ID`, which checks the "
+                f"folder against that Hub repo, or set model.config.{field} (and its revision) to its Hub id."
             )
 
 

@@ -380,6 +380,16 @@ def load_pretrained_text_model(config: SpeechLlmConfig, **kwargs) -> PreTrainedM
     )
 
 
+def _import_peft(reason: str):
+    """peft, which only adapters need: the Hub copy of this code must load without it."""
+    try:
+        import peft
+        import peft.tuners.tuners_utils
+    except ImportError as err:
+        raise ImportError(f"{reason}: `pip install peft`.") from err
+    return peft
+
+
 class SpeechLlmPreTrainedModel(PreTrainedModel):
     config_class = SpeechLlmConfig
     base_model_prefix = ""
@@ -532,7 +542,46 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
     @property
     def has_lora(self) -> bool:
         """Whether the LLM carries a peft (LoRA) adapter."""
-        return hasattr(self.language_model, "peft_config")
+        # The wrapper's type, not a `peft_config` attribute: peft < 0.19 leaves that on the LLM after merge_and_unload.
+        return type(self.language_model).__module__.split(".")[0] == "peft"
+
+    # transformers' PeftAdapterMixin would inject the adapter into every module whose name matches, Whisper's own
+    # q_proj/v_proj included, and on transformers 5.x it needs peft >= 0.22. An adapter of this model belongs to the
+    # LLM, so these wrap `language_model` with peft's get_peft_model instead: any peft this package supports, and
+    # one saved form (`lora/`, which from_pretrained reads) whichever way the adapter was added.
+
+    def add_adapter(self, adapter_config, adapter_name: str | None = None) -> None:
+        """Add a peft adapter (e.g. `LoraConfig(target_modules=["q_proj", "v_proj"])`) to the LLM, active and
+        trainable; encoder and projector are untouched. `target_modules` name the LLM's own modules.
+
+        Raises:
+            ValueError: if the LLM already carries an adapter (one adapter per model; merge_lora() first).
+        """
+        peft = _import_peft("Adapters of the LLM need peft")
+        if not isinstance(adapter_config, peft.PeftConfig):
+            raise TypeError(f"adapter_config must be a peft config (e.g. LoraConfig); got {type(adapter_config)}.")
+        if self.has_lora:
+            raise ValueError("The LLM already carries an adapter: merge it (model.merge_lora()) before adding one.")
+        adapter_name = adapter_name or "default"
+        self.language_model = peft.get_peft_model(self.language_model, adapter_config, adapter_name=adapter_name)
+        self.train(self.training)  # the LLM has trainable weights now: its dropout follows the model's mode
+
+    def disable_adapters(self) -> None:
+        """Run the LLM without its adapter (until enable_adapters())."""
+        self._enable_adapter_layers(False)
+
+    def enable_adapters(self) -> None:
+        """Run the LLM with its adapter again."""
+        self._enable_adapter_layers(True)
+
+    def _enable_adapter_layers(self, enabled: bool) -> None:
+        # Layer by layer, as transformers' PeftAdapterMixin does: the same call on every peft release supported.
+        if not self.has_lora:
+            raise ValueError("The LLM carries no adapter: add one with model.add_adapter(LoraConfig(...)).")
+        tuner_layer = _import_peft("Adapters of the LLM need peft").tuners.tuners_utils.BaseTunerLayer
+        for module in self.language_model.modules():
+            if isinstance(module, tuner_layer):
+                module.enable_adapters(enabled)
 
     def merge_lora(self) -> None:
         """Merge the LoRA adapter into the LLM weights (e.g. before a full save); the adapter is gone afterwards."""
@@ -623,12 +672,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         adapter_config = resolve_file(name_or_path, f"{LORA_FOLDER}/adapter_config.json", **hub_kwargs)
         if adapter_config is None:
             return
-        try:
-            from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
-        except ImportError as err:
-            raise ImportError(
-                f"{name_or_path} holds a LoRA adapter of the LLM: `pip install peft` to load it."
-            ) from err
+        peft = _import_peft(f"{name_or_path} holds a LoRA adapter of the LLM, which needs peft")
         # Read from safetensors only: peft's own loader falls back to a pickled adapter_model.bin.
         adapter_file = resolve_file(name_or_path, f"{LORA_FOLDER}/adapter_model.safetensors", **hub_kwargs)
         if adapter_file is None:
@@ -638,10 +682,10 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
                 "can run code. Save the adapter again with peft's save_pretrained (safetensors by default)."
             )
         if not self.has_lora:  # when resuming training the adapter exists already and only its weights are read
-            peft_config = PeftConfig.from_pretrained(os.path.dirname(adapter_config))
+            peft_config = peft.PeftConfig.from_pretrained(os.path.dirname(adapter_config))
             peft_config.inference_mode = True  # frozen, as for PeftModel.from_pretrained
-            self.language_model = get_peft_model(self.language_model, peft_config)
-        result = set_peft_model_state_dict(self.language_model, load_file(adapter_file))
+            self.language_model = peft.get_peft_model(self.language_model, peft_config)
+        result = peft.set_peft_model_state_dict(self.language_model, load_file(adapter_file))
         missing = [key for key in result.missing_keys if "lora_" in key]
         if missing or result.unexpected_keys:
             raise ValueError(

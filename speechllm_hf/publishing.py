@@ -1,0 +1,181 @@
+"""Publishing a model trained on local backbone folders under the backbones' Hub ids.
+
+A projector-only save records its encoder and LLM by the paths it loaded them from; `push` refuses local paths,
+since nobody else can load them. `hub_backbones_copy` writes a copy of the saved folder whose config.json names Hub
+ids instead (each pinned to the commit it resolves to), after checking every local weight against that Hub repo:
+same bytes where the Hub's file hashes allow it, else same tensor names and shapes (a folder converted from another
+format or dtype has the shapes but not the bytes, and the model card says so). `speechllm-hf push --encoder_hub_id
+... --text_hub_id ...` publishes through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+from safetensors import safe_open
+
+from .models.speechllm.hub_speechllm import publishable_files
+
+logger = logging.getLogger(__name__)
+
+FIELDS = {"encoder": ("encoder_name_or_path", "encoder_revision"), "text": ("text_name_or_path", "text_revision")}
+
+
+@dataclass
+class BackboneCheck:
+    """How a local backbone folder compares with the Hub repo named for it."""
+
+    part: str  # "encoder" or "text"
+    local_folder: str
+    repo_id: str
+    revision: str  # the commit the repo's revision resolved to
+    same_bytes: bool
+    remote_only_tensors: int  # tensors of the Hub repo the local folder lacks (e.g. tied weights saved once)
+
+    def describe(self) -> str:
+        if self.same_bytes:
+            return f"{self.part}: {self.local_folder} holds the safetensors bytes of {self.repo_id}@{self.revision}"
+        return (
+            f"{self.part}: {self.local_folder} has the tensor names and shapes of {self.repo_id}@{self.revision} but "
+            "other bytes (another dtype, a conversion or fine-tuned weights): the projector was trained on these"
+        )
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _local_shapes(folder: str, files: list[str]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for name in files:
+        with safe_open(os.path.join(folder, name), framework="pt") as weights:
+            shapes.update({key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()})
+    return shapes
+
+
+def check_hub_backbone(
+    part: str, local_folder: str, repo_id: str, revision: str | None = None, token: str | bool | None = None
+) -> BackboneCheck:
+    """Compare the safetensors weights of `local_folder` with those of the Hub repo `repo_id` at `revision`.
+
+    Raises:
+        ValueError: when the local folder holds no safetensors weights, or a local tensor is missing from the Hub
+            repo or has another shape there (the id names another checkpoint).
+    """
+    from huggingface_hub import HfApi
+
+    files = sorted(n for n in os.listdir(local_folder) if n.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"{local_folder} holds no .safetensors weights to check against {repo_id}.")
+    api = HfApi(token=token)
+    info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    hub_hashes = {s.rfilename: s.lfs.sha256 for s in info.siblings if s.lfs is not None}
+    same_bytes = all(hub_hashes.get(name) == _sha256(os.path.join(local_folder, name)) for name in files)
+    remote = api.get_safetensors_metadata(repo_id, revision=info.sha)
+    remote_shapes = {
+        key: tuple(tensor.shape) for meta in remote.files_metadata.values() for key, tensor in meta.tensors.items()
+    }
+    local_shapes = _local_shapes(local_folder, files)
+    wrong = [
+        f"{key} {shape} (Hub: {remote_shapes.get(key, 'missing')})"
+        for key, shape in local_shapes.items()
+        if remote_shapes.get(key) != shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"{local_folder} does not hold the weights of {repo_id}@{info.sha}: {len(wrong)} of its "
+            f"{len(local_shapes)} tensors are missing there or shaped otherwise ({'; '.join(wrong[:3])}). "
+            f"Name the Hub repo the {part} was converted or downloaded from."
+        )
+    return BackboneCheck(
+        part, local_folder, repo_id, info.sha, same_bytes, len(remote_shapes.keys() - local_shapes.keys())
+    )
+
+
+def _card_with_hub_backbones(card: str, old: dict, new: dict, checks: list[BackboneCheck]) -> str:
+    """The saved model card with the old backbone sources replaced by the new ones (as `model_card` writes them)."""
+    for path_field, revision_field in FIELDS.values():
+        before = f"`{old[path_field]}` (revision `{old.get(revision_field) or 'default'}`)"
+        card = card.replace(before, f"`{new[path_field]}` (revision `{new.get(revision_field) or 'default'}`)")
+        card = card.replace(f"`{old[path_field]}`", f"`{new[path_field]}`")  # e.g. the licence line
+    base_models = "".join(
+        f"- {new[path_field]}\n"
+        for path_field, _ in FIELDS.values()
+        if new[path_field] and not os.path.isdir(new[path_field])
+    )
+    card = re.sub(r"\nbase_model:\n(- .*\n)*", "\n", card, count=1)
+    if base_models:
+        card = card.replace("- speech-llm\n---\n", f"- speech-llm\nbase_model:\n{base_models}---\n", 1)
+    differ = [check for check in checks if not check.same_bytes]
+    if differ:
+        note = "".join(f"\n- {check.describe()}." for check in differ)
+        card += f"\n## Training weights\n\nThe projector was trained on local copies of the base models:{note}\n"
+    return card
+
+
+def hub_backbones_copy(
+    folder: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    encoder_id: str | None = None,
+    encoder_revision: str | None = None,
+    text_id: str | None = None,
+    text_revision: str | None = None,
+    token: str | bool | None = None,
+    allow_full_model: bool = False,
+) -> list[BackboneCheck]:
+    """Write to `output_dir` the publishable files of the saved model `folder`, with config.json (and the model card)
+    naming the given Hub ids for its backbones, pinned to the commits their revisions resolve to. `folder` itself is
+    left as it is, so it keeps loading from the local backbones offline.
+
+    Each backbone whose config entry is a local folder is checked with `check_hub_backbone` first; an id given for a
+    backbone the config already names by a Hub id replaces it without a check (there is nothing local to compare).
+
+    Returns:
+        The checks made, one per backbone given.
+    """
+    with open(os.path.join(folder, "config.json")) as file:
+        config = json.load(file)
+    old = dict(config)
+    checks = []
+    given = {"encoder": (encoder_id, encoder_revision), "text": (text_id, text_revision)}
+    for part, (repo_id, revision) in given.items():
+        if repo_id is None:
+            continue
+        path_field, revision_field = FIELDS[part]
+        local = config.get(path_field)
+        if local and os.path.isdir(local):
+            check = check_hub_backbone(part, local, repo_id, revision, token)
+            checks.append(check)
+            logger.info(check.describe())
+            revision = check.revision
+        else:
+            logger.warning("%s: %r is no local folder, so %s is not checked against it.", part, local, repo_id)
+        config[path_field], config[revision_field] = repo_id, revision
+    os.makedirs(output_dir, exist_ok=True)
+    for name in publishable_files(folder, allow_full_model):
+        os.makedirs(os.path.dirname(os.path.join(output_dir, name)), exist_ok=True)
+        shutil.copyfile(os.path.join(folder, name), os.path.join(output_dir, name))
+    with open(os.path.join(output_dir, "config.json"), "w") as file:
+        json.dump(config, file, indent=2, sort_keys=True)
+        file.write("\n")
+    card = os.path.join(output_dir, "README.md")
+    if os.path.exists(card):
+        with open(card) as file:
+            text = file.read()
+        with open(card, "w") as file:
+            file.write(_card_with_hub_backbones(text, old, config, checks))
+    return checks
+
+
+__all__ = ["BackboneCheck", "check_hub_backbone", "hub_backbones_copy"]
