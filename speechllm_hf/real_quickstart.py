@@ -116,7 +116,8 @@ def _train(trainer, minutes: float) -> dict:
     }
 
 
-def _wer(references: list[str], hypotheses: list[str]) -> dict:
+def wer_by_normaliser(references: list[str], hypotheses: list[str]) -> dict:
+    """Mean-utterance and corpus WER under the papers' normalisation and under Whisper's English normaliser."""
     whisper_normalizer = make_normalizer()
     normalised = {
         "papers": (references, hypotheses),  # lower case, no punctuation
@@ -160,7 +161,7 @@ def _asr_stage(config, output_dir, train_set, dev_rows, cache_dir) -> dict:
     references = [row["text"] for row in dev_rows]
     return {
         **training,
-        "wer": _wer(references, hypotheses),
+        "wer": wer_by_normaliser(references, hypotheses),
         "saved_files": sorted(os.listdir(model_dir)),
         "reload_gives_same_transcripts": reloaded_hypotheses == hypotheses,
         "examples": [{"reference": r, "speech_llm": h} for r, h in list(zip(references, hypotheses))[:10]],
@@ -261,7 +262,7 @@ def run_real_quickstart(output_dir: str, config: RealQuickstartConfig | None = N
     if "baseline" in stages:
         hypotheses = whisper_transcripts(config.encoder_name_or_path, dev_rows)
         results["whisper_baseline"] = {
-            "wer": _wer(references, hypotheses),
+            "wer": wer_by_normaliser(references, hypotheses),
             "examples": [{"reference": r, "whisper": h} for r, h in list(zip(references, hypotheses))[:10]],
         }
     if "asr" in stages:
@@ -356,4 +357,4 @@ def _report(results: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_real_quickstart", "RealQuickstartConfig", "TimeBudget", "STAGES"]
+__all__ = ["run_real_quickstart", "RealQuickstartConfig", "TimeBudget", "STAGES", "wer_by_normaliser"]

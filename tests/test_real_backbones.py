@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import datasets
@@ -111,6 +112,19 @@ def test_real_quickstart_runs_every_stage_and_reports_them(real_backbones, tmp_p
     for section in ("## ASR", "## Contrastive", "## Continuation"):
         assert section in report
     assert (out / "losses.png").stat().st_size > 0 and (out / "similarity.png").stat().st_size > 0
+
+    # benchmarks/asr_dev_wer.py, which scores a saved model on another dev set, gives the quickstart's own figure.
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps(row) + "\n" for row in load_split("dev")[:2]))
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "asr_dev_wer.py")
+    scored = subprocess.run(
+        [sys.executable, script, "--model", str(out / "asr-model"), "--dev_manifest", str(dev)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert json.loads(scored.stdout)["speech_llm"] == asr["wer"]
 
 
 def test_throughput_benchmark_times_both_paths_and_the_parts_of_a_step(real_backbones):
