@@ -10,7 +10,6 @@ format or dtype has the shapes but not the bytes, and the model card says so). `
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,6 @@ class BackboneCheck:
     repo_id: str
     revision: str  # the commit the repo's revision resolved to
     same_bytes: bool
-    remote_only_tensors: int  # tensors of the Hub repo the local folder lacks (e.g. tied weights saved once)
 
     def describe(self) -> str:
         if self.same_bytes:
@@ -48,11 +46,10 @@ class BackboneCheck:
 
 
 def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
+    from huggingface_hub.utils.sha import sha_fileobj  # the digest the Hub records for LFS files
+
     with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha_fileobj(file).hex()
 
 
 def _local_shapes(folder: str, files: list[str]) -> dict[str, tuple[int, ...]]:
@@ -80,7 +77,10 @@ def check_hub_backbone(
     api = HfApi(token=token)
     info = api.model_info(repo_id, revision=revision, files_metadata=True)
     hub_hashes = {s.rfilename: s.lfs.sha256 for s in info.siblings if s.lfs is not None}
-    same_bytes = all(hub_hashes.get(name) == _sha256(os.path.join(local_folder, name)) for name in files)
+    if all(hub_hashes.get(name) == _sha256(os.path.join(local_folder, name)) for name in files):
+        return BackboneCheck(part, local_folder, repo_id, info.sha, same_bytes=True)
+    # Other bytes: the local tensors must still be the repo's, by name and shape (tied weights the Hub file holds and
+    # the local one does not are no mismatch).
     remote = api.get_safetensors_metadata(repo_id, revision=info.sha)
     remote_shapes = {
         key: tuple(tensor.shape) for meta in remote.files_metadata.values() for key, tensor in meta.tensors.items()
@@ -97,9 +97,7 @@ def check_hub_backbone(
             f"{len(local_shapes)} tensors are missing there or shaped otherwise ({'; '.join(wrong[:3])}). "
             f"Name the Hub repo the {part} was converted or downloaded from."
         )
-    return BackboneCheck(
-        part, local_folder, repo_id, info.sha, same_bytes, len(remote_shapes.keys() - local_shapes.keys())
-    )
+    return BackboneCheck(part, local_folder, repo_id, info.sha, same_bytes=False)
 
 
 def _card_with_hub_backbones(card: str, old: dict, new: dict, checks: list[BackboneCheck]) -> str:
