@@ -268,6 +268,7 @@ def test_pipeline_takes_the_inputs_of_transformers_speech_recognition_pipeline(m
         "array": waveform,
         "tensor": torch.from_numpy(waveform),
         "raw dict": {"raw": waveform, "sampling_rate": rate},
+        "raw dict with an empty array key": {"raw": waveform, "array": None, "sampling_rate": rate},
         "array dict": {"array": waveform, "sampling_rate": rate, "path": path},
     }
     for name, form in forms.items():

@@ -126,7 +126,8 @@ def prepare_waveform(audio, sampling_rate: int | None, target_rate: int, index: 
                 f"{name}: 'stride' (chunked long-form decoding in transformers' speech-recognition pipeline) is not "
                 "supported; split long audio into clips the encoder accepts."
             )
-        samples = audio.get("array", audio.get("raw"))  # `datasets`' key, and transformers' ASR pipeline's
+        # transformers' ASR pipeline's key, then `datasets`' (a key present with None counts as absent, as there)
+        samples = audio.get("raw") if audio.get("raw") is not None else audio.get("array")
         if samples is not None:
             audio, sampling_rate = samples, audio.get("sampling_rate", sampling_rate)
         elif audio.get("bytes") is not None:
