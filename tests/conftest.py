@@ -1,3 +1,4 @@
+import json
 import os
 
 # Nothing in the test suite may reach the Hub: fail fast instead of waiting on the network.
@@ -74,6 +75,19 @@ def launch_two_cpu_processes(command: list[str], timeout: float = 300) -> subpro
     launch += ["--main_process_port", str(port)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(launch + command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_without_package(
+    python: str, args: list[str], cwd: Path, modules_cache: Path | None = None, timeout: float = 600
+) -> dict:
+    """Runs `python *args` in `cwd` as a user without this checkout would (no PYTHONPATH; the transformers module
+    cache under `cwd/modules` unless `modules_cache` says otherwise), checks that it succeeded and returns the JSON
+    object its last line of output prints."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(modules_cache or cwd / "modules")
+    result = subprocess.run([python, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture

@@ -3,12 +3,11 @@ process on transformers 5.x and in the Hub copy on transformers 4.57 without the
 and reloaded by `AutoModel` with the same logits. (`get_peft_model` over the whole model: tests/test_examples.py.)"""
 
 import json
-import subprocess
 import textwrap
 
 import pytest
 import torch
-from conftest import clip
+from conftest import clip, run_without_package
 from peft import LoraConfig
 from test_hub import trained_tiny
 from transformers import AutoModel
@@ -105,15 +104,7 @@ def test_add_adapter_on_the_hub_copy_with_transformers_4_57(local_backbones, com
     model, processor = trained_tiny(local_backbones)
     model.save_pretrained(tmp_path / "base", processor=processor)
     arguments = [str(tmp_path / "base"), str(tmp_path / "adapted"), json.dumps(TEXTS)]
-    result = subprocess.run(
-        [compat_python, "-c", ADD_ADAPTER_ON_THE_HUB_COPY, *arguments],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_without_package(compat_python, ["-c", ADD_ADAPTER_ON_THE_HUB_COPY, *arguments], tmp_path)
     assert report["transformers"].startswith("4.57")
     assert report["adapted"] and all(name.startswith("language_model.") for name in report["adapted"])
     assert report["difference"] < 1e-5

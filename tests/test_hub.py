@@ -5,7 +5,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import COMPAT_TRANSFORMERS, clip
+from conftest import COMPAT_TRANSFORMERS, clip, run_without_package
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor, pipeline
@@ -163,18 +162,8 @@ def test_round_trip_with_the_package(saved):
 
 
 def run_loader(python: str, folder: Path, expected: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(folder.parent / f"modules-{Path(python).parent.parent.name}")
-    result = subprocess.run(
-        [python, str(LOADER), str(folder), str(expected)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=folder.parent,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    cache = folder.parent / f"modules-{Path(python).parent.parent.name}"
+    report = run_without_package(python, [str(LOADER), str(folder), str(expected)], folder.parent, cache)
     assert report["attn_implementation"] == ["eager", "eager"] and report["dtypes"] == ["torch.bfloat16"]
     return report
 

@@ -3,15 +3,13 @@ sequence starts; refusals; the trainers and the command line; the Hub copy on tr
 
 import contextlib
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import COMPAT_TRANSFORMERS, CPU_TRAINING, clip
+from conftest import COMPAT_TRANSFORMERS, CPU_TRAINING, clip, run_without_package
 from test_trainer import multi_task_rows
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -261,17 +259,7 @@ def test_the_hub_copy_packs_on_transformers_4_57(compat_python, tmp_path):
     model.save_pretrained(tmp_path / "model")
     batch = asr_batch(processor)
     np.savez(tmp_path / "batch.npz", **{name: tensor.numpy() for name, tensor in batch.items()})
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run(
-        [compat_python, str(CHECK_SCRIPT), str(tmp_path / "model"), str(tmp_path / "batch.npz")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    arguments = [str(CHECK_SCRIPT), str(tmp_path / "model"), str(tmp_path / "batch.npz")]
+    report = run_without_package(compat_python, arguments, tmp_path)
     assert report["transformers"] == COMPAT_TRANSFORMERS
     assert set(report["checked"]) == {"eager", "sdpa"}

@@ -3,11 +3,11 @@ the real ChatML tokenizer, its chat template with audio, batching for generation
 transformers 4.57."""
 
 import json
-import subprocess
 import textwrap
 
 import pytest
 import torch
+from conftest import run_without_package
 
 from speechllm_hf import PRESETS, from_preset
 from speechllm_hf.corpus import load_split
@@ -140,11 +140,7 @@ def test_saved_tokenizer_config_is_clean_and_loads_on_transformers_4_57(pair, tm
                           "padding_side": tokenizer.padding_side}))
         """
     )
-    result = subprocess.run(
-        [compat_python, "-c", script, str(tmp_path), text], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    loaded = run_without_package(compat_python, ["-c", script, str(tmp_path), text], tmp_path, timeout=300)
     assert loaded == {
         "ids": expected,
         "audio": processor.audio_token_id,
