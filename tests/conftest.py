@@ -174,3 +174,12 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 
 _hypothesis_settings.register_profile("reproducible", derandomize=True)
 _hypothesis_settings.load_profile("reproducible")
+
+
+def fill_deterministically(module: torch.nn.Module, seed: int) -> None:
+    """Overwrites every parameter with seeded N(0, 0.05^2) values, in name order: the same weights on every torch and
+    transformers version, unlike a random initialisation (tests/fixtures/saved-692bcdd depends on it)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in sorted(module.named_parameters()):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
