@@ -2,16 +2,12 @@
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
-from . import inference  # noqa: F401  (registers the "speech-llm" pipeline task)
-from .models.speechllm import (
-    SpeechLlmCnnProjector,
-    SpeechLlmConfig,
-    SpeechLlmForConditionalGeneration,
-    SpeechLlmMlpProjector,
-    SpeechLlmPreTrainedModel,
-    SpeechLlmProcessor,
-    SpeechLlmQFormerProjector,
+from . import (
+    inference,  # noqa: F401  (registers the "speech-llm" pipeline task)
+    models,
 )
+from .models.speechllm import *  # noqa: F403  (the model classes, listed once in models.speechllm.__all__)
+from .models.speechllm import SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor
 from .presets import PRESETS, from_preset
 
 __version__ = "0.1.0.dev0"
@@ -25,14 +21,4 @@ SpeechLlmConfig.register_for_auto_class()
 SpeechLlmForConditionalGeneration.register_for_auto_class("AutoModel")
 SpeechLlmProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = [
-    "SpeechLlmConfig",
-    "SpeechLlmForConditionalGeneration",
-    "SpeechLlmPreTrainedModel",
-    "SpeechLlmProcessor",
-    "SpeechLlmQFormerProjector",
-    "SpeechLlmCnnProjector",
-    "SpeechLlmMlpProjector",
-    "from_preset",
-    "PRESETS",
-]
+__all__ = [*models.speechllm.__all__, "from_preset", "PRESETS"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,20 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from speechllm_hf.data.alignment import align_dataset
 
-    try:
-        _, report = align_dataset(
-            args.manifest,
-            args.output_dir,
-            aligner=args.aligner,
-            num_proc=args.num_proc,
-            audio_column=args.audio_column,
-            text_column=args.text_column,
-        )
-    except (ValueError, OSError) as err:  # a bad manifest or an aligner that cannot be loaded: a message
-        print(f"speechllm-hf align: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2))
-    return 0
+    from .common import flag_values, print_report
+
+    flags = flag_values(args, "aligner", "num_proc", "audio_column", "text_column")
+    return print_report("align", lambda: align_dataset(args.manifest, args.output_dir, **flags)[1])
 
 
 __all__ = ["register", "run"]

@@ -12,15 +12,13 @@ import argparse
 import json
 import sys
 
-from .generate import add_batching_arguments, add_model_arguments, load_model_and_processor
+from .generate import add_batch_parser, load_model_and_processor
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "evaluate", help="score a model on a YAML data config (ASR WER, ST BLEU/chrF, spoken-QA EM/F1)"
+    parser = add_batch_parser(
+        subparsers, "evaluate", help="score a model on a YAML data config (ASR WER, ST BLEU/chrF, spoken-QA EM/F1)"
     )
-    add_model_arguments(parser)
-    add_batching_arguments(parser)
     parser.add_argument("--data_config", required=True, help="YAML with a DATA list (format: docs/evaluation.md)")
     parser.add_argument("--results_dir", required=True, help="gets <cfg>_preds.json and <cfg>_scores.json")
     parser.add_argument("--max_new_tokens", type=int, default=200)

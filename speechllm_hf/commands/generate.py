@@ -38,9 +38,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds sampling and a preset's random weights")
 
 
-def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
+def add_batch_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """The parser of a command that loads a model and answers many rows in duration-sorted batches."""
+    parser = subparsers.add_parser(name, help=help)
+    add_model_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--sort_window", type=int, help="rows sorted by duration together (default 32 batches)")
+    return parser
 
 
 def load_model_and_processor(args: argparse.Namespace):
@@ -64,11 +68,11 @@ def generation_settings(args: argparse.Namespace) -> dict:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "generate", help="answer a jsonl of audio (+ instruction) rows in batches; resumable, BLSP's format"
+    parser = add_batch_parser(
+        subparsers,
+        "generate",
+        help="answer a jsonl of audio (+ instruction) rows in batches; resumable, BLSP's format",
     )
-    add_model_arguments(parser)
-    add_batching_arguments(parser)
     parser.add_argument("--input_file", required=True, help="jsonl: audio, optional instruction and reference")
     parser.add_argument("--output_file", required=True, help="jsonl: the input rows with `response` added")
     parser.add_argument("--instruction", help="instruction for rows without one (default: the ASR instruction)")
@@ -185,7 +189,7 @@ __all__ = [
     "register",
     "run",
     "add_model_arguments",
-    "add_batching_arguments",
+    "add_batch_parser",
     "load_model_and_processor",
     "generation_settings",
 ]

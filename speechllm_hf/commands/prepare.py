@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,26 +35,27 @@ def run(args: argparse.Namespace) -> int:
     from speechllm_hf.data import prepare_dataset
     from speechllm_hf.data.tasks import PromptConfig
 
-    try:
-        _, report = prepare_dataset(
-            args.manifest,
-            args.output_dir,
-            num_proc=args.num_proc,
-            min_duration=args.min_duration,
-            max_duration=args.max_duration,
-            target_rate=args.target_rate,
-            audio_column=args.audio_column,
-            text_column=args.text_column,
-            task=args.task,
-            prompts=PromptConfig.from_file(args.prompt_file),
-            require_text=args.require_text,
-            audio_token=args.audio_token,
-        )
-    except (ValueError, OSError) as err:  # a bad manifest, task, prompt file or bounds: a message, not a traceback
-        print(f"speechllm-hf prepare: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2))
-    return 0
+    from .common import flag_values, print_report
+
+    flags = flag_values(
+        args,
+        "num_proc",
+        "min_duration",
+        "max_duration",
+        "target_rate",
+        "audio_column",
+        "text_column",
+        "task",
+        "require_text",
+        "audio_token",
+    )
+
+    def prepare() -> dict:
+        # The prompt file is read inside the reported call: a bad one is a message, as a bad manifest is.
+        prompts = PromptConfig.from_file(args.prompt_file)
+        return prepare_dataset(args.manifest, args.output_dir, prompts=prompts, **flags)[1]
+
+    return print_report("prepare", prepare)
 
 
 __all__ = ["register", "run"]

@@ -37,20 +37,13 @@ def run(args: argparse.Namespace) -> int:
     from speechllm_hf.data.prepare import prepare_dataset
     from speechllm_hf.evaluation.retrieval import evaluate_retrieval, write_retrieval_report
 
+    from .common import flag_values
     from .model_arguments import load_model_and_processor
 
     model, processor = load_model_and_processor(args)
     rows, report = prepare_dataset(args.manifest, text_column=args.text_column)
-    results, similarities = evaluate_retrieval(
-        model,
-        processor,
-        rows,
-        layers=args.layers,
-        batch_size=args.batch_size,
-        temperature=args.temperature,
-        text_column=args.text_column,
-        sink_token=args.sink_token,
-    )
+    flags = flag_values(args, "layers", "batch_size", "temperature", "text_column", "sink_token")
+    results, similarities = evaluate_retrieval(model, processor, rows, **flags)
     write_retrieval_report(
         {**results, "data": {k: report[k] for k in ("total", "kept", "dropped")}}, similarities, args.output_dir
     )

@@ -140,6 +140,8 @@ def load_rows(
     from speechllm_hf.data.tasks import TASKS, PromptConfig
     from speechllm_hf.training.arguments import MIXED_TASK
 
+    from .common import flag_values
+
     prompts = PromptConfig.from_file(args.prompt_file)
     parts = []
     for item in manifests:
@@ -155,12 +157,8 @@ def load_rows(
                 rows = rows.add_column(column, [value] * len(rows))
         rows, report = prepare_dataset(
             rows,
-            num_proc=data_args.num_proc,
-            min_duration=data_args.min_duration,
-            max_duration=data_args.max_duration,
-            audio_column=args.audio_column,
-            text_column=args.text_column,
-            task=args.task,
+            **flag_values(data_args, "num_proc", "min_duration", "max_duration"),
+            **flag_values(args, "audio_column", "text_column", "task"),
             prompts=prompts,
             # Mixed speech-text rows are not task rows: their word times are checked when they are aligned.
             require_text=args.task != MIXED_TASK,

@@ -194,30 +194,14 @@ def sacrebleu_score(
 
 
 def bleu(references: Sequence[str] | Sequence[Sequence[str]], predictions: Sequence[str], **kwargs) -> float:
-    """sacrebleu corpus BLEU, 0-100; `sacrebleu_score("bleu", ...)` also gives the signature.
-
-    Args:
-        references: One reference per prediction, or one list of references per prediction.
-        predictions: The system outputs, detokenised.
-        **kwargs: Options of `sacrebleu.metrics.BLEU`.
-
-    Returns:
-        The corpus BLEU score.
-    """
+    """sacrebleu corpus BLEU, 0-100: `sacrebleu_score("bleu", ...)` (which documents the arguments) without the
+    signature."""
     return sacrebleu_score("bleu", references, predictions, **kwargs).score
 
 
 def chrf(references: Sequence[str] | Sequence[Sequence[str]], predictions: Sequence[str], **kwargs) -> float:
-    """sacrebleu corpus chrF, 0-100 (chrF++ with `word_order=2`); `sacrebleu_score("chrf", ...)` adds the signature.
-
-    Args:
-        references: One reference per prediction, or one list of references per prediction.
-        predictions: The system outputs, detokenised.
-        **kwargs: Options of `sacrebleu.metrics.CHRF`.
-
-    Returns:
-        The corpus chrF score.
-    """
+    """sacrebleu corpus chrF, 0-100 (chrF++ with `word_order=2`): `sacrebleu_score("chrf", ...)` (which documents the
+    arguments) without the signature."""
     return sacrebleu_score("chrf", references, predictions, **kwargs).score
 
 
