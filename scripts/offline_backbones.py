@@ -229,7 +229,7 @@ def _whisper_generation_config(tokenizer, ct2_config: dict):
 def _clean_tokenizer_files(folder: Path, tokenizer_class: str) -> None:
     """What a processor save does to tokenizer_config.json (no load-time options such as `local_files_only`), with
     the checkpoint's own tokenizer class, which transformers 4.57 knows, in place of 5.x's unified backend class."""
-    from speechllm_hf.models.speechllm.processing_speechllm import make_tokenizer_config_portable
+    from speechllm_hf.models.speechllm.compat_speechllm import make_tokenizer_config_portable
 
     path = folder / "tokenizer_config.json"
     make_tokenizer_config_portable(str(path))

@@ -34,8 +34,7 @@ from transformers import (
 )
 
 from .models.speechllm import SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor
-from .models.speechllm.hub_speechllm import hub_commit
-from .models.speechllm.modeling_speechllm import from_pretrained_or_explain
+from .models.speechllm.loading_speechllm import from_pretrained_or_explain, hub_commit
 from .models.speechllm.processing_speechllm import add_special_token, ensure_pad_token
 
 ENCODER_TYPES = ("hubert", "whisper", "wav2vec2")
@@ -129,7 +128,6 @@ _CONFIG_KEYS = (
     "encoder_train_mode_augment",
     "audio_token",
     "ignore_index",
-    "padding_free",
 )
 
 
@@ -254,7 +252,7 @@ def from_preset(
         chat_template: a Jinja chat template instead of the LLM's own (or, for a base LLM without one, BLSP's).
         system_prompt: a system message inserted into conversations without one, instead of the preset's.
         **kwargs: `freeze_encoder`, `freeze_text_model`, `encoder_train_mode_augment`, `audio_token`,
-            `ignore_index`, `padding_free` go to `SpeechLlmConfig`; anything else (dtype, device_map,
+            `ignore_index` go to `SpeechLlmConfig`; anything else (dtype, device_map,
             attn_implementation, quantization_config, token, cache_dir, local_files_only, ...) to
             `SpeechLlmForConditionalGeneration.from_backbones`, which honours dtype and attn_implementation for
             random tiny backbones too and gives quantization_config to the LLM only.

@@ -1,4 +1,8 @@
-"""Publishing a model trained on local backbone folders under the backbones' Hub ids.
+"""Publishing a saved folder (a trained model or a Trainer output) to the Hub: only the files that belong there,
+and, for a model trained on local backbone folders, under the backbones' Hub ids.
+
+`upload_saved_folder` uploads a saved folder without its training state (optimizer, scheduler, RNG state,
+completeness marker), refusing backbone weights unless allowed.
 
 A projector-only save records its encoder and LLM by the paths it loaded them from; `push` refuses local paths,
 since nobody else can load them. `hub_backbones_copy` writes a copy of the saved folder whose config.json names Hub
@@ -19,11 +23,55 @@ from dataclasses import dataclass
 
 from safetensors import safe_open
 
-from .models.speechllm.hub_speechllm import publishable_files
+from .models.speechllm.hub_speechllm import upload_folder
+from .models.speechllm.loading_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_NAME
+from .training.checkpoints import COMPLETE_MARKER
 
 logger = logging.getLogger(__name__)
 
 FIELDS = {"encoder": ("encoder_name_or_path", "encoder_revision"), "text": ("text_name_or_path", "text_revision")}
+
+
+# What a Trainer checkpoint holds besides the model: never published.
+TRAINING_STATE = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+    COMPLETE_MARKER,
+)
+
+
+def publishable_files(folder: str | os.PathLike, allow_full_model: bool = False) -> list[str]:
+    """The files of a saved model folder that belong on the Hub (training state such as optimizer.pt is left out).
+
+    Raises:
+        ValueError: when the folder is no saved speech LLM, or holds backbone weights and `allow_full_model` is off.
+    """
+    names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    if os.path.isdir(os.path.join(folder, LORA_FOLDER)):
+        names += sorted(f"{LORA_FOLDER}/{n}" for n in os.listdir(os.path.join(folder, LORA_FOLDER)))
+    full = [n for n in names if n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))]
+    if "config.json" not in names or not (PROJECTOR_WEIGHTS_NAME in names or full):
+        raise ValueError(f"{folder} is not a saved speech LLM (no config.json with projector or model weights).")
+    if full and not allow_full_model:
+        raise ValueError(
+            f"{folder} holds full model weights ({', '.join(full)}), encoder and LLM included. Publish a "
+            "projector-only save instead, or allow full weights explicitly (allow_full_model / --allow_full_model)."
+        )
+    return [n for n in names if n not in TRAINING_STATE and not (n.startswith("rng_state") and n.endswith(".pth"))]
+
+
+def upload_saved_folder(folder: str | os.PathLike, repo_id: str, *, allow_full_model: bool = False, **hub_kwargs):
+    """Create `repo_id` if needed and upload the publishable files of `folder` in one commit.
+
+    `hub_kwargs` (commit_message, commit_description, private, token, revision, create_pr) go to the upload.
+
+    Raises:
+        ValueError: see `publishable_files` and `check_backbone_ids_are_public`.
+    """
+    return upload_folder(folder, repo_id, publishable_files(folder, allow_full_model), **hub_kwargs)
 
 
 @dataclass
@@ -176,4 +224,11 @@ def hub_backbones_copy(
     return checks
 
 
-__all__ = ["BackboneCheck", "check_hub_backbone", "hub_backbones_copy"]
+__all__ = [
+    "TRAINING_STATE",
+    "BackboneCheck",
+    "check_hub_backbone",
+    "hub_backbones_copy",
+    "publishable_files",
+    "upload_saved_folder",
+]

@@ -32,6 +32,10 @@ MODEL_FILES = {
     "processing_speechllm.py",
     "hub_speechllm.py",
     "pipeline_speechllm.py",
+    "audio_speechllm.py",
+    "compat_speechllm.py",
+    "loading_speechllm.py",
+    "modules_speechllm.py",
 }
 
 
@@ -516,3 +520,22 @@ def test_an_asked_backbone_revision_is_loaded_and_recorded(cached_hub):
     assert model.config.text_revision == LLM_NEXT_COMMIT
     for name, tensor in next_weights.items():
         assert torch.equal(model.language_model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("major", ["5.x", "4.57"])
+def test_save_push_and_load_take_every_argument_of_pretrained_models(major, local_backbones, tmp_path, request):
+    """The Hub copy's save_pretrained / push_to_hub / from_pretrained accept every parameter of PreTrainedModel's, by
+    keyword and by position, on both transformers majors, and a save with all of PreTrainedModel's defaults is still
+    projector-only (the Trainer passes some of them)."""
+    python = sys.executable if major == "5.x" else request.getfixturevalue("compat_python")
+    model, processor = trained_tiny(local_backbones)
+    model.save_pretrained(tmp_path / "model", processor=processor)
+    script = Path(__file__).parent / "scripts" / "standard_signatures.py"
+    report = run_without_package(python, [str(script), str(tmp_path / "model")], tmp_path)
+    assert report["transformers"].startswith("4.57" if major == "4.57" else "5.")
+    assert {"is_main_process", "state_dict", "push_to_hub", "max_shard_size", "variant", "token"} <= set(
+        report["bound"]["save_pretrained"]
+    )
+    for files in (report["saved"], *report["uploaded"]):
+        assert [n for n in files if n.endswith(".safetensors")] == ["projector.safetensors"], files
+    assert len(report["uploaded"]) == 1  # one commit

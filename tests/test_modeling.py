@@ -288,7 +288,7 @@ def test_bfloat16_is_honoured_by_from_preset_and_from_pretrained(tmp_path):
 
 def test_quantization_goes_to_the_llm_only_and_whisper_stays_off_flash_attention(local_backbones, monkeypatch):
     """Flash attention and quantisation need a GPU; what each backbone's from_pretrained is asked is checked here."""
-    from speechllm_hf.models.speechllm import modeling_speechllm
+    from speechllm_hf.models.speechllm import loading_speechllm
 
     class Stop(Exception):
         pass
@@ -301,7 +301,7 @@ def test_quantization_goes_to_the_llm_only_and_whisper_stays_off_flash_attention
             raise Stop
         return loader(name_or_path, **kwargs)
 
-    monkeypatch.setattr(modeling_speechllm, "from_pretrained_or_explain", record)
+    monkeypatch.setattr(loading_speechllm, "from_pretrained_or_explain", record)
     config = tiny("whisper", "cnn")[0].config.to_dict()
     config.update(
         encoder_name_or_path=str(local_backbones / "whisper"), text_name_or_path=str(local_backbones / "llm")
@@ -314,3 +314,21 @@ def test_quantization_goes_to_the_llm_only_and_whisper_stays_off_flash_attention
     assert "quantization_config" not in asked["encoder"] and asked["encoder"]["attn_implementation"] == "sdpa"
     assert asked["text model"]["quantization_config"] is quantization
     assert asked["text model"]["attn_implementation"] == "flash_attention_2"
+
+
+@pytest.mark.parametrize("projector_type", ["qformer", "cnn", "mlp"])
+def test_init_weights_initialises_the_projector(projector_type):
+    """`_init_weights` is what transformers calls on tensors a checkpoint lacks: it must give the projector's own
+    layers a real initialisation (zeros would leave a projector that passes nothing on)."""
+    model, _ = from_preset("tiny", projector_type=projector_type)
+    with torch.no_grad():
+        for parameter in model.projector.parameters():
+            parameter.zero_()
+    model.projector.apply(model._init_weights)
+    for name, module in model.projector.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            assert bool((module.weight == 1).all()) and bool((module.bias == 0).all()), name
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
+            assert float(module.weight.std()) > 0, name
+    if projector_type == "qformer":
+        assert 0.01 < float(model.projector.query.std()) < 0.03

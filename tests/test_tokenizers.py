@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent(
 def tokenizer_report(python: str, tmp_path: Path) -> dict:
     package = tmp_path / "speechllm_hub"
     package.mkdir(exist_ok=True)
-    for name in ("configuration_speechllm.py", "processing_speechllm.py"):
+    for name in ("configuration_speechllm.py", "processing_speechllm.py", "audio_speechllm.py", "compat_speechllm.py"):
         shutil.copy(HUB_FOLDER / name, package / name)
     (package / "__init__.py").write_text("")
     result = subprocess.run(

@@ -70,7 +70,7 @@ def load_text_model(preset: str | None, text_model: str | None, dtype: str = "au
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from speechllm_hf.models.speechllm.modeling_speechllm import from_pretrained_or_explain
+    from speechllm_hf.models.speechllm.loading_speechllm import from_pretrained_or_explain
     from speechllm_hf.presets import PRESETS, from_preset
 
     if text_model is None:

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import tempfile
 
-    from speechllm_hf.models.speechllm.hub_speechllm import upload_saved_folder
+    from speechllm_hf.publishing import upload_saved_folder
     from speechllm_hf.publishing import hub_backbones_copy
 
     with tempfile.TemporaryDirectory() as copy:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from speechllm_hf.models.speechllm.processing_speechllm import (
+from speechllm_hf.models.speechllm.audio_speechllm import (
     check_sampling_rate,
     load_audio_file,
     prepare_waveform,

@@ -16,7 +16,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from speechllm_hf.models.speechllm.processing_speechllm import resample
+from speechllm_hf.models.speechllm.audio_speechllm import resample
 
 from .audio import audio_duration, decode_audio
 from .manifest import SAVED_DATASET_DIR, cast_audio_undecoded, load_manifest

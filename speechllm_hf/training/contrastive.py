@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 
 from ..data.collator import SpeechLlmCollator, pad_token_lists
 from ..data.mixed_collator import MixedSpeechTextCollator
-from ..models.speechllm.modeling_speechllm import lengths_to_mask
+from ..models.speechllm.modules_speechllm import lengths_to_mask
 from .arguments import SpeechLlmTrainingArguments
 from .contrastive_losses import (
     LearnableTemperature,

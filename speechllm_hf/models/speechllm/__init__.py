@@ -1,11 +1,10 @@
 """The Hub-shipped model folder: config, model and processor (see docs/concepts.md)."""
 
 from .configuration_speechllm import SpeechLlmConfig
-from .modeling_speechllm import (
+from .modeling_speechllm import SpeechLlmForConditionalGeneration, SpeechLlmPreTrainedModel
+from .modules_speechllm import (
     SpeechLlmCnnProjector,
-    SpeechLlmForConditionalGeneration,
     SpeechLlmMlpProjector,
-    SpeechLlmPreTrainedModel,
     SpeechLlmQFormerProjector,
     SpeechLlmWhisperEncoder,
 )

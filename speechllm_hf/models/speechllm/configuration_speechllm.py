@@ -9,6 +9,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
 
 PROJECTOR_TYPES = ("qformer", "cnn", "mlp")
+PIPELINE_TASK = "speech-llm"  # the task name of the pipeline a saved folder ships (pipeline_speechllm.py)
 
 # Defaults per projector type; `projector_config` overrides any of them.
 PROJECTOR_DEFAULTS: dict[str, dict] = {
@@ -106,14 +107,6 @@ class SpeechLlmConfig(PretrainedConfig):
             need nothing).
         ignore_index (`int`, *optional*, defaults to -100):
             Label value that the loss ignores; audio positions always get it.
-        padding_free (`bool`, *optional*, defaults to `False`):
-            Padding-free packing: a forward without a key/value cache (training, scoring) packs the valid positions
-            of its padded rows into one row, with position ids restarting at 0 for each sequence, so that the LLM
-            computes nothing on padding. Loss and gradients are those of the padded batch; logits and hidden states
-            come back as `(batch, length, ...)`, zero at padded positions. The LLM's attention must be
-            `flash_attention_2/3/4` (varlen kernels) or `sdpa`/`eager`/`flex_attention` (a block-diagonal causal
-            mask). Generation forwards run padded whatever this says; the `padding_free` argument of `forward`
-            overrides it.
 
     Example:
 
@@ -146,7 +139,6 @@ class SpeechLlmConfig(PretrainedConfig):
         encoder_train_mode_augment: bool = False,
         encoder_length_spec: list | None = None,
         ignore_index: int = -100,
-        padding_free: bool = False,
         **kwargs,
     ):
         if projector_type not in PROJECTOR_TYPES:
@@ -172,7 +164,6 @@ class SpeechLlmConfig(PretrainedConfig):
         self.encoder_train_mode_augment = encoder_train_mode_augment
         self.encoder_length_spec = encoder_length_spec
         self.ignore_index = ignore_index
-        self.padding_free = padding_free
         super().__init__(**kwargs)
 
     @property

@@ -1,5 +1,5 @@
-"""Projector-only checkpoints: which tensors are the projector, how they are read back, the model card, and the
-pipeline entry a saved folder carries.
+"""Publishing a saved model: the check that its backbones can be loaded by others, the upload, the model card and
+the pipeline entry a saved folder carries.
 
 This file ships to the Hub with `trust_remote_code`: it imports only torch, transformers (and what transformers
 itself requires: safetensors, huggingface_hub) and the standard library.
@@ -13,14 +13,12 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import load_file
-from transformers.utils import cached_file
-from transformers.utils.hub import extract_commit_hash
+
+from .configuration_speechllm import PIPELINE_TASK
+from .loading_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
-PROJECTOR_WEIGHTS_NAME = "projector.safetensors"
-PIPELINE_TASK = "speech-llm"
 PIPELINE_FILE = "pipeline_speechllm.py"
 # The config.json entry that lets `pipeline(model=...)` find the shipped pipeline class without a task name.
 CUSTOM_PIPELINES = {
@@ -31,112 +29,6 @@ CUSTOM_PIPELINES = {
         "type": "multimodal",
     }
 }
-LORA_FOLDER = "lora"  # a peft adapter of the LLM, saved beside the projector when fine-tuned with LoRA
-# Arguments of `from_pretrained` that locate files of this repo (the projector checkpoint itself).
-HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
-# Arguments passed on to the backbones' own `from_pretrained`. `revision` is not among them: each backbone is
-# loaded at the revision its config records.
-BACKBONE_KWARGS = (
-    "dtype",
-    "torch_dtype",
-    "device_map",
-    "max_memory",
-    "offload_folder",
-    "attn_implementation",
-    "quantization_config",
-    "low_cpu_mem_usage",
-    "token",
-    "cache_dir",
-    "local_files_only",
-    "force_download",
-    "proxies",
-)
-
-
-def is_projector_key(name: str) -> bool:
-    """The one predicate deciding which weights are trained, saved and published: the projector's."""
-    return name.startswith("projector.")
-
-
-def resolve_file(name_or_path: str | os.PathLike, filename: str, **hub_kwargs) -> str | None:
-    """Path of `filename` in a local folder or Hub repo (downloaded if needed); None when it is not there."""
-    return cached_file(
-        name_or_path,
-        filename,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **hub_kwargs,
-    )
-
-
-def hub_commit(name_or_path: str | os.PathLike, **hub_kwargs) -> str | None:
-    """The commit that a Hub id's default branch points to now (None for a local folder or an unknown repo).
-
-    Read from where its config.json lands in the Hub cache (`snapshots/<commit>/`), which transformers 4.57 and 5.x
-    both lay out; 5.x no longer records the commit on the loaded config (`_commit_hash`).
-    """
-    if os.path.isdir(name_or_path):
-        return None
-    return extract_commit_hash(resolve_file(name_or_path, "config.json", **hub_kwargs), None)
-
-
-def load_projector_state(path: str, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Read `projector.safetensors` (never a pickle) and check it against the model's projector tensors.
-
-    Raises:
-        ValueError: naming missing or unexpected keys, or tensors whose shape the config does not build.
-    """
-    state = load_file(path)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not match the projector this config builds. Missing keys: {missing or 'none'}; "
-            f"unexpected keys: {unexpected or 'none'}. Was the checkpoint saved with another projector_type or "
-            "projector_config? Load it with the config.json saved beside it."
-        )
-    wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if state[k].shape != v.shape
-    ]
-    if wrong:
-        raise ValueError(
-            f"{path} holds projector tensors of other shapes than the config builds ({'; '.join(wrong)}). "
-            "The config (projector settings, encoder or LLM width) and the weights must come from the same save."
-        )
-    return state
-
-
-# What a Trainer checkpoint holds besides the model: never published.
-_TRAINING_STATE = (
-    "optimizer.pt",
-    "scheduler.pt",
-    "scaler.pt",
-    "trainer_state.json",
-    "training_args.bin",
-    "checkpoint_complete.json",  # speechllm_hf.training.checkpoints.COMPLETE_MARKER (this file cannot import it)
-)
-
-
-def publishable_files(folder: str | os.PathLike, allow_full_model: bool = False) -> list[str]:
-    """The files of a saved model folder that belong on the Hub (training state such as optimizer.pt is left out).
-
-    Raises:
-        ValueError: when the folder is no saved speech LLM, or holds backbone weights and `allow_full_model` is off.
-    """
-    names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
-    if os.path.isdir(os.path.join(folder, LORA_FOLDER)):
-        names += sorted(f"{LORA_FOLDER}/{n}" for n in os.listdir(os.path.join(folder, LORA_FOLDER)))
-    full = [n for n in names if n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))]
-    if "config.json" not in names or not (PROJECTOR_WEIGHTS_NAME in names or full):
-        raise ValueError(f"{folder} is not a saved speech LLM (no config.json with projector or model weights).")
-    if full and not allow_full_model:
-        raise ValueError(
-            f"{folder} holds full model weights ({', '.join(full)}), encoder and LLM included. Publish a "
-            "projector-only save instead, or allow full weights explicitly (allow_full_model / --allow_full_model)."
-        )
-    return [n for n in names if n not in _TRAINING_STATE and not (n.startswith("rng_state") and n.endswith(".pth"))]
 
 
 def check_backbone_ids_are_public(folder: str | os.PathLike) -> None:
@@ -166,31 +58,36 @@ def check_backbone_ids_are_public(folder: str | os.PathLike) -> None:
             )
 
 
-def upload_saved_folder(
+def upload_folder(
     folder: str | os.PathLike,
     repo_id: str,
+    names: list[str],
     *,
-    allow_full_model: bool = False,
     commit_message: str = "Upload speech LLM projector",
+    commit_description: str | None = None,
     private: bool | None = None,
     token: str | bool | None = None,
     revision: str | None = None,
     create_pr: bool = False,
 ):
-    """Create `repo_id` if needed and upload the publishable files of `folder` in one commit.
+    """Create `repo_id` if needed and upload the files `names` of `folder` (a saved speech LLM) in one commit.
 
     Raises:
-        ValueError: see `publishable_files` and `check_backbone_ids_are_public`.
+        ValueError: see `check_backbone_ids_are_public`.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    names = publishable_files(folder, allow_full_model)
     check_backbone_ids_are_public(folder)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     operations = [CommitOperationAdd(name, os.path.join(folder, name)) for name in names]
     return api.create_commit(
-        repo_id=repo_id, operations=operations, commit_message=commit_message, revision=revision, create_pr=create_pr
+        repo_id=repo_id,
+        operations=operations,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
     )
 
 
@@ -308,22 +205,12 @@ def forget_pipeline_entry(config) -> None:
 
 
 __all__ = [
-    "PROJECTOR_WEIGHTS_NAME",
-    "PIPELINE_TASK",
-    "PIPELINE_FILE",
     "CUSTOM_PIPELINES",
-    "ship_pipeline",
-    "forget_pipeline_entry",
-    "HUB_KWARGS",
-    "BACKBONE_KWARGS",
-    "LORA_FOLDER",
-    "is_projector_key",
-    "resolve_file",
-    "hub_commit",
-    "load_projector_state",
-    "model_card",
-    "count_parameters",
-    "publishable_files",
+    "PIPELINE_FILE",
     "check_backbone_ids_are_public",
-    "upload_saved_folder",
+    "count_parameters",
+    "forget_pipeline_entry",
+    "model_card",
+    "ship_pipeline",
+    "upload_folder",
 ]

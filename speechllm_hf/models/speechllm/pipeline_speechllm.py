@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from transformers import GenerationConfig, Pipeline
 
-from .hub_speechllm import PIPELINE_TASK
-from .processing_speechllm import prepare_waveform
+from .audio_speechllm import prepare_waveform
+from .configuration_speechllm import PIPELINE_TASK
 
 # The user turn and ASR instruction of speechllm_hf's packaged prompt file (prompts/default.yaml; a test keeps them
 # equal): what a request without an instruction is asked, where the prompt file cannot be read.
