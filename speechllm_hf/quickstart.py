@@ -25,7 +25,7 @@ from transformers import AutoModel, AutoProcessor, DataCollatorForLanguageModeli
 from .corpus import load_split
 from .data.tasks import PromptConfig, build_turns
 from .evaluation.metrics import corpus_wer, mean_utterance_wer, require_optional
-from .evaluation.retrieval import evaluate_retrieval, plot_similarity
+from .evaluation.retrieval import evaluate_retrieval, import_pyplot, plot_similarity
 from .inference.generate import generate_responses
 from .presets import from_preset
 from .training.arguments import SpeechLlmTrainingArguments
@@ -62,6 +62,20 @@ class QuickstartConfig:
     asr_learning_rate: float = 3e-3
     batch_size: int = 16
     seed: int = 0
+
+
+def stage_arguments(arguments_class, config, output_dir: str, stage: str, **kwargs):
+    """The training arguments of one projector-training stage: a folder `stage` in `output_dir`, the config's
+    `{stage}_steps`, `{stage}_learning_rate`, batch size and seed, on the CPU; `kwargs`: the stage's other settings."""
+    return arguments_class(
+        output_dir=os.path.join(output_dir, stage),
+        max_steps=getattr(config, f"{stage}_steps"),
+        learning_rate=getattr(config, f"{stage}_learning_rate"),
+        per_device_train_batch_size=config.batch_size,
+        seed=config.seed,
+        **CPU_RUN_ARGUMENTS,
+        **kwargs,
+    )
 
 
 def _stage1_text_tuning(model, processor, rows, config: QuickstartConfig, output_dir: str) -> list[dict]:
@@ -131,13 +145,18 @@ def transcribe(model, processor, rows, batch_size: int = 16, max_new_tokens: int
     return [r.response for r in results]
 
 
+def transcribe_reloaded(model, processor, model_dir: str, rows) -> list[str]:
+    """Save the model into `model_dir` (projector-only where its backbones are referenced), reload it as a user
+    would, through `AutoModel` / `AutoProcessor` with `trust_remote_code`, and transcribe `rows` with the reload."""
+    model.save_pretrained(model_dir, processor=processor)
+    reloaded = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
+    reloaded_processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    return transcribe(reloaded, reloaded_processor, rows)
+
+
 def plot_losses(histories: dict[str, list[dict]], path: str) -> None:
     """One panel of training loss per stage (`{stage: trainer.state.log_history}`), saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = import_pyplot()
     figure, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False)
     for axis, (stage, history) in zip(axes[0], histories.items()):
         points = [(h["step"], h["loss"]) for h in history if "loss" in h]
@@ -154,8 +173,9 @@ def plot_losses(histories: dict[str, list[dict]], path: str) -> None:
 def run_quickstart(output_dir: str, config: QuickstartConfig | None = None) -> dict:
     """Run the whole pipeline into `output_dir`; returns the figures written to `report.md` / `results.json`."""
     config = config or QuickstartConfig()
-    # WER needs jiwer (the `eval` extra): say so now rather than after minutes of training.
+    # WER needs jiwer (the `eval` extra) and the plots matplotlib (`plots`): say so now, not after minutes of training.
     require_optional("jiwer")
+    import_pyplot()
     os.makedirs(output_dir, exist_ok=True)
     started = time.time()
     torch.manual_seed(config.seed)
@@ -172,46 +192,20 @@ def run_quickstart(output_dir: str, config: QuickstartConfig | None = None) -> d
     hypotheses_before = transcribe(model, processor, dev_rows)
 
     logger.info("Stage 2: contrastive pretraining of the projector.")
-    common = dict(
-        per_device_train_batch_size=config.batch_size,
-        seed=config.seed,
-        feature_cache_dir=cache_dir,
-        **CPU_RUN_ARGUMENTS,
+    args = stage_arguments(
+        ContrastiveTrainingArguments, config, output_dir, "contrastive", feature_cache_dir=cache_dir
     )
-    contrastive = ContrastiveTrainer(
-        model=model,
-        args=ContrastiveTrainingArguments(
-            output_dir=os.path.join(output_dir, "contrastive"),
-            max_steps=config.contrastive_steps,
-            learning_rate=config.contrastive_learning_rate,
-            contrastive_layers="all",
-            **common,
-        ),
-        train_dataset=train_set,
-        processing_class=processor,
-    )
+    contrastive = ContrastiveTrainer(model=model, args=args, train_dataset=train_set, processing_class=processor)
     contrastive.train()
     retrieval_after, similarities = evaluate_retrieval(model, processor, dev_rows, layers="all")
 
     logger.info("Stage 3: ASR fine-tuning of the projector.")
-    asr = SpeechLlmTrainer(
-        model=model,
-        args=SpeechLlmTrainingArguments(
-            output_dir=os.path.join(output_dir, "asr"),
-            max_steps=config.asr_steps,
-            learning_rate=config.asr_learning_rate,
-            **common,
-        ),
-        train_dataset=train_set,
-        processing_class=processor,
-    )
+    args = stage_arguments(SpeechLlmTrainingArguments, config, output_dir, "asr", feature_cache_dir=cache_dir)
+    asr = SpeechLlmTrainer(model=model, args=args, train_dataset=train_set, processing_class=processor)
     asr.train()
 
     model_dir = os.path.join(output_dir, "model")
-    model.save_pretrained(model_dir, processor=processor)
-    reloaded = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
-    reloaded_processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    hypotheses_after = transcribe(reloaded, reloaded_processor, dev_rows)
+    hypotheses_after = transcribe_reloaded(model, processor, model_dir, dev_rows)
 
     references = [row["text"] for row in dev_rows]
     last = max(int(k.split("_")[1]) for k in retrieval_after)
@@ -297,4 +291,12 @@ Saved projector-only model: {", ".join(results["saved_files"])}.
 """
 
 
-__all__ = ["run_quickstart", "QuickstartConfig", "transcribe", "plot_losses", "CPU_RUN_ARGUMENTS"]
+__all__ = [
+    "run_quickstart",
+    "QuickstartConfig",
+    "stage_arguments",
+    "transcribe",
+    "transcribe_reloaded",
+    "plot_losses",
+    "CPU_RUN_ARGUMENTS",
+]

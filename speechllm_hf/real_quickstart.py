@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import datasets
 import torch
-from transformers import AutoModel, AutoProcessor, TrainerCallback
+from transformers import TrainerCallback
 
 from .corpus import load_split
 from .data.continuation import make_normalizer, write_continuations
@@ -34,9 +34,9 @@ from .data.manifest import load_manifest
 from .data.tasks import PromptConfig
 from .evaluation.baselines import continuation_cross_entropy, whisper_transcripts
 from .evaluation.metrics import corpus_wer, mean_utterance_wer, require_optional
-from .evaluation.retrieval import evaluate_retrieval, plot_similarity
+from .evaluation.retrieval import evaluate_retrieval, import_pyplot, plot_similarity
 from .presets import from_preset
-from .quickstart import CPU_RUN_ARGUMENTS, plot_losses, transcribe
+from .quickstart import plot_losses, stage_arguments, transcribe, transcribe_reloaded
 from .training.arguments import SpeechLlmTrainingArguments
 from .training.continuation import ContinuationCollator, ContinuationTrainer, ContinuationTrainingArguments
 from .training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
@@ -89,18 +89,11 @@ def _rows(manifest: str, split: str) -> list[dict]:
     return load_split(split) if not manifest else [dict(row) for row in load_manifest(manifest)]
 
 
-def _training_args(cls, config: RealQuickstartConfig, output_dir: str, stage: str, steps: int, lr: float, **kw):
-    return cls(
-        output_dir=os.path.join(output_dir, stage),
-        max_steps=steps,
-        learning_rate=lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 30),
-        weight_decay=0.0,
-        per_device_train_batch_size=config.batch_size,
-        seed=config.seed,
-        **CPU_RUN_ARGUMENTS,
-        **kw,
+def _training_args(cls, config: RealQuickstartConfig, output_dir: str, stage: str, **kw):
+    """`stage_arguments` with the real run's schedule: cosine, warm-up over the first 1/30 of the steps, no decay."""
+    warmup_steps = max(1, getattr(config, f"{stage}_steps") // 30)
+    return stage_arguments(
+        cls, config, output_dir, stage, lr_scheduler_type="cosine", warmup_steps=warmup_steps, weight_decay=0.0, **kw
     )
 
 
@@ -148,18 +141,13 @@ def _asr_stage(config, output_dir, train_set, dev_rows, cache_dir) -> dict:
         config,
         output_dir,
         "asr",
-        config.asr_steps,
-        config.asr_learning_rate,
         feature_cache_dir=cache_dir,
     )
     trainer = SpeechLlmTrainer(model=model, args=args, train_dataset=train_set, processing_class=processor)
     training = _train(trainer, config.asr_minutes)
     hypotheses = transcribe(model, processor, dev_rows)
     model_dir = os.path.join(output_dir, "asr-model")
-    model.save_pretrained(model_dir, processor=processor)
-    reloaded = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
-    reloaded_processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    reloaded_hypotheses = transcribe(reloaded, reloaded_processor, dev_rows)
+    reloaded_hypotheses = transcribe_reloaded(model, processor, model_dir, dev_rows)
     references = [row["text"] for row in dev_rows]
     return {
         **training,
@@ -173,16 +161,7 @@ def _asr_stage(config, output_dir, train_set, dev_rows, cache_dir) -> dict:
 def _contrastive_stage(config, output_dir, train_set, dev_rows, cache_dir) -> dict:
     model, processor = _new_model(config)
     before, _ = evaluate_retrieval(model, processor, dev_rows, layers="all")
-    args = _training_args(
-        ContrastiveTrainingArguments,
-        config,
-        output_dir,
-        "contrastive",
-        config.contrastive_steps,
-        config.contrastive_learning_rate,
-        feature_cache_dir=cache_dir,
-        contrastive_layers="all",
-    )
+    args = _training_args(ContrastiveTrainingArguments, config, output_dir, "contrastive", feature_cache_dir=cache_dir)
     trainer = ContrastiveTrainer(model=model, args=args, train_dataset=train_set, processing_class=processor)
     training = _train(trainer, config.contrastive_minutes)
     after, similarities = evaluate_retrieval(model, processor, dev_rows, layers="all")
@@ -220,8 +199,6 @@ def _continuation_stage(config, output_dir, train_rows, dev_rows, cache_dir) -> 
         config,
         output_dir,
         "continuation",
-        config.continuation_steps,
-        config.continuation_learning_rate,
         feature_cache_dir=cache_dir,
     )
     collator = ContinuationCollator(processor, with_teacher=True, prompts=PromptConfig.from_file(args.prompt_file))
@@ -251,7 +228,9 @@ def run_real_quickstart(output_dir: str, config: RealQuickstartConfig | None = N
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"Unknown stages {unknown}; choose from {', '.join(STAGES)}.")
+    # WER needs jiwer (the `eval` extra) and the plots matplotlib (`plots`): say so before any training.
     require_optional("jiwer")
+    import_pyplot()
     os.makedirs(output_dir, exist_ok=True)
     train_rows, dev_rows = _rows(config.train_manifest, "train"), _rows(config.dev_manifest, "dev")
     if config.eval_limit:

@@ -1,6 +1,7 @@
 """`speechllm-hf evaluate`: YAML data configs, split slicing, duration filters, grouping and scores."""
 
 import json
+import sys
 from pathlib import Path
 
 import datasets
@@ -272,3 +273,19 @@ def test_datapath_variables_must_be_set(tmp_path, monkeypatch):
     monkeypatch.setenv("EVAL_DATA", "data")
     (parsed,) = load_data_config(path).entries
     assert parsed.datapath == tmp_path / "data" / "x"  # relative to the YAML's folder
+
+
+def test_retrieval_without_matplotlib_names_the_plots_extra_before_loading_a_model(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    argv = [
+        "retrieval",
+        "--preset",
+        "tiny",
+        "--manifest",
+        str(manifest_path("dev")),
+        "--output_dir",
+        str(tmp_path / "r"),
+    ]
+    with pytest.raises(ImportError, match=r"speechllm_hf\[plots\]"):
+        main(argv)
+    assert not (tmp_path / "r").exists()

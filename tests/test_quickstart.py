@@ -38,10 +38,12 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
         assert (out / image).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_quickstart_without_jiwer_fails_before_training(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "jiwer", None)  # makes `import jiwer` raise ImportError
-    with pytest.raises(ImportError, match=r"speechllm_hf\[eval\]"):
-        main(["quickstart", "--output_dir", str(tmp_path / "q")])
+@pytest.mark.parametrize("module, extra", [("jiwer", "eval"), ("matplotlib", "plots")])
+@pytest.mark.parametrize("backbones", ["tiny", "real"])
+def test_quickstart_without_an_extra_fails_before_training(module, extra, backbones, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import <module>` raise ImportError
+    with pytest.raises(ImportError, match=rf"speechllm_hf\[{extra}\]"):
+        main(["quickstart", "--backbones", backbones, "--output_dir", str(tmp_path / "q")])
     assert not (tmp_path / "q").exists()  # nothing was trained or written
 
 

@@ -35,11 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from speechllm_hf.data.prepare import prepare_dataset
-    from speechllm_hf.evaluation.retrieval import evaluate_retrieval, write_retrieval_report
+    from speechllm_hf.evaluation.retrieval import evaluate_retrieval, import_pyplot, write_retrieval_report
 
     from .common import flag_values
     from .model_arguments import load_model_and_processor
 
+    import_pyplot()  # the heat maps need the `plots` extra: say so before the model is loaded
     model, processor = load_model_and_processor(args)
     rows, report = prepare_dataset(args.manifest, text_column=args.text_column)
     flags = flag_values(args, "layers", "batch_size", "temperature", "text_column", "sink_token")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 
 import torch
 from tqdm.auto import tqdm
@@ -74,15 +75,21 @@ def evaluate_retrieval(
     return results, similarities
 
 
-def plot_similarity(matrix: torch.Tensor, path: str | os.PathLike, title: str = "") -> None:
-    """Save a heat map of a (text x speech) similarity matrix as PNG; the diagonal holds the true pairs."""
+def import_pyplot() -> types.ModuleType:
+    """matplotlib's pyplot on its file-only Agg backend, or an ImportError that says how to install it."""
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError as err:
-        raise ImportError("Heat maps need matplotlib: `pip install matplotlib`.") from err
+        raise ImportError('Plots need matplotlib: pip install "speechllm_hf[plots]"') from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_similarity(matrix: torch.Tensor, path: str | os.PathLike, title: str = "") -> None:
+    """Save a heat map of a (text x speech) similarity matrix as PNG; the diagonal holds the true pairs."""
+    plt = import_pyplot()
     figure, axis = plt.subplots(figsize=(6, 5))
     image = axis.imshow(matrix.float().numpy(), cmap="viridis", aspect="auto")
     axis.set_xlabel("speech clip")
@@ -107,4 +114,4 @@ def write_retrieval_report(results: dict, similarities: dict, output_dir: str | 
     return paths
 
 
-__all__ = ["evaluate_retrieval", "plot_similarity", "write_retrieval_report"]
+__all__ = ["evaluate_retrieval", "import_pyplot", "plot_similarity", "write_retrieval_report"]
