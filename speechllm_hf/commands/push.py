@@ -35,8 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import tempfile
 
-    from speechllm_hf.publishing import upload_saved_folder
-    from speechllm_hf.publishing import hub_backbones_copy
+    from speechllm_hf.publishing import hub_backbones_copy, upload_saved_folder
 
     with tempfile.TemporaryDirectory() as copy:
         folder = args.model

@@ -133,4 +133,15 @@ def audio_duration(source: AudioSource, sampling_rate: int | None = None) -> flo
     return (max(shape) if len(shape) == 2 else shape[0] if shape else 0) / sampling_rate
 
 
-__all__ = ["AudioSource", "load_audio", "decode_audio", "audio_duration", "unwrap_audio"]
+def audio_ref(audio: Any) -> str:
+    """How a dropped (or failed) row's audio is named in a report file: its path, or what in-memory data it was."""
+    if isinstance(audio, (str, os.PathLike)):
+        return os.fspath(audio)
+    if isinstance(audio, dict):
+        if audio.get("path"):
+            return str(audio["path"])
+        return "<bytes>" if audio.get("bytes") is not None and audio.get("array") is None else "<array>"
+    return "<bytes>" if isinstance(audio, (bytes, bytearray, memoryview)) else "<array>"
+
+
+__all__ = ["AudioSource", "load_audio", "decode_audio", "audio_duration", "unwrap_audio", "audio_ref"]

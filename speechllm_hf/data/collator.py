@@ -12,8 +12,7 @@ import logging
 import numpy as np
 import torch
 
-from .audio import load_audio
-from .prepare import audio_ref
+from .audio import audio_ref, load_audio
 from .tasks import TASKS, PromptConfig, build_turns, fields_holding
 
 logger = logging.getLogger(__name__)

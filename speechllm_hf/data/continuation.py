@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from .manifest import load_manifest
+from .prompts import continuation_request
 from .tasks import RESPONSE_COLUMNS, PromptConfig
 
 logger = logging.getLogger(__name__)
@@ -55,15 +56,6 @@ OUTPUT_COLUMN_NOTE = (
     "continuation task reads 'continuation' and the KL teacher needs the transcript."
 )
 _TOKENIZE_CHUNK = 4096
-
-
-def continuation_request(instruction: str, transcript: str) -> str:
-    """What the text LLM is asked, in every prompt style: the instruction, a space, the transcript (as BLSP wrote it).
-
-    The KL teacher of `ContinuationTrainer` reads the same request, so that it sees the text the continuation was
-    written from.
-    """
-    return f"{instruction} {transcript}"
 
 
 @dataclass
@@ -417,7 +409,6 @@ __all__ = [
     "PROMPT_STYLES",
     "DROP_REASONS",
     "OUTPUT_COLUMN",
-    "continuation_request",
     "ContinuationPrompt",
     "make_normalizer",
     "report_path",

@@ -18,7 +18,7 @@ import numpy as np
 
 from speechllm_hf.models.speechllm.audio_speechllm import resample
 
-from .audio import audio_duration, decode_audio
+from .audio import audio_duration, audio_ref, decode_audio
 from .manifest import SAVED_DATASET_DIR, cast_audio_undecoded, load_manifest
 from .tasks import TASKS, PromptConfig, check_columns, check_task, fields_holding, missing_fields, response_column
 
@@ -45,17 +45,6 @@ REPORT_FILE = "report.json"
 DROPPED_FILE = "dropped.jsonl"
 # Per-row outputs of the validation map; removed from the kept rows.
 _REASON, _DETAIL, _REF = "__prepare_reason", "__prepare_detail", "__prepare_audio_ref"
-
-
-def audio_ref(audio: Any) -> str:
-    """How a dropped (or failed) row's audio is named in a report file: its path, or what in-memory data it was."""
-    if isinstance(audio, (str, os.PathLike)):
-        return os.fspath(audio)
-    if isinstance(audio, dict):
-        if audio.get("path"):
-            return str(audio["path"])
-        return "<bytes>" if audio.get("bytes") is not None and audio.get("array") is None else "<array>"
-    return "<bytes>" if isinstance(audio, (bytes, bytearray, memoryview)) else "<array>"
 
 
 def _duration_reason(duration: float, min_duration: float, max_duration: float) -> str | None:
@@ -312,4 +301,4 @@ def load_prepared(output_dir: str | os.PathLike) -> datasets.Dataset:
     return cast_audio_undecoded(datasets.load_from_disk(str(path)))
 
 
-__all__ = ["REASONS", "REPORT_FILE", "audio_ref", "describe_source", "prepare_dataset", "load_prepared"]
+__all__ = ["REASONS", "REPORT_FILE", "describe_source", "prepare_dataset", "load_prepared"]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.collator import IGNORE_INDEX, SpeechLlmCollator, pad_token_lists
-from ..data.continuation import continuation_request
+from ..data.prompts import continuation_request
 from ..data.tasks import PromptConfig, build_turns
 from .arguments import WARMUP_RATIO_FIELD, SpeechLlmTrainingArguments
 from .trainer import SpeechLlmTrainer
