@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from speechllm_hf.data.synthetic import (
+from speechllm_hf.preprocessing.synthetic import (
     PEAK,
     PITCH_RANGE,
     SAMPLE_RATE,

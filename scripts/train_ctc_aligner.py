@@ -47,7 +47,7 @@ from transformers import (
 
 from speechllm_hf.corpus import load_split
 from speechllm_hf.data import load_audio
-from speechllm_hf.data.synthetic import PITCH_RANGE, SPEED_RANGE, VOICES, espeak, peak_normalise
+from speechllm_hf.preprocessing.synthetic import PITCH_RANGE, SPEED_RANGE, VOICES, espeak, peak_normalise
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_corpus import trim_silence  # noqa: E402

@@ -29,12 +29,12 @@ import torch
 from transformers import TrainerCallback
 
 from .corpus import load_split
-from .data.continuation import make_normalizer, write_continuations
 from .data.manifest import load_manifest
 from .data.tasks import PromptConfig
 from .evaluation.baselines import continuation_cross_entropy, whisper_transcripts
 from .evaluation.metrics import corpus_wer, mean_utterance_wer, require_optional
 from .evaluation.retrieval import evaluate_retrieval, import_pyplot, plot_similarity
+from .preprocessing.continuation import make_normalizer, write_continuations
 from .presets import from_preset
 from .quickstart import plot_losses, stage_arguments, transcribe, transcribe_reloaded
 from .training.arguments import SpeechLlmTrainingArguments

@@ -1,4 +1,5 @@
-"""CTC forced alignment (speechllm_hf.data.alignment), mixed speech-text spans (data.mixed), `speechllm-hf align`."""
+"""CTC forced alignment (speechllm_hf.preprocessing.alignment), mixed speech-text spans (data.mixed), `speechllm-hf
+align`."""
 
 from __future__ import annotations
 
@@ -14,21 +15,21 @@ import torch
 
 from speechllm_hf.cli import main
 from speechllm_hf.corpus import load_split
-from speechllm_hf.data import load_prepared
-from speechllm_hf.data.alignment import (
-    align_words,
-    ctc_viterbi,
-    frame_seconds,
-    load_aligner,
-    normalize_word,
-    token_spans,
-)
 from speechllm_hf.data.mixed import (
     cut_audio,
     mixed_labels,
     mixed_sequence_layout,
     sample_spans,
     strip_punctuation,
+)
+from speechllm_hf.preprocessing import load_prepared
+from speechllm_hf.preprocessing.alignment import (
+    align_words,
+    ctc_viterbi,
+    frame_seconds,
+    load_aligner,
+    normalize_word,
+    token_spans,
 )
 
 # Stated tolerances of the bundled aligner on the 12 `aligned` clips (seconds; measured figures are printed by

@@ -24,10 +24,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HubertModel, PreTrainedTokenizerFast, pipeline
 
 from speechllm_hf import SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
-from speechllm_hf.data import audio_duration, load_audio, prepare_dataset
+from speechllm_hf.data import audio_duration, load_audio
 from speechllm_hf.data.collator import IGNORE_INDEX, SpeechLlmCollator, special_token_strings
 from speechllm_hf.inference import generate_responses
 from speechllm_hf.inference.generate import default_prompts
+from speechllm_hf.preprocessing import prepare_dataset
 from speechllm_hf.presets import TINY_CHAT_TEMPLATE, tiny_encoder_config, tiny_text_config
 
 RATE = 16000

@@ -13,7 +13,8 @@ from speechllm_hf import from_preset
 from speechllm_hf.cli import main
 from speechllm_hf.corpus import load_split
 from speechllm_hf.data.collator import IGNORE_INDEX
-from speechllm_hf.data.continuation import (
+from speechllm_hf.data.tasks import PromptConfig
+from speechllm_hf.preprocessing.continuation import (
     BLSP_CONTINUATION_INSTRUCTION,
     ContinuationPrompt,
     make_normalizer,
@@ -21,7 +22,6 @@ from speechllm_hf.data.continuation import (
     report_path,
     write_continuations,
 )
-from speechllm_hf.data.tasks import PromptConfig
 from speechllm_hf.presets import BLSP_CHAT_TEMPLATE
 from speechllm_hf.training.continuation import (
     ContinuationCollator,

@@ -15,9 +15,9 @@ import pytest
 import soundfile as sf
 
 from speechllm_hf.cli import main
-from speechllm_hf.data import synthetic
-from speechllm_hf.data.openvocab import build_openvocab_corpus
-from speechllm_hf.data.wordnet_sentences import DATA_FILES, WORDNET_DIR, load_wordnet_sentences, to_reference
+from speechllm_hf.preprocessing import synthetic
+from speechllm_hf.preprocessing.openvocab import build_openvocab_corpus
+from speechllm_hf.preprocessing.wordnet_sentences import DATA_FILES, WORDNET_DIR, load_wordnet_sentences, to_reference
 
 needs_espeak = pytest.mark.skipif(
     shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng)"

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from speechllm_hf import SpeechLlmForConditionalGeneration, from_preset
 from speechllm_hf.corpus import load_split
 from speechllm_hf.data.collator import IGNORE_INDEX, SpeechLlmCollator
-from speechllm_hf.data.prepare import prepare_dataset
 from speechllm_hf.data.sampler import LengthGroupedSampler
+from speechllm_hf.preprocessing import prepare_dataset
 from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
 from speechllm_hf.training.lora import LORA_TARGET_MODULES, add_lora
 from speechllm_hf.training.trainer import SpeechLlmTrainer, logits_to_keep, subset

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from speechllm_hf.data.alignment import align_dataset
+    from speechllm_hf.preprocessing.alignment import align_dataset
 
     from .common import flag_values, print_report
 

@@ -1,7 +1,7 @@
 """`speechllm-hf continue-writing --preset NAME | --text_name_or_path ID --manifest M --output_file F.jsonl`.
 
 The text LLM continues every transcript (BLSP's continuation data, arXiv 2309.00916; see
-`speechllm_hf.data.continuation`). Runs on one process as is, or split over several under `accelerate launch
+`speechllm_hf.preprocessing.continuation`). Runs on one process as is, or split over several under `accelerate launch
 --num_processes N -m speechllm_hf continue-writing ...`; rerunning the same command after an interruption resumes it.
 Several CPU processes: `accelerate launch --multi_gpu --num_processes N -m speechllm_hf continue-writing --cpu ...`
 (`accelerate launch --cpu` starts a single process; `--cpu` here puts the processes in one gloo group).
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from speechllm_hf.data.continuation import (
+    from speechllm_hf.preprocessing.continuation import (
         BLSP_CONTINUATION_INSTRUCTION,
         OUTPUT_COLUMN,
         make_normalizer,

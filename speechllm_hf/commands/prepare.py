@@ -32,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from speechllm_hf.data import prepare_dataset
     from speechllm_hf.data.tasks import PromptConfig
+    from speechllm_hf.preprocessing import prepare_dataset
 
     from .common import flag_values, print_report
 

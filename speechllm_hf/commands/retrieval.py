@@ -34,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from speechllm_hf.data.prepare import prepare_dataset
     from speechllm_hf.evaluation.retrieval import evaluate_retrieval, import_pyplot, write_retrieval_report
+    from speechllm_hf.preprocessing import prepare_dataset
 
     from .common import flag_values
     from .model_arguments import load_model_and_processor

@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from speechllm_hf.data.openvocab import build_openvocab_corpus
-    from speechllm_hf.data.wordnet_sentences import WORDNET_DIR
+    from speechllm_hf.preprocessing.openvocab import build_openvocab_corpus
+    from speechllm_hf.preprocessing.wordnet_sentences import WORDNET_DIR
 
     start = time.perf_counter()
     try:

@@ -136,8 +136,8 @@ def load_rows(
     import datasets
 
     from speechllm_hf.data.manifest import load_manifest
-    from speechllm_hf.data.prepare import prepare_dataset
     from speechllm_hf.data.tasks import TASKS, PromptConfig
+    from speechllm_hf.preprocessing import prepare_dataset
     from speechllm_hf.training.arguments import MIXED_TASK
 
     from .common import flag_values

@@ -1,9 +1,9 @@
-"""Data pipeline: audio loading, manifests -> `datasets`, offline validation with a report, length-grouped sampling."""
+"""Batch-time data code: audio loading, manifests -> `datasets`, collators, length-grouped sampling (the offline tools
+are in `speechllm_hf.preprocessing`)."""
 
 from .audio import audio_duration, decode_audio, load_audio
 from .collator import IGNORE_INDEX, SpeechLlmCollator
 from .manifest import cast_audio_undecoded, load_manifest
-from .prepare import REASONS, load_prepared, prepare_dataset
 from .sampler import LengthGroupedSampler, padding_fraction, to_batches
 
 __all__ = [
@@ -14,9 +14,6 @@ __all__ = [
     "audio_duration",
     "load_manifest",
     "cast_audio_undecoded",
-    "REASONS",
-    "prepare_dataset",
-    "load_prepared",
     "LengthGroupedSampler",
     "padding_fraction",
     "to_batches",

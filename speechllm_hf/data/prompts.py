@@ -1,4 +1,4 @@
-"""Prompt text that the offline continuation writing (`speechllm_hf.data.continuation`) and the batch-time
+"""Prompt text that the offline continuation writing (`speechllm_hf.preprocessing.continuation`) and the batch-time
 continuation collator must agree on, so that the KL teacher reads what the text LLM was asked."""
 
 from __future__ import annotations

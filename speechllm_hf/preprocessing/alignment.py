@@ -33,8 +33,8 @@ import torch
 
 from speechllm_hf.corpus import CORPUS_DIR
 
-from .audio import AudioSource, audio_ref, load_audio
-from .manifest import SAVED_DATASET_DIR, load_manifest
+from ..data.audio import AudioSource, audio_ref, load_audio
+from ..data.manifest import SAVED_DATASET_DIR, load_manifest
 from .prepare import REPORT_FILE, describe_source
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """Synthetic English speech with espeak-ng: seeded voice, rate and pitch draws, 16 kHz Ogg Vorbis clips, manifests.
 
 One piece of code for every synthetic corpus: `speechllm-hf synthesize` (the open-vocabulary corpus, see
-`speechllm_hf.data.openvocab`) and ``scripts/make_corpus.py`` (the tiny corpus bundled in ``speechllm_hf/corpus``).
+`speechllm_hf.preprocessing.openvocab`) and ``scripts/make_corpus.py`` (the tiny corpus bundled in
+``speechllm_hf/corpus``).
 The espeak-ng binary is needed (``apt-get install espeak-ng``); the Python side only resamples, scales and encodes.
 """
 

@@ -37,9 +37,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .manifest import load_manifest
-from .prompts import continuation_request
-from .tasks import RESPONSE_COLUMNS, PromptConfig
+from ..data.manifest import load_manifest
+from ..data.prompts import continuation_request
+from ..data.tasks import RESPONSE_COLUMNS, PromptConfig
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,17 @@ import numpy as np
 
 from speechllm_hf.models.speechllm.audio_speechllm import resample
 
-from .audio import audio_duration, audio_ref, decode_audio
-from .manifest import SAVED_DATASET_DIR, cast_audio_undecoded, load_manifest
-from .tasks import TASKS, PromptConfig, check_columns, check_task, fields_holding, missing_fields, response_column
+from ..data.audio import audio_duration, audio_ref, decode_audio
+from ..data.manifest import SAVED_DATASET_DIR, cast_audio_undecoded, load_manifest
+from ..data.tasks import (
+    TASKS,
+    PromptConfig,
+    check_columns,
+    check_task,
+    fields_holding,
+    missing_fields,
+    response_column,
+)
 
 logger = logging.getLogger(__name__)
 

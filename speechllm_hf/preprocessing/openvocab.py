@@ -2,9 +2,9 @@
 
 Unlike the bundled 57-word corpus, this one is for training a real speech LLM: thousands of clips and words, so a
 model has to learn to spell, not to pick from a list. It is generated, never shipped. Sentences come from
-`speechllm_hf.data.wordnet_sentences`; the dev sentences are drawn first and are never in train. Clips are made by
-`speechllm_hf.data.synthetic` (eight voices, seeded rates and pitches). ``metadata.json`` is written last, so a folder
-holding it with the same settings is complete and is reused as it is.
+`speechllm_hf.preprocessing.wordnet_sentences`; the dev sentences are drawn first and are never in train. Clips are
+made by `speechllm_hf.preprocessing.synthetic` (eight voices, seeded rates and pitches). ``metadata.json`` is written
+last, so a folder holding it with the same settings is complete and is reused as it is.
 """
 
 from __future__ import annotations
