@@ -282,50 +282,10 @@ def from_preset(
     if text_name_or_path and text_revision is None:
         text_revision = hub_commit(text_name_or_path, **hub_kwargs)
 
-    if encoder_name_or_path:
-        encoder_config = from_pretrained_or_explain(
-            AutoConfig.from_pretrained, encoder_name_or_path, "encoder config", revision=encoder_revision, **hub_kwargs
-        )
-        if requested_encoder_type is not None and encoder_config.model_type != requested_encoder_type:
-            raise ValueError(
-                f"encoder_type {requested_encoder_type!r} was asked for, but {encoder_name_or_path} holds a "
-                f"{encoder_config.model_type!r} encoder: the checkpoint decides the encoder, so drop encoder_type or "
-                "point encoder_name_or_path to a checkpoint of that type."
-            )
-        feature_extractor = from_pretrained_or_explain(
-            AutoFeatureExtractor.from_pretrained,
-            encoder_name_or_path,
-            "feature extractor",
-            revision=encoder_revision,
-            **hub_kwargs,
-        )
-    else:
-        encoder_config = tiny_encoder_config(encoder_type)
-        if encoder_type == "whisper":
-            feature_extractor = WhisperFeatureExtractor(feature_size=80)
-        else:
-            feature_extractor = Wav2Vec2FeatureExtractor(return_attention_mask=True, do_normalize=True)
-    if isinstance(feature_extractor, Wav2Vec2FeatureExtractor):
-        feature_extractor.return_attention_mask = True
-
-    if text_name_or_path:
-        # Left padding for batched generation (position ids make training padding-agnostic); an init argument,
-        # so that it is saved with the tokenizer.
-        tokenizer = from_pretrained_or_explain(
-            AutoTokenizer.from_pretrained,
-            text_name_or_path,
-            "tokenizer",
-            revision=text_revision,
-            padding_side="left",
-            **hub_kwargs,
-        )
-        text_config = from_pretrained_or_explain(
-            AutoConfig.from_pretrained, text_name_or_path, "text config", revision=text_revision, **hub_kwargs
-        )
-    else:
-        tokenizer = tiny_tokenizer(audio_token)
-        text_config = tiny_text_config(tokenizer)
-    tokenizer = _prepare_text_tokenizer(tokenizer, audio_token)
+    encoder_config, feature_extractor = _encoder_parts(
+        encoder_name_or_path, encoder_revision, encoder_type, requested_encoder_type, hub_kwargs
+    )
+    text_config, tokenizer = _text_parts(text_name_or_path, text_revision, audio_token, hub_kwargs)
 
     config = SpeechLlmConfig(
         encoder_config=encoder_config,
@@ -350,6 +310,54 @@ def from_preset(
         system_prompt=system_prompt if system_prompt is not None else preset.system_prompt,
     )
     return model, processor
+
+
+def _encoder_parts(name_or_path, revision, encoder_type, requested_type, hub_kwargs):
+    """The encoder's config and feature extractor: from `name_or_path` at `revision`, else tiny ones."""
+    if name_or_path:
+        encoder_config = from_pretrained_or_explain(
+            AutoConfig.from_pretrained, name_or_path, "encoder config", revision=revision, **hub_kwargs
+        )
+        if requested_type is not None and encoder_config.model_type != requested_type:
+            raise ValueError(
+                f"encoder_type {requested_type!r} was asked for, but {name_or_path} holds a "
+                f"{encoder_config.model_type!r} encoder: the checkpoint decides the encoder, so drop encoder_type or "
+                "point encoder_name_or_path to a checkpoint of that type."
+            )
+        feature_extractor = from_pretrained_or_explain(
+            AutoFeatureExtractor.from_pretrained, name_or_path, "feature extractor", revision=revision, **hub_kwargs
+        )
+    elif encoder_type == "whisper":
+        encoder_config, feature_extractor = tiny_encoder_config(encoder_type), WhisperFeatureExtractor(feature_size=80)
+    else:
+        feature_extractor = Wav2Vec2FeatureExtractor(return_attention_mask=True, do_normalize=True)
+        encoder_config = tiny_encoder_config(encoder_type)
+    if isinstance(feature_extractor, Wav2Vec2FeatureExtractor):
+        feature_extractor.return_attention_mask = True
+    return encoder_config, feature_extractor
+
+
+def _text_parts(name_or_path, revision, audio_token: str, hub_kwargs):
+    """The LLM's config and its tokenizer (with the audio token and a pad token): from `name_or_path` at
+    `revision`, else tiny ones."""
+    if name_or_path:
+        # Left padding for batched generation (position ids make training padding-agnostic); an init argument,
+        # so that it is saved with the tokenizer.
+        tokenizer = from_pretrained_or_explain(
+            AutoTokenizer.from_pretrained,
+            name_or_path,
+            "tokenizer",
+            revision=revision,
+            padding_side="left",
+            **hub_kwargs,
+        )
+        text_config = from_pretrained_or_explain(
+            AutoConfig.from_pretrained, name_or_path, "text config", revision=revision, **hub_kwargs
+        )
+    else:
+        tokenizer = tiny_tokenizer(audio_token)
+        text_config = tiny_text_config(tokenizer)
+    return text_config, _prepare_text_tokenizer(tokenizer, audio_token)
 
 
 def _set_generation_defaults(model: SpeechLlmForConditionalGeneration, tokenizer) -> None:
