@@ -13,48 +13,100 @@ def batch(processor, seconds=(1.0, 0.55), texts=None):
     return processor(texts, audio=clips, sampling_rate=16000)
 
 
+class SpeechLlmModelTester:
+    """Builds the tiny model of one encoder x projector and its inputs, and checks what every combination must do,
+    as transformers' `*ModelTester` classes do for their model tests."""
+
+    def __init__(self, encoder_type: str, projector_type: str):
+        self.encoder_type, self.projector_type = encoder_type, projector_type
+
+    def prepare_model_and_processor(self, seed: int = 0):
+        torch.manual_seed(seed)
+        return from_preset("tiny", encoder_type=self.encoder_type, projector_type=self.projector_type)
+
+    def prepare_inputs(self, processor, seconds=(1.0, 0.55)):
+        return batch(processor, seconds)
+
+    def create_and_check_forward_backward(self, model, inputs):
+        model.train()
+        out = model(**inputs, labels=inputs["input_ids"])
+        assert out.logits.shape[:2] == inputs["input_ids"].shape
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(n.startswith("projector.") for n in trainable)
+        with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert with_grad == trainable
+        assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in with_grad and p.dim() > 1)
+
+    def create_and_check_generate(self, model, processor):
+        model.eval()
+        prompt = processor(
+            ["<|user|><audio> hi<|end|><|assistant|>"] * 2, audio=[clip(0.8), clip(0.5, 1)], sampling_rate=16000
+        )
+        generated = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        length = prompt["input_ids"].shape[1]
+        assert generated.shape == (2, length + 4)
+        assert torch.equal(generated[:, :length], prompt["input_ids"])
+
+    def create_and_check_padded_batch_matches_alone(self, model, processor):
+        seconds = (1.3, 0.41, 0.9)
+        texts = ["<|user|><audio> a<|end|>", "<|user|>longer text <audio> b<|end|>", "<|user|><audio><|end|>"]
+        batched = processor(texts, audio=[clip(s, i) for i, s in enumerate(seconds)], sampling_rate=16000)
+        with torch.no_grad():
+            logits = model(**batched).logits
+            for i, (text, s) in enumerate(zip(texts, seconds)):
+                alone = processor([text], audio=[clip(s, i)], sampling_rate=16000)
+                single = model(**alone).logits[0]
+                valid = batched["attention_mask"][i].bool()
+                torch.testing.assert_close(logits[i][valid], single, atol=2e-5, rtol=1e-4)
+
+    def create_and_check_save_and_reload(self, model, processor, folder):
+        model.eval()
+        inputs = self.prepare_inputs(processor)
+        model.save_pretrained(folder, processor=processor)  # a full save: the tiny backbones have no id
+        reloaded = SpeechLlmForConditionalGeneration.from_pretrained(folder).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
+
+    def create_and_check_init_weights(self, model):
+        """`_init_weights` is what transformers calls on tensors a checkpoint lacks: the projector's own layers get a
+        real initialisation (zeros would leave a projector that passes nothing on)."""
+        with torch.no_grad():
+            for parameter in model.projector.parameters():
+                parameter.zero_()
+        model.projector.apply(model._init_weights)
+        for name, module in model.projector.named_modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                assert bool((module.weight == 1).all()) and bool((module.bias == 0).all()), name
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
+                assert float(module.weight.std()) > 0, name
+        if self.projector_type == "qformer":
+            assert 0.01 < float(model.projector.query.std()) < 0.03
+
+
 @pytest.mark.parametrize("encoder_type", ENCODERS)
 @pytest.mark.parametrize("projector_type", PROJECTORS)
-def test_forward_backward_generate(encoder_type, projector_type):
-    torch.manual_seed(0)
-    model, processor = from_preset("tiny", encoder_type=encoder_type, projector_type=projector_type)
-    model.train()
-    inputs = batch(processor)
-    out = model(**inputs, labels=inputs["input_ids"])
-    assert out.logits.shape[:2] == inputs["input_ids"].shape
-    assert torch.isfinite(out.loss)
-    out.loss.backward()
+class TestSpeechLlmModel:
+    """The checks of `SpeechLlmModelTester` on every encoder x projector."""
 
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("projector.") for n in trainable)
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == trainable
-    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in with_grad and p.dim() > 1)
+    def test_forward_backward_generate(self, encoder_type, projector_type):
+        tester = SpeechLlmModelTester(encoder_type, projector_type)
+        model, processor = tester.prepare_model_and_processor()
+        tester.create_and_check_forward_backward(model, tester.prepare_inputs(processor))
+        tester.create_and_check_generate(model, processor)
 
-    model.eval()
-    prompt = processor(
-        ["<|user|><audio> hi<|end|><|assistant|>"] * 2, audio=[clip(0.8), clip(0.5, 1)], sampling_rate=16000
-    )
-    generated = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    length = prompt["input_ids"].shape[1]
-    assert generated.shape == (2, length + 4)
-    assert torch.equal(generated[:, :length], prompt["input_ids"])
+    def test_padded_batch_matches_alone(self, encoder_type, projector_type):
+        tester = SpeechLlmModelTester(encoder_type, projector_type)
+        tester.create_and_check_padded_batch_matches_alone(*tiny(encoder_type, projector_type))
 
+    def test_save_and_reload_give_the_same_logits(self, encoder_type, projector_type, tmp_path):
+        tester = SpeechLlmModelTester(encoder_type, projector_type)
+        tester.create_and_check_save_and_reload(*tester.prepare_model_and_processor(), tmp_path / "model")
 
-@pytest.mark.parametrize("encoder_type", ENCODERS)
-@pytest.mark.parametrize("projector_type", PROJECTORS)
-def test_padded_batch_matches_alone(encoder_type, projector_type):
-    model, processor = tiny(encoder_type, projector_type)
-    seconds = (1.3, 0.41, 0.9)
-    texts = ["<|user|><audio> a<|end|>", "<|user|>longer text <audio> b<|end|>", "<|user|><audio><|end|>"]
-    batched = processor(texts, audio=[clip(s, i) for i, s in enumerate(seconds)], sampling_rate=16000)
-    with torch.no_grad():
-        logits = model(**batched).logits
-        for i, (text, s) in enumerate(zip(texts, seconds)):
-            alone = processor([text], audio=[clip(s, i)], sampling_rate=16000)
-            single = model(**alone).logits[0]
-            valid = batched["attention_mask"][i].bool()
-            torch.testing.assert_close(logits[i][valid], single, atol=2e-5, rtol=1e-4)
+    def test_init_weights_initialises_the_projector(self, encoder_type, projector_type):
+        tester = SpeechLlmModelTester(encoder_type, projector_type)
+        tester.create_and_check_init_weights(tester.prepare_model_and_processor()[0])
 
 
 def test_group_norm_encoder_padding_is_handled():
@@ -314,21 +366,3 @@ def test_quantization_goes_to_the_llm_only_and_whisper_stays_off_flash_attention
     assert "quantization_config" not in asked["encoder"] and asked["encoder"]["attn_implementation"] == "sdpa"
     assert asked["text model"]["quantization_config"] is quantization
     assert asked["text model"]["attn_implementation"] == "flash_attention_2"
-
-
-@pytest.mark.parametrize("projector_type", ["qformer", "cnn", "mlp"])
-def test_init_weights_initialises_the_projector(projector_type):
-    """`_init_weights` is what transformers calls on tensors a checkpoint lacks: it must give the projector's own
-    layers a real initialisation (zeros would leave a projector that passes nothing on)."""
-    model, _ = from_preset("tiny", projector_type=projector_type)
-    with torch.no_grad():
-        for parameter in model.projector.parameters():
-            parameter.zero_()
-    model.projector.apply(model._init_weights)
-    for name, module in model.projector.named_modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            assert bool((module.weight == 1).all()) and bool((module.bias == 0).all()), name
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
-            assert float(module.weight.std()) > 0, name
-    if projector_type == "qformer":
-        assert 0.01 < float(model.projector.query.std()) < 0.03
