@@ -39,8 +39,9 @@ import torch
 from generation import build_model  # the same resized tiny model as the generation benchmark
 
 from speechllm_hf.corpus import load_split
+from speechllm_hf.data.collators import ContrastiveCollator
 from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
-from speechllm_hf.training.contrastive import ContrastiveCollator, ContrastiveTrainer, ContrastiveTrainingArguments
+from speechllm_hf.training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
 from speechllm_hf.training.contrastive_losses import sinkhorn_distance
 from speechllm_hf.training.trainer import SpeechLlmTrainer
 

@@ -30,7 +30,7 @@ from training_step import ForwardTimer, library_step
 from transformers import HubertConfig, LlamaConfig, Wav2Vec2FeatureExtractor
 
 from speechllm_hf import SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor
-from speechllm_hf.data.collator import SpeechLlmCollator
+from speechllm_hf.data.collators import SpeechLlmCollator
 from speechllm_hf.data.feature_cache import attach_feature_cache, build_feature_cache
 from speechllm_hf.presets import tiny_tokenizer
 

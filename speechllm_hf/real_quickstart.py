@@ -29,6 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from .corpus import load_split
+from .data.collators import ContinuationCollator
 from .data.manifest import load_manifest
 from .data.tasks import PromptConfig
 from .evaluation.baselines import continuation_cross_entropy, whisper_transcripts
@@ -38,7 +39,7 @@ from .preprocessing.continuation import make_normalizer, write_continuations
 from .presets import from_preset
 from .quickstart import plot_losses, stage_arguments, transcribe, transcribe_reloaded
 from .training.arguments import SpeechLlmTrainingArguments
-from .training.continuation import ContinuationCollator, ContinuationTrainer, ContinuationTrainingArguments
+from .training.continuation import ContinuationTrainer, ContinuationTrainingArguments
 from .training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
 from .training.trainer import SpeechLlmTrainer
 

@@ -15,13 +15,8 @@ import torch
 
 from speechllm_hf.cli import main
 from speechllm_hf.corpus import load_split
-from speechllm_hf.data.mixed import (
-    cut_audio,
-    mixed_labels,
-    mixed_sequence_layout,
-    sample_spans,
-    strip_punctuation,
-)
+from speechllm_hf.data.collators import mixed_labels
+from speechllm_hf.data.mixed import cut_audio, mixed_sequence_layout, sample_spans, strip_punctuation
 from speechllm_hf.preprocessing import load_prepared
 from speechllm_hf.preprocessing.alignment import (
     align_words,

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HubertModel, PreTr
 
 from speechllm_hf import SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
 from speechllm_hf.data import audio_duration, load_audio
-from speechllm_hf.data.collator import IGNORE_INDEX, SpeechLlmCollator, special_token_strings
+from speechllm_hf.data.collators import IGNORE_INDEX, SpeechLlmCollator, special_token_strings
 from speechllm_hf.inference import generate_responses
 from speechllm_hf.inference.generate import default_prompts
 from speechllm_hf.preprocessing import prepare_dataset
@@ -382,7 +382,7 @@ def test_very_long_text(hubert, caplog):
 
     # The collator cuts the end of a too-long response, counts it and says so; a too-long prompt is refused.
     collator = SpeechLlmCollator(processor, max_length=128)
-    with caplog.at_level(logging.WARNING, logger="speechllm_hf.data.collator"):
+    with caplog.at_level(logging.WARNING, logger="speechllm_hf.data.collators"):
         batch = collator([array_row(wave, text="word " * 3000), array_row(wave, text="short")])
     assert batch["input_ids"].shape[1] == 128 and collator.num_truncated == 1
     assert "Truncated a response to fit max_length=128 (1 so far)" in caplog.text

@@ -12,7 +12,7 @@ from conftest import CPU_TRAINING, launch_two_cpu_processes
 from speechllm_hf import from_preset
 from speechllm_hf.cli import main
 from speechllm_hf.corpus import load_split
-from speechllm_hf.data.collator import IGNORE_INDEX
+from speechllm_hf.data.collators import IGNORE_INDEX, ContinuationCollator
 from speechllm_hf.data.tasks import PromptConfig
 from speechllm_hf.preprocessing.continuation import (
     BLSP_CONTINUATION_INSTRUCTION,
@@ -24,7 +24,6 @@ from speechllm_hf.preprocessing.continuation import (
 )
 from speechllm_hf.presets import BLSP_CHAT_TEMPLATE
 from speechllm_hf.training.continuation import (
-    ContinuationCollator,
     ContinuationTrainer,
     ContinuationTrainingArguments,
     distillation_kl,

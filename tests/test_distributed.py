@@ -30,6 +30,7 @@ CASES = (
     "asr",
     "asr_accumulation",
     "asr_random_order",
+    "asr_feature_cache",
     "contrastive",
     "contrastive_accumulation",
     "continuation",
@@ -67,6 +68,11 @@ def test_two_processes_train_the_projector_as_one_process_with_the_global_batch(
             assert not set(half) & set(other_half), f"{case}: both processes got {set(half) & set(other_half)}"
             assert sorted(half + other_half) == sorted(whole), f"{case}, micro-batch {step}: other clips"
 
+        # The main process alone encodes the clips (main_process_first): the other reads its cache.
+        builds = [
+            json.loads((run / f"builds_rank{rank}.json").read_text()) for run, rank in ((one, 0), (two, 0), (two, 1))
+        ]
+        assert builds == ([1, 1, 0] if case == "asr_feature_cache" else [0, 0, 0]), case
         result_one, result_two = (json.loads((run / "result.json").read_text()) for run in (one, two))
         assert (result_one["world_size"], result_two["world_size"]) == (1, 2)
         assert result_one["largest_update"] > 1000 * ATOL, f"{case}: training barely moved the projector"

@@ -1,5 +1,6 @@
-"""Padding-free packing: packed and padded batches give the same loss, gradients and logits; the label rule at
-sequence starts; refusals; the trainers and the command line; the Hub copy on transformers 4.57."""
+"""Padding-free packing, a collator concern: packed and padded batches give the same loss, gradients and logits; the
+label rule at sequence starts; flash attention's sequence boundaries; refusals; the trainers and the command line;
+the Hub copy on transformers 4.57."""
 
 import contextlib
 import json
@@ -9,18 +10,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import COMPAT_TRANSFORMERS, CPU_TRAINING, clip, run_without_package
+from conftest import COMPAT_TRANSFORMERS, CPU_TRAINING, run_without_package
 from test_trainer import multi_task_rows
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from speechllm_hf import from_preset
 from speechllm_hf.cli import main
 from speechllm_hf.corpus import load_split, manifest_path
-from speechllm_hf.data.collator import IGNORE_INDEX, SpeechLlmCollator
+from speechllm_hf.data import collators
+from speechllm_hf.data.collators import (
+    IGNORE_INDEX,
+    TASK_IDS,
+    ContinuationCollator,
+    SpeechLlmCollator,
+    pack_sequences,
+    padding_free_unsupported,
+)
 from speechllm_hf.data.tasks import PromptConfig
-from speechllm_hf.models.speechllm import modeling_speechllm
 from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
-from speechllm_hf.training.continuation import ContinuationCollator, ContinuationTrainer, ContinuationTrainingArguments
+from speechllm_hf.training.continuation import ContinuationTrainer, ContinuationTrainingArguments
 from speechllm_hf.training.contrastive import ContrastiveTrainingArguments
 from speechllm_hf.training.trainer import SpeechLlmTrainer
 
@@ -33,12 +41,14 @@ def tiny_model(attn_implementation="sdpa"):
     return from_preset("tiny", projector_type="mlp", attn_implementation={"text_config": attn_implementation})
 
 
-def asr_batch(processor, n=4):
-    """Collated ASR rows of the bundled corpus: right-padded, of different lengths, prompts unlabelled."""
-    batch = SpeechLlmCollator(processor)(load_split("train")[:n])
-    lengths = batch["attention_mask"].sum(-1)
+def asr_batches(processor, n=4, **settings):
+    """The bundled corpus's first ASR rows collated padded and packed: right-padded rows of different lengths, prompts
+    unlabelled."""
+    rows = load_split("train")[:n]
+    padded = SpeechLlmCollator(processor, **settings)(rows)
+    lengths = padded["attention_mask"].sum(-1)
     assert lengths.min() < lengths.max(), "the batch must hold padding for the test to mean anything"
-    return batch
+    return padded, SpeechLlmCollator(processor, padding_free=True, **settings)(rows)
 
 
 @contextlib.contextmanager
@@ -54,39 +64,53 @@ def llm_input_shapes(model):
         hook.remove()
 
 
-def run(model, batch, padding_free):
+def run(model, batch):
     """Loss, projector gradients, logits, and the LLM's input shape of one forward/backward."""
     model.zero_grad()
     with llm_input_shapes(model) as shapes:
-        outputs = model(**batch, padding_free=padding_free)
+        outputs = model(**batch)
     outputs.loss.backward()
     gradients = {name: parameter.grad.clone() for name, parameter in model.projector.named_parameters()}
     return outputs.loss.detach(), gradients, outputs.logits.detach(), shapes[0]
+
+
+def test_the_packed_batch_holds_the_padded_sequences_back_to_back():
+    _, processor = tiny_model()
+    padded, packed = asr_batches(processor, return_task_ids=True)
+    valid = padded["attention_mask"].bool()
+    assert "attention_mask" not in packed and packed["use_cache"] is False
+    assert torch.equal(packed["input_ids"], padded["input_ids"][valid][None])
+    lengths = valid.sum(-1).tolist()
+    assert packed["position_ids"][0].tolist() == [p for length in lengths for p in range(length)]
+    # Each sequence's first label is ignored; prompts start with unlabelled tokens anyway, so the labels are the same.
+    assert torch.equal(packed["labels"], padded["labels"][valid][None])
+    tasks = padded[TASK_IDS].tolist()
+    assert packed[TASK_IDS].tolist() == [[task for task, length in zip(tasks, lengths) for _ in range(length)]]
+    assert torch.equal(packed["input_features"], padded["input_features"])  # audio stays one row per clip
+    assert not any(name in packed for name in collators.FLASH_ATTENTION_KWARGS)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_packed_batch_gives_the_padded_loss_gradients_and_logits(attn_implementation):
     model, processor = tiny_model(attn_implementation)
     model.train()
-    batch = asr_batch(processor)
-    valid = batch["attention_mask"].bool()
-    padded_loss, padded_gradients, padded_logits, padded_shape = run(model, batch, padding_free=False)
-    loss, gradients, logits, shape = run(model, batch, padding_free=True)
+    padded, packed = asr_batches(processor)
+    valid = padded["attention_mask"].bool()
+    padded_loss, padded_gradients, padded_logits, padded_shape = run(model, padded)
+    loss, gradients, logits, shape = run(model, packed)
 
     assert padded_shape == tuple(valid.shape) and shape == (1, int(valid.sum()))  # packing did happen
     torch.testing.assert_close(loss, padded_loss, atol=1e-6, rtol=1e-6)
     for name, gradient in padded_gradients.items():
         assert gradient.abs().max() > 0, name
         torch.testing.assert_close(gradients[name], gradient, atol=1e-6, rtol=1e-5)
-    # Logits come back as (B, L, V): the padded batch's at real tokens (so no sequence saw another), zero at padding.
-    assert logits.shape == padded_logits.shape
-    torch.testing.assert_close(logits[valid], padded_logits[valid], atol=1e-5, rtol=1e-5)
-    assert not logits[~valid].any()
+    # The packed row's logits are the padded batch's at its real tokens, in order: no sequence saw another.
+    torch.testing.assert_close(logits[0], padded_logits[valid], atol=1e-5, rtol=1e-5)
 
 
 def test_flash_attention_gets_each_sequences_boundaries(monkeypatch):
     """flash-attn does not install on CPU: a reference varlen attention, causal within each sequence the cumulative
-    lengths delimit, stands in for flash_attention_2's kernel and checks what the packed forward hands it."""
+    lengths delimit, stands in for flash_attention_2's kernel and checks what the packed batch hands it."""
     calls = []
 
     def varlen_reference(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -108,87 +132,64 @@ def test_flash_attention_gets_each_sequences_boundaries(monkeypatch):
 
     model, processor = tiny_model("sdpa")
     model.train()
-    batch = asr_batch(processor)
-    padded_loss, padded_gradients, padded_logits, _ = run(model, batch, padding_free=False)
+    padded, packed = asr_batches(processor, return_flash_attn_kwargs=True)
+    padded_loss, padded_gradients, padded_logits, _ = run(model, padded)
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", varlen_reference)
     monkeypatch.setattr(model.language_model.config, "_attn_implementation", "flash_attention_2")
-    loss, gradients, logits, shape = run(model, batch, padding_free=True)
+    loss, gradients, logits, shape = run(model, packed)
 
-    lengths = batch["attention_mask"].sum(-1)
+    lengths = padded["attention_mask"].sum(-1)
     assert shape == (1, int(lengths.sum()))
     assert calls and set(calls) == {((0, *lengths.cumsum(0).tolist()), int(lengths.max()))}
     torch.testing.assert_close(loss, padded_loss, atol=1e-6, rtol=1e-6)
     for name, gradient in padded_gradients.items():
         torch.testing.assert_close(gradients[name], gradient, atol=1e-6, rtol=1e-5)
-    valid = batch["attention_mask"].bool()
-    torch.testing.assert_close(logits[valid], padded_logits[valid], atol=1e-5, rtol=1e-5)
+    valid = padded["attention_mask"].bool()
+    torch.testing.assert_close(logits[0], padded_logits[valid], atol=1e-5, rtol=1e-5)
 
 
 def test_the_first_token_of_a_sequence_is_never_predicted_from_the_previous_one():
     """Every real token labelled (as `labels=input_ids` does): packed, the last token of one sequence would be made to
     predict the first token of the next, which the padded batch never asks."""
     model, processor = tiny_model("sdpa")
-    batch = asr_batch(processor, n=3)
+    batch, _ = asr_batches(processor, n=3)
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
     batch["labels"] = batch["labels"].masked_fill(batch["input_ids"] == processor.audio_token_id, IGNORE_INDEX)
     assert (batch["labels"][:, 0] != IGNORE_INDEX).all()
+    packed = pack_sequences(batch)
+    starts = packed["position_ids"][0] == 0
+    assert int(starts.sum()) == 3 and (packed["labels"][0][starts] == IGNORE_INDEX).all()
     with torch.no_grad(), llm_input_shapes(model) as shapes:
-        padded = model(**batch, padding_free=False).loss
-        packed = model(**batch, padding_free=True).loss
+        padded_loss = model(**batch).loss
+        packed_loss = model(**packed).loss
     assert shapes[1] == (1, int(batch["attention_mask"].sum()))
-    torch.testing.assert_close(packed, padded, atol=1e-6, rtol=1e-6)
-
-
-def test_generation_runs_padded_and_an_explicit_request_with_a_cache_is_refused():
-    model, processor = tiny_model("sdpa")
-    prompt = processor(
-        ["<|user|><audio> hi<|end|><|assistant|>", "<|user|>a longer prompt <audio><|end|><|assistant|>"],
-        audio=[clip(0.8), clip(0.5, 1)],
-        sampling_rate=16000,
-    )
-    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    reference = model.generate(**prompt, **settings)
-    model.config.padding_free = True
-    try:
-        assert torch.equal(model.generate(**prompt, **settings), reference)
-        for generating in ({"use_cache": True}, {"logits_to_keep": 1}):
-            with pytest.raises(ValueError, match="this one generates.*padding_free=False"):
-                model(**prompt, **generating, padding_free=True)
-    finally:
-        model.config.padding_free = False
-
-
-@pytest.mark.parametrize(
-    ("extra", "reason"),
-    [
-        ({"position_ids": "given"}, "position ids are given"),
-        ({"output_attentions": True}, "attention weights are asked for"),
-    ],
-)
-def test_forwards_that_cannot_be_packed_are_refused(extra, reason):
-    model, processor = tiny_model("sdpa")
-    batch = asr_batch(processor, n=3)
-    if extra.get("position_ids") == "given":
-        extra = {"position_ids": torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])}
-    with pytest.raises(ValueError, match=f"cannot be packed: {reason}"):
-        model(**batch, **extra, padding_free=True)
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=1e-6)
 
 
 def test_attention_that_would_mix_the_sequences_is_refused(monkeypatch, tmp_path):
-    assert modeling_speechllm.padding_free_unsupported("flash_attention_2") is None
-    assert modeling_speechllm.padding_free_unsupported("sdpa") is None
-    assert "this LLM uses 'paged|eager'" in modeling_speechllm.padding_free_unsupported("paged|eager")
+    assert padding_free_unsupported("flash_attention_2") is None
+    assert padding_free_unsupported("sdpa") is None
+    assert "this LLM uses 'paged|eager'" in padding_free_unsupported("paged|eager")
     # transformers 4.57 builds the packed-sequence mask only on torch >= 2.6; flash attention needs no mask.
-    monkeypatch.setattr(modeling_speechllm, "is_torch_greater_or_equal", lambda version: False)
-    assert "needs torch >= 2.6" in modeling_speechllm.padding_free_unsupported("sdpa")
-    assert modeling_speechllm.padding_free_unsupported("flash_attention_2") is None
+    monkeypatch.setattr(collators, "is_torch_greater_or_equal", lambda version: False)
+    assert "needs torch >= 2.6" in padding_free_unsupported("sdpa")
+    assert padding_free_unsupported("flash_attention_2") is None
 
     model, processor = tiny_model("sdpa")
-    with pytest.raises(ValueError, match="needs torch >= 2.6"):
-        model(**asr_batch(processor, n=3), padding_free=True)
     args = SpeechLlmTrainingArguments(output_dir=str(tmp_path), padding_free=True, use_cpu=True, report_to="none")
-    with pytest.raises(ValueError, match="needs torch >= 2.6"):  # before any step
+    with pytest.raises(ValueError, match="needs torch >= 2.6"):  # when the trainer is built, before any step
         SpeechLlmTrainer(model=model, args=args, processing_class=processor)
+    # A collator that packs asks the same of the LLM, whatever the arguments say.
+    plain = SpeechLlmTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="needs torch >= 2.6"):
+        SpeechLlmTrainer(model=model, args=plain, data_collator=SpeechLlmCollator(processor, padding_free=True))
+
+
+def test_padding_free_with_a_collator_that_does_not_pack_is_refused(tmp_path):
+    model, processor = tiny_model("sdpa")
+    args = SpeechLlmTrainingArguments(output_dir=str(tmp_path), padding_free=True, use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match=r"padding_free is set but the collator \(SpeechLlmCollator\) does not pack"):
+        SpeechLlmTrainer(model=model, args=args, data_collator=SpeechLlmCollator(processor))
 
 
 def test_the_contrastive_trainer_refuses_it(tmp_path):
@@ -197,10 +198,11 @@ def test_the_contrastive_trainer_refuses_it(tmp_path):
 
 
 def test_training_with_padding_free_logs_the_same_losses(tmp_path):
-    """Multi-task rows: the per-task losses are computed from the unpacked logits."""
+    """Multi-task rows: the per-task losses are computed from the packed batch's per-token task ids."""
     logs = {}
     for padding_free in (False, True):
         model, processor = tiny_model("sdpa")
+        config = model.config.to_dict()
         args = SpeechLlmTrainingArguments(
             output_dir=str(tmp_path / str(padding_free)),
             max_steps=2,
@@ -211,10 +213,13 @@ def test_training_with_padding_free_logs_the_same_losses(tmp_path):
             padding_free=padding_free,
         )
         trainer = SpeechLlmTrainer(model=model, args=args, train_dataset=multi_task_rows(), processing_class=processor)
-        assert model.config.padding_free is padding_free
+        collator = trainer.data_collator
+        assert collator.padding_free is padding_free and not collator.return_flash_attn_kwargs
         with llm_input_shapes(model) as shapes:
             trainer.train()
         assert shapes and all((batch == 1) is padding_free for batch, _ in shapes)
+        # The Trainer turns the model's use_cache off; packing leaves the config as it found it.
+        assert model.config.to_dict() == {**config, "use_cache": False}
         logs[padding_free] = [{k: v for k, v in h.items() if k.startswith("loss")} for h in trainer.state.log_history]
     assert [set(entry) for entry in logs[True]] == [set(entry) for entry in logs[False]]
     assert any({"loss_asr", "loss_st"} <= set(entry) for entry in logs[True])
@@ -223,43 +228,58 @@ def test_training_with_padding_free_logs_the_same_losses(tmp_path):
             assert packed[name] == pytest.approx(value, rel=1e-5), name
 
 
+def test_a_flash_attention_llm_gets_the_sequence_boundaries_from_the_default_collator(tmp_path, monkeypatch):
+    model, processor = tiny_model("sdpa")
+    monkeypatch.setattr(model.language_model.config, "_attn_implementation", "flash_attention_2")
+    args = SpeechLlmTrainingArguments(output_dir=str(tmp_path), padding_free=True, use_cpu=True, report_to="none")
+    collator = SpeechLlmTrainer(model=model, args=args, processing_class=processor).data_collator
+    assert collator.padding_free and collator.return_flash_attn_kwargs
+    rows = load_split("train")[:3]
+    lengths = SpeechLlmCollator(processor)(rows)["attention_mask"].sum(-1)
+    batch = collator(rows)
+    bounds = torch.tensor([0, *lengths.cumsum(0).tolist()], dtype=torch.int32)
+    assert torch.equal(batch["cu_seq_lens_q"], bounds) and torch.equal(batch["cu_seq_lens_k"], bounds)
+    assert batch["max_length_q"] == batch["max_length_k"] == int(lengths.max())
+
+
 def test_continuation_losses_are_unchanged(tmp_path):
     model, processor = tiny_model("sdpa")
     rows = load_split("train")[:3]
     for row, continuation in zip(rows, ["and then they fly away.", "it is red.", "we go home now."]):
         row["continuation"] = continuation
-    collator = ContinuationCollator(
-        processor, with_teacher=True, task="continuation", prompts=PromptConfig.from_file("blsp")
-    )
-    batch = collator(rows)
     losses = {}
     for padding_free in (False, True):
+        collator = ContinuationCollator(
+            processor, with_teacher=True, prompts=PromptConfig.from_file("blsp"), padding_free=padding_free
+        )
+        batch = collator(rows)
         args = ContinuationTrainingArguments(
             output_dir=str(tmp_path), kl_weight=0.5, use_cpu=True, report_to="none", padding_free=padding_free
         )
-        trainer = ContinuationTrainer(model=model, args=args, processing_class=processor)
+        trainer = ContinuationTrainer(model=model, args=args, data_collator=collator, processing_class=processor)
         with torch.no_grad(), llm_input_shapes(model) as shapes:
             losses[padding_free] = trainer.compute_loss(model, batch)
         assert len(shapes) == 2 and all((size == 1) is padding_free for size, _ in shapes)  # student and teacher
     torch.testing.assert_close(losses[True], losses[False], atol=1e-6, rtol=1e-6)
 
 
-def test_train_command_takes_padding_free_and_saves_it_in_the_config(tmp_path):
+def test_train_command_takes_padding_free_and_keeps_it_out_of_the_model_config(tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--preset", "tiny", "--output_dir", str(out), "--train_manifest", str(manifest_path("dev"))]
     argv += ["--max_steps", "1", "--per_device_train_batch_size", "4", "--use_cpu", "--save_strategy", "no"]
     assert main([*argv, "--padding_free"]) == 0
-    assert json.loads((out / "config.json").read_text())["padding_free"] is True
+    assert torch.load(out / "training_args.bin", weights_only=False).padding_free is True  # a setting of the run
+    assert "padding_free" not in json.loads((out / "config.json").read_text())  # not of the model
 
 
-def test_the_hub_copy_packs_on_transformers_4_57(compat_python, tmp_path):
-    """A saved model loaded without the package on transformers 4.57 (its own masking code): eager and sdpa packed
-    give the padded batch's loss and projector gradients."""
+def test_the_hub_copy_takes_a_packed_batch_on_transformers_4_57(compat_python, tmp_path):
+    """A saved model loaded without the package on transformers 4.57 (its own masking code): eager and sdpa give the
+    padded batch's loss, projector gradients and logits on the packed batch."""
     model, processor = tiny_model("sdpa")
     model.save_pretrained(tmp_path / "model")
-    batch = asr_batch(processor)
-    np.savez(tmp_path / "batch.npz", **{name: tensor.numpy() for name, tensor in batch.items()})
-    arguments = [str(CHECK_SCRIPT), str(tmp_path / "model"), str(tmp_path / "batch.npz")]
-    report = run_without_package(compat_python, arguments, tmp_path)
+    for name, batch in zip(("padded", "packed"), asr_batches(processor)):
+        np.savez(tmp_path / f"{name}.npz", **{key: np.asarray(value) for key, value in batch.items()})
+    batches = [str(tmp_path / f"{name}.npz") for name in ("padded", "packed")]
+    report = run_without_package(compat_python, [str(CHECK_SCRIPT), str(tmp_path / "model"), *batches], tmp_path)
     assert report["transformers"] == COMPAT_TRANSFORMERS
     assert set(report["checked"]) == {"eager", "sdpa"}

@@ -11,7 +11,7 @@ from conftest import run_without_package
 
 from speechllm_hf import PRESETS, from_preset
 from speechllm_hf.corpus import load_split
-from speechllm_hf.data.collator import IGNORE_INDEX, SpeechLlmCollator, special_token_strings
+from speechllm_hf.data.collators import IGNORE_INDEX, SpeechLlmCollator, special_token_strings
 from speechllm_hf.presets import SMALL_LLM_PROJECTOR_CONFIGS
 
 INSTRUCTION = "\nTranscribe the audio."

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from speechllm_hf import SpeechLlmForConditionalGeneration, from_preset
 from speechllm_hf.corpus import load_split
-from speechllm_hf.data.collator import IGNORE_INDEX, SpeechLlmCollator
+from speechllm_hf.data.collators import IGNORE_INDEX, SpeechLlmCollator
 from speechllm_hf.data.sampler import LengthGroupedSampler
 from speechllm_hf.preprocessing import prepare_dataset
 from speechllm_hf.training.arguments import SpeechLlmTrainingArguments

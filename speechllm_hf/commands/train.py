@@ -190,7 +190,7 @@ def resume_argument(value: str | bool | None) -> str | bool | None:
 def run(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
-    from speechllm_hf.data.collator import special_token_strings
+    from speechllm_hf.data.collators import special_token_strings
     from speechllm_hf.training.lora import add_lora
 
     available = methods()

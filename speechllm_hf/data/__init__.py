@@ -2,7 +2,7 @@
 are in `speechllm_hf.preprocessing`)."""
 
 from .audio import audio_duration, decode_audio, load_audio
-from .collator import IGNORE_INDEX, SpeechLlmCollator
+from .collators import IGNORE_INDEX, SpeechLlmCollator
 from .manifest import cast_audio_undecoded, load_manifest
 from .sampler import LengthGroupedSampler, padding_fraction, to_batches
 

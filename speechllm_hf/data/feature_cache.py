@@ -185,4 +185,25 @@ def attach_feature_cache(
     return attached.with_format("numpy", columns=["encoder_states"], output_all_columns=True)
 
 
-__all__ = ["build_feature_cache", "attach_feature_cache", "encoder_cache_key", "encoder_weights_hash", "audio_key"]
+def with_feature_cache(
+    dataset: datasets.Dataset, cache_dir: str | os.PathLike, model, processor, *, audio_column: str = "audio"
+) -> datasets.Dataset:
+    """`dataset` with its cached encoder features (`attach_feature_cache`), the cache being built first in `cache_dir`
+    when it holds none (`build_feature_cache`).
+
+    With several processes, call it under `TrainingArguments.main_process_first(local=False)`, as
+    `SpeechLlmTrainer` does: the main process builds the cache while the others wait, and they then read it.
+    """
+    if not os.path.exists(os.path.join(cache_dir, KEY_FILE)):
+        build_feature_cache(model, processor, dataset, cache_dir, audio_column=audio_column)
+    return attach_feature_cache(dataset, cache_dir, model, processor, audio_column=audio_column)
+
+
+__all__ = [
+    "with_feature_cache",
+    "build_feature_cache",
+    "attach_feature_cache",
+    "encoder_cache_key",
+    "encoder_weights_hash",
+    "audio_key",
+]

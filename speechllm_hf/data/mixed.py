@@ -10,9 +10,9 @@ Sequence layout for training (no chat template)::
 
 where a text span is its words (joined by spaces, with a leading space when it follows a speech span, as inside the
 sentence) and a speech span is one audio placeholder, which the processor expands to the clip's audio tokens. The
-next-token loss covers text positions only: labels are the input ids on text tokens and the end-of-turn, and -100 on
-BOS, audio tokens and padding (`mixed_labels`). `mixed_sequence_layout` builds the text for `SpeechLlmProcessor`, whose
-audio list is then the speech spans' clips in order (`cut_audio`).
+next-token loss covers text positions only: labels are the input ids on text tokens and the end-of-turn, and ignored on
+BOS, audio tokens and padding (`data.collators.mixed_labels`). `mixed_sequence_layout` builds the text for
+`SpeechLlmProcessor`, whose audio list is then the speech spans' clips in order (`cut_audio`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
-
-from .collator import IGNORE_INDEX
 
 # Chat end-of-turn tokens, in the order they are looked for; tokenizers with none end the sequence with EOS.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
@@ -160,22 +157,6 @@ def mixed_sequence_layout(
     return "".join(parts), [span["kind"] == "speech" for span in spans]
 
 
-def mixed_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_token_id: int) -> torch.Tensor:
-    """Next-token labels on text positions only: -100 on BOS (the first real token), audio tokens and padding.
-
-    Args:
-        input_ids: (B, N) token ids of `mixed_sequence_layout` texts after placeholder expansion.
-        attention_mask: (B, N) 1 on real tokens (left or right padding).
-        audio_token_id: The audio placeholder's id.
-
-    Returns:
-        (B, N) labels (the model shifts them: position i is predicted from positions < i).
-    """
-    first = (attention_mask.cumsum(dim=1) == 1) & attention_mask.bool()  # (B, N) the BOS position of each row
-    ignored = first | (input_ids == audio_token_id) | ~attention_mask.bool()  # (B, N)
-    return input_ids.masked_fill(ignored, IGNORE_INDEX)
-
-
 __all__ = [
     "END_OF_TURN_TOKENS",
     "strip_punctuation",
@@ -183,5 +164,4 @@ __all__ = [
     "cut_audio",
     "end_of_turn_token",
     "mixed_sequence_layout",
-    "mixed_labels",
 ]

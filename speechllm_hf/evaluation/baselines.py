@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.audio import load_audio
-from ..data.collator import IGNORE_INDEX
+from ..data.collators import IGNORE_INDEX
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ import types
 import torch
 from tqdm.auto import tqdm
 
-from ..training.contrastive import ContrastiveCollator, ContrastiveTrainingArguments, contrastive_states, sink_token_id
+from ..data.collators import ContrastiveCollator
+from ..training.contrastive import ContrastiveTrainingArguments, contrastive_states, sink_token_id
 from ..training.contrastive_losses import contrastive_layer_indices, info_nce, mean_pool, similarity
 from .metrics import retrieval_metrics
 

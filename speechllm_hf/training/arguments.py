@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -10,14 +9,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from ..compat import WARMUP_RATIO_FIELD
 from ..data.tasks import TASKS
 from .lora import LORA_TARGET_MODULES
 
 logger = logging.getLogger(__name__)
 
-# transformers 5.x folded `warmup_ratio` into `warmup_steps` (a float below 1 is a ratio); every argument class that
-# sets a warmup default reads this.
-WARMUP_RATIO_FIELD = "warmup_ratio" in {f.name for f in dataclasses.fields(TrainingArguments)}
 # Next-word prediction on mixed speech-text sequences: a training mode of its own, not a row task of data.tasks.
 MIXED_TASK = "mixed"
 
@@ -81,9 +78,9 @@ class SpeechLlmTrainingArguments(TrainingArguments):
     padding_free: bool = field(
         default=False,
         metadata={
-            "help": "Pack each batch's sequences into one row without padding before the LLM (flash-attention varlen "
-            "kernels, or a block-diagonal mask with sdpa/eager/flex_attention); the loss is unchanged. Sets the "
-            "model's config.padding_free, as the Trainer sets config.use_cache."
+            "help": "The collator packs each batch's sequences into one row without padding (flash-attention varlen "
+            "kernels, or a block-diagonal mask with sdpa/eager/flex_attention keep them apart); the loss is "
+            "unchanged. Checked against the LLM's attention when the trainer is built."
         },
     )
     data_subset: float | None = field(
@@ -135,4 +132,4 @@ def native_bf16_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-__all__ = ["SpeechLlmTrainingArguments", "WARMUP_RATIO_FIELD", "MIXED_TASK", "default_bf16", "native_bf16_gpu"]
+__all__ = ["SpeechLlmTrainingArguments", "MIXED_TASK", "default_bf16", "native_bf16_gpu"]

@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..data.collator import IGNORE_INDEX, SpeechLlmCollator, pad_token_lists
-from ..data.prompts import continuation_request
-from ..data.tasks import PromptConfig, build_turns
-from .arguments import WARMUP_RATIO_FIELD, SpeechLlmTrainingArguments
-from .trainer import SpeechLlmTrainer
+from ..compat import WARMUP_RATIO_FIELD, loss_processes
+from ..data.collators import IGNORE_INDEX, ContinuationCollator, collator_from_args, is_packed
+from .arguments import SpeechLlmTrainingArguments
+from .trainer import SpeechLlmTrainer, logits_to_keep
 
-TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels")
+TEACHER_PREFIX = "teacher_"  # batch keys of the KL teacher's text-only sequence (ContinuationCollator)
 
 
 @dataclass
@@ -98,67 +97,13 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return temperature**2 * (teacher.exp() * (teacher - student)).sum(-1)
 
 
-class ContinuationCollator(SpeechLlmCollator):
-    """`SpeechLlmCollator` for continuation rows that can also build the KL teacher's text-only inputs.
-
-    The teacher sequence is the request `continue-writing` gave the text LLM (`continuation_request`: the row's
-    instruction, a space, its transcript from `text_column`) as the user turn of the model's chat template, followed
-    by exactly the student's response tokens (after any `max_length` cut), labelled the same way:
-    `teacher_input_ids`, `teacher_attention_mask` and `teacher_labels`, right-padded. With the whisper-cnn chat
-    template this is BLSP's continuation prompt, `<s>###[Human]:{instruction} {transcript}\n\n\n###[Assistant]:`.
-
-    Args:
-        processor: the model's `SpeechLlmProcessor`.
-        with_teacher: build the teacher tensors.
-        **kwargs: as for `SpeechLlmCollator` (task defaults to "continuation").
-    """
-
-    def __init__(self, processor, with_teacher: bool = False, **kwargs):
-        kwargs.setdefault("task", "continuation")
-        super().__init__(processor, **kwargs)
-        self.with_teacher = with_teacher
-
-    def teacher_prompt(self, row: dict) -> str:
-        """The rendered prompt of the teacher: the row's instruction and transcript in the model's chat template."""
-        transcript = row.get(self.text_column)
-        if not isinstance(transcript, str) or not transcript.strip():
-            raise ValueError(
-                f"The KL teacher reads the transcript from {self.text_column!r}, which this row lacks; it has "
-                f"{sorted(row)}."
-            )
-        # The instruction alone, formatted with the row's fields as the student's is.
-        instruction, _ = build_turns(
-            row,
-            row.get("task") or self.task,
-            PromptConfig("{instruction}", self.prompts.instructions),
-            self.text_column,
-        )
-        request = continuation_request(instruction, transcript.strip())
-        return self.processor.apply_chat_template([{"role": "user", "content": request}], add_generation_prompt=True)
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = super().__call__(rows)
-        if not self.with_teacher:
-            return batch
-        tokenizer = self.processor.tokenizer
-        prompts = tokenizer([self.teacher_prompt(row) for row in rows], add_special_tokens=False)["input_ids"]
-        sequences, labels = [], []
-        for prompt, student_labels in zip(prompts, batch["labels"]):
-            response = student_labels[student_labels != IGNORE_INDEX].tolist()
-            sequences.append(prompt + response)
-            labels.append([IGNORE_INDEX] * len(prompt) + response)
-        batch["teacher_input_ids"], batch["teacher_attention_mask"] = pad_token_lists(
-            sequences, tokenizer.pad_token_id
-        )
-        batch["teacher_labels"], _ = pad_token_lists(labels, IGNORE_INDEX)
-        return batch
-
-
 class ContinuationTrainer(SpeechLlmTrainer):
     """`SpeechLlmTrainer` with the continuation losses: `ce_weight * CE + kl_weight * KL` on the response tokens.
 
-    Logs `loss_ce` and `loss_kl` (per response token) beside the total `loss`. The teacher pass runs the same model
-    on text only, under `no_grad` and with any LoRA adapter of the LLM switched off, so the teacher is the frozen LLM.
+    The cross-entropy is the base trainer's loss (the model's own, on the kept logits, with the per-task losses of
+    multi-task data); the KL term is normalised over the same tokens. Logs `loss_ce` and `loss_kl` (per response token)
+    beside the total `loss`. The teacher pass runs the same model on text only, under `no_grad` and with any LoRA
+    adapter of the LLM switched off, so the teacher is the frozen LLM.
 
     Args:
         model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs: as for
@@ -166,69 +111,42 @@ class ContinuationTrainer(SpeechLlmTrainer):
             `ContinuationCollator` that builds teacher inputs when `args.kl_weight > 0`.
     """
 
-    def __init__(
-        self,
-        model=None,
-        args: ContinuationTrainingArguments | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        **kwargs,
-    ):
-        if not isinstance(args, ContinuationTrainingArguments):
-            raise ValueError("ContinuationTrainer needs ContinuationTrainingArguments (at least an output_dir).")
-        if data_collator is None and processing_class is not None:
-            data_collator = ContinuationCollator(
-                processing_class,
-                with_teacher=args.kl_weight > 0,
-                task=args.task,
-                prompts=PromptConfig.from_file(args.prompt_file),
-                text_column=args.text_column,
-                audio_column=args.audio_column,
-                max_length=args.max_length,
-                use_cached_features=args.feature_cache_dir is not None,
-            )
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
+    arguments_class = ContinuationTrainingArguments
+
+    def default_collator(self, args, processor, llm_attention, with_task_ids):
+        return collator_from_args(
+            ContinuationCollator,
+            args,
+            processor,
+            llm_attention,
+            with_teacher=args.kl_weight > 0,
+            return_task_ids=with_task_ids,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        teacher = {key.removeprefix("teacher_"): inputs.pop(key) for key in TEACHER_KEYS if key in inputs}
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        # Audio positions never count, whatever the collator put there (the model's own loss masks them the same way).
-        audio_token_id = self.accelerator.unwrap_model(model).config.audio_token_id
-        labels = labels.masked_fill(inputs["input_ids"] == audio_token_id, IGNORE_INDEX)
-        student = response_logits(outputs.logits, labels)  # (N, V)
-        targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-        num_tokens = max(targets.numel(), 1)
-        ce_sum = F.cross_entropy(student.float(), targets, reduction="sum")
-        total = self.args.ce_weight * ce_sum
-        self.record_metric("loss_ce", ce_sum.detach() / num_tokens)
+        teacher = {
+            key.removeprefix(TEACHER_PREFIX): inputs.pop(key) for key in list(inputs) if key.startswith(TEACHER_PREFIX)
+        }
+        ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        labels = self._loss_labels(model, inputs, outputs)
+        num_tokens = max(int((labels[:, 1:] != IGNORE_INDEX).sum()), 1)
+        # The KL sum is normalised as the Trainer normalised the CE sum: over this micro-batch's tokens, or over those
+        # of the whole accumulated batch (all processes' when the Trainer counts them; DDP averages gradients, hence
+        # the factor, as in `Trainer.compute_loss`).
+        per_token = 1 / num_tokens
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            per_token = (loss_processes(self) if self.args.average_tokens_across_devices else 1) / num_items_in_batch
+        loss = self.args.ce_weight * ce
+        self.record_metric("loss_ce", ce.detach() / (per_token * num_tokens))
         if self.args.kl_weight > 0:
             if not teacher:
                 raise ValueError("kl_weight > 0 needs teacher inputs: use ContinuationCollator(with_teacher=True).")
+            student = response_logits(outputs.logits, labels)  # (N, V)
             teacher_logits = self.teacher_response_logits(model, teacher, labels)
             kl_sum = distillation_kl(student, teacher_logits, self.args.kl_temperature).sum()
-            total = total + self.args.kl_weight * kl_sum
+            loss = loss + self.args.kl_weight * kl_sum * per_token
             self.record_metric("loss_kl", kl_sum.detach() / num_tokens)
-        if num_items_in_batch is None:
-            loss = total / num_tokens
-        else:
-            # Normalised over the whole accumulated batch, as the model's own loss is with `num_items_in_batch`; the
-            # Trainer counts tokens over all processes and DDP averages gradients, hence the factor (as in
-            # `Trainer.compute_loss`).
-            loss = total / num_items_in_batch
-            if self.args.average_tokens_across_devices:
-                loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
 
     def teacher_response_logits(self, model, teacher: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -236,32 +154,35 @@ class ContinuationTrainer(SpeechLlmTrainer):
 
         Args:
             model: the (possibly wrapped) speech LLM.
-            teacher: `input_ids`, `attention_mask` and `labels` of the text-only sequence.
+            teacher: `input_ids`, `labels` and `attention_mask` (or, packed, `position_ids` and any flash-attention
+                kwargs) of the text-only sequence.
             labels: the student's labels, to check that both sequences hold the same response tokens.
 
         Returns:
             (N, V) logits aligned row by row and token by token with `response_logits(student_logits, labels)`.
         """
-        student_mask, teacher_mask = labels[:, 1:] != IGNORE_INDEX, teacher["labels"][:, 1:] != IGNORE_INDEX
+        teacher_labels = teacher["labels"]
+        student_mask, teacher_mask = labels[:, 1:] != IGNORE_INDEX, teacher_labels[:, 1:] != IGNORE_INDEX
         if not torch.equal(student_mask.sum(1), teacher_mask.sum(1)) or not torch.equal(
-            labels[:, 1:][student_mask], teacher["labels"][:, 1:][teacher_mask]
+            labels[:, 1:][student_mask], teacher_labels[:, 1:][teacher_mask]
         ):
             raise ValueError("The teacher and student sequences do not hold the same response tokens.")
         unwrapped = self.accelerator.unwrap_model(model)
         without_adapter = (
             unwrapped.language_model.disable_adapter() if unwrapped.has_lora else contextlib.nullcontext()
         )
+        inputs = {key: value for key, value in teacher.items() if key != "labels"}
+        keep = 0 if is_packed(inputs) else logits_to_keep(teacher_labels)
         with torch.no_grad(), without_adapter:
-            # No audio: the model embeds the tokens and takes position ids from the attention mask, as for the student.
-            logits = model(input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"]).logits
-        return response_logits(logits, teacher["labels"])
+            # No audio: the model embeds the tokens; positions come from the attention mask, or with a packed batch.
+            logits = model(**inputs, logits_to_keep=keep).logits
+        return response_logits(logits, teacher_labels[:, -logits.shape[1] :])
 
 
 __all__ = [
     "ContinuationTrainingArguments",
-    "ContinuationCollator",
     "ContinuationTrainer",
     "distillation_kl",
     "response_logits",
-    "TEACHER_KEYS",
+    "TEACHER_PREFIX",
 ]

@@ -26,13 +26,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from ..data.collator import SpeechLlmCollator, pad_token_lists
-from ..data.mixed_collator import MixedSpeechTextCollator
+from ..data.collators import (
+    IGNORE_INDEX,
+    ContrastiveCollator,
+    MixedContrastiveCollator,
+    collator_from_args,
+    position_ids_from_mask,
+)
 from ..models.speechllm.modules_speechllm import lengths_to_mask
 from .arguments import SpeechLlmTrainingArguments
 from .contrastive_losses import (
@@ -131,6 +137,8 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
                 "layer by layer, in both branches, and its text branch runs the bare LLM. Drop --padding_free (the "
                 "asr and continuation methods take it)."
             )
+        if self.encoder_train_mode_augment and self.feature_cache_dir is not None:
+            raise ValueError("encoder_train_mode_augment changes the encoder outputs: it excludes a feature cache.")
         if self.gather_negatives and self.contrastive_loss == "wasserstein":
             raise ValueError(
                 "gather_negatives works with the InfoNCE loss only: the Wasserstein variant compares whole "
@@ -173,40 +181,25 @@ def _with_sink(ids: torch.Tensor, mask: torch.Tensor, token_id: int) -> tuple[to
 
 
 def _shifted_positions(mask: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Position ids of a padded batch (left or right) plus a per-row shift: the position-shift variant.
-
-    Unshifted, the model and the LLM derive their own positions; the shift needs them here, and the model's rule
-    (`cumsum(mask) - 1`, in its forward) has no public helper to reuse.
-    """
-    return (mask.long().cumsum(-1) - 1).clamp(min=0) + shift[:, None]
+    """Position ids of a padded batch (left or right) plus a per-row shift: the position-shift variant. Unshifted,
+    the model and the LLM derive the same positions themselves."""
+    return position_ids_from_mask(mask) + shift[:, None]
 
 
-class ContrastiveCollator(SpeechLlmCollator):
-    """The ASR batch (for the optional cross-entropy) plus the two contrastive inputs: the bare transcript tokens
-    (`text_input_ids`) and, per clip, a sequence of its audio tokens alone (`speech_input_ids`, no prompt)."""
+class SpeechSide(str, Enum):
+    """What the one speech-branch forward of `contrastive_states` runs."""
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = super().__call__(rows)
-        tokenizer = self.processor.tokenizer
-        tokens = tokenizer([row[self.text_column] for row in rows], add_special_tokens=False)["input_ids"]
-        batch["text_input_ids"], batch["text_attention_mask"] = pad_token_lists(tokens, tokenizer.pad_token_id)
-        if "feature_attention_mask" in batch:
-            feature_lengths = batch["feature_attention_mask"].sum(-1).tolist()
-        else:
-            feature_lengths = [int(row["feature_length"]) for row in rows]
-        speech = [[self.processor.audio_token_id] * self.processor.num_audio_tokens(n) for n in feature_lengths]
-        batch["speech_input_ids"], batch["speech_attention_mask"] = pad_token_lists(speech, tokenizer.pad_token_id)
-        return batch
+    SPEECH = "speech"  # the projector output alone (the published method)
+    SPEECH_AND_ASR = "speech+asr"  # ... and the ASR sequences as extra rows, whose cross-entropy is the outputs' loss
+    MIXED = "mixed"  # a mixed speech-text sequence of the utterance (the paper's variant)
+    MIXED_NWP = "mixed+nwp"  # ... with its next-word labels on the text positions, whose loss is the outputs' loss
 
-
-class MixedContrastiveCollator(MixedSpeechTextCollator):
-    """Mixed speech-text sequences as the speech side of the contrastive pair (and, with `ce_weight`, their
-    next-word loss on the text positions as the cross-entropy term)."""
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = super().__call__(rows)
-        batch["speech_input_ids"], batch["speech_attention_mask"] = batch["input_ids"], batch["attention_mask"]
-        return batch
+    @classmethod
+    def of(cls, speech_input: str, with_ce: bool) -> SpeechSide:
+        """The side `ContrastiveTrainingArguments.speech_input` names, with the cross-entropy term or without."""
+        if speech_input == "mixed":
+            return cls.MIXED_NWP if with_ce else cls.MIXED
+        return cls.SPEECH_AND_ASR if with_ce else cls.SPEECH
 
 
 def _right_pad(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
@@ -219,9 +212,8 @@ def contrastive_states(
     inputs: dict,
     layers: list[int],
     *,
+    side: SpeechSide = SpeechSide.SPEECH,
     shift: torch.Tensor | None = None,
-    with_ce: bool = False,
-    mixed: bool = False,
     pad_token_id: int = 0,
     sink_token_id: int | None = None,
 ) -> tuple[dict, object]:
@@ -229,13 +221,14 @@ def contrastive_states(
 
     `model` is what the Trainer gives (possibly DDP-wrapped) and `unwrapped` the bare model. The text branch runs
     under `no_grad` on the bare model (frozen weights only); the speech branch is ONE forward of `model` (so that
-    DDP sees one forward per step) on the speech-only sequences, plus the ASR sequences as extra rows when
-    `with_ce` (their loss is the outputs' `loss`, a mean over their response tokens); layer 0 alone needs no LLM
-    and takes the projector outputs from an audio-only forward. With `mixed`, the speech side is a mixed speech-text
-    sequence (`speech_input_ids` hold text tokens and audio placeholders): its layer 0 is the LLM's input
-    embeddings, so the LLM forward runs for every layer set, and with `with_ce` the same forward carries the mixed
-    sequences' next-word labels. `shift` (the position-shift variant) moves the positions of both branches; the
-    ASR rows keep theirs, while the mixed sequences, being the speech side, are shifted for their next-word loss too.
+    DDP sees one forward per step), on what `side` names. `SPEECH`: the speech-only sequences through the LLM, or
+    for layer 0 alone, which needs no LLM, the projector outputs from an audio-only forward. `SPEECH_AND_ASR`: the
+    ASR sequences run as extra rows of the same forward (their loss is the outputs' `loss`, a mean over their
+    response tokens). `MIXED`: a mixed speech-text sequence (`speech_input_ids` hold text tokens and audio
+    placeholders), whose layer 0 is the LLM's input embeddings, so the LLM forward runs for every layer set;
+    `MIXED_NWP` carries the mixed sequences' next-word labels in that forward. `shift` (the position-shift variant)
+    moves the positions of both branches; the ASR rows keep theirs, while the mixed sequences, being the speech side,
+    are shifted for their next-word loss too.
     `sink_token_id` (the attention-sink remedy) is prepended to the text and speech sequences wherever the LLM runs
     (not to the ASR rows); the returned states and masks leave its position out, so they are the same span as
     without it, and layer 0 is unchanged.
@@ -248,6 +241,7 @@ def contrastive_states(
     text_ids, text_mask = inputs["text_input_ids"], inputs["text_attention_mask"]
     batch_size, speech_width = speech_ids.shape
     deep = any(layer > 0 for layer in layers)
+    mixed = side in (SpeechSide.MIXED, SpeechSide.MIXED_NWP)
     skip = 0 if sink_token_id is None else 1  # leading positions left out of what is returned
     # The returned masks are the unprefixed ones: the sink's position is never pooled.
     text_pool_mask, speech_pool_mask = text_mask, speech_mask
@@ -268,19 +262,21 @@ def contrastive_states(
                 use_cache=False,
             ).hidden_states
 
-    if deep or with_ce or mixed:
+    if deep or side != SpeechSide.SPEECH:
         ids, mask, labels = speech_ids, speech_mask, None
-        if with_ce and mixed:
+        if side == SpeechSide.MIXED_NWP:
             labels = inputs["labels"]
             if sink_token_id is not None:
-                labels = torch.cat([torch.full_like(labels[:, :1], -100), labels], 1)
-        elif with_ce:
+                labels = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels], 1)
+        elif side == SpeechSide.SPEECH_AND_ASR:
             width = max(speech_ids.shape[1], inputs["input_ids"].shape[1])
             ids = torch.cat(
                 [_right_pad(speech_ids, width, pad_token_id), _right_pad(inputs["input_ids"], width, pad_token_id)]
             )
             mask = torch.cat([_right_pad(speech_mask, width, 0), _right_pad(inputs["attention_mask"], width, 0)])
-            labels = torch.cat([torch.full_like(ids[:batch_size], -100), _right_pad(inputs["labels"], width, -100)])
+            labels = torch.cat(
+                [torch.full_like(ids[:batch_size], IGNORE_INDEX), _right_pad(inputs["labels"], width, IGNORE_INDEX)]
+            )
             states, state_lengths = torch.cat([states, states]), torch.cat([state_lengths, state_lengths])
             if shift is not None:
                 shift = torch.cat([shift, torch.zeros_like(shift)])
@@ -324,32 +320,16 @@ class _ZeroTemperatureGradient(TrainerCallback):
 class ContrastiveTrainer(SpeechLlmTrainer):
     """Contrastive pretraining; see the module docstring. Logs `loss_layer_<i>`, `loss_contrastive`, `loss_ce`."""
 
-    def __init__(self, model=None, args: ContrastiveTrainingArguments | None = None, data_collator=None, **kwargs):
-        if args is None:
-            raise ValueError("ContrastiveTrainer needs ContrastiveTrainingArguments (at least an output_dir).")
-        processor = kwargs.get("processing_class")
-        if data_collator is None and processor is not None and args.speech_input == "mixed":
-            data_collator = MixedContrastiveCollator(
-                processor, audio_column=args.audio_column, text_column=args.text_column, seed=args.seed
-            )
-        elif data_collator is None and processor is not None:
-            from ..data.tasks import PromptConfig
+    arguments_class = ContrastiveTrainingArguments
 
-            data_collator = ContrastiveCollator(
-                processor,
-                task="asr",
-                prompts=PromptConfig.from_file(args.prompt_file),
-                text_column=args.text_column,
-                audio_column=args.audio_column,
-                max_length=args.max_length,
-                use_cached_features=args.feature_cache_dir is not None,
-            )
-        if args.encoder_train_mode_augment and args.feature_cache_dir is not None:
-            raise ValueError("encoder_train_mode_augment changes the encoder outputs: it excludes a feature cache.")
-        self.layers = contrastive_layer_indices(model.config.text_config.num_hidden_layers, args.contrastive_layers)
+    def __init__(self, model=None, args: ContrastiveTrainingArguments | None = None, data_collator=None, **kwargs):
+        self._check_arguments(args)
+        processor = kwargs.get("processing_class")
         if processor is None:
             raise ValueError("ContrastiveTrainer needs processing_class (the model's processor): its tokenizer pads.")
+        self.layers = contrastive_layer_indices(model.config.text_config.num_hidden_layers, args.contrastive_layers)
         self.sink_token_id = sink_token_id(processor.tokenizer, args.sink_token, model.config.audio_token_id)
+        self.speech_side = SpeechSide.of(args.speech_input, with_ce=args.ce_weight > 0)
         # The learnable temperature trains with the projector; it is saved beside it in each checkpoint.
         self.temperature = LearnableTemperature(args.temperature) if args.learnable_temperature else None
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
@@ -360,6 +340,11 @@ class ContrastiveTrainer(SpeechLlmTrainer):
         if self.temperature is not None:
             self.temperature.to(self.args.device)
             self.add_callback(_ZeroTemperatureGradient(self.temperature))
+
+    def default_collator(self, args, processor, llm_attention, with_task_ids):
+        if args.speech_input == "mixed":
+            return collator_from_args(MixedContrastiveCollator, args, processor)
+        return collator_from_args(ContrastiveCollator, args, processor, task="asr")  # the cross-entropy term's task
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -394,9 +379,8 @@ class ContrastiveTrainer(SpeechLlmTrainer):
             unwrapped,
             inputs,
             self.layers,
+            side=self.speech_side,
             shift=shift,
-            with_ce=self.args.ce_weight > 0,
-            mixed=self.args.speech_input == "mixed",
             pad_token_id=self.processing_class.tokenizer.pad_token_id,
             sink_token_id=self.sink_token_id,
         )
@@ -453,8 +437,7 @@ class ContrastiveTrainer(SpeechLlmTrainer):
 __all__ = [
     "ContrastiveTrainer",
     "ContrastiveTrainingArguments",
-    "ContrastiveCollator",
-    "MixedContrastiveCollator",
+    "SpeechSide",
     "contrastive_states",
     "sink_token_id",
 ]

@@ -1,12 +1,12 @@
 """SpeechLlmTrainer: the one Trainer behind ASR pretraining, multi-task fine-tuning and both pretraining methods.
 
-It adds to `transformers.Trainer`: the speech collator by default, length-grouped batches, the encoder-feature cache,
-padding-free packing (`--padding_free`, applied by the model: see `SpeechLlmConfig.padding_free`),
-projector-only checkpoints that still resume exactly (optimizer, scheduler and RNG state are the Trainer's own) and
-that `load_best_model_at_end` reloads, per-task losses on multi-task data, per-loss metrics that subclasses record
-with `record_metric`, a stop at the first step whose loss or weights are not finite (`DivergenceGuard`),
-checkpoints marked complete once fully written and resumed only then (`checkpoints`), and a push of the projector
-only (`push_to_hub`).
+It adds to `transformers.Trainer`: a default collator built from its arguments (`default_collator`), with
+padding-free packing (`--padding_free`, done by the collator and checked against the LLM's attention here),
+length-grouped batches, the encoder-feature cache, projector-only checkpoints that still resume exactly (optimizer,
+scheduler and RNG state are the Trainer's own) and that `load_best_model_at_end` reloads, per-task losses on
+multi-task data, per-loss metrics that subclasses record with `record_metric`, a stop at the first step whose loss or
+weights are not finite (`DivergenceGuard`), checkpoints marked complete once fully written and resumed only then
+(`checkpoints`), and a push of the projector only (`push_to_hub`).
 """
 
 from __future__ import annotations
@@ -23,21 +23,23 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
-from ..data.collator import IGNORE_INDEX, TASK_IDS, SpeechLlmCollator
-from ..data.feature_cache import attach_feature_cache, build_feature_cache
-from ..data.mixed_collator import MixedSpeechTextCollator
+from ..compat import dataloader_settings, requested_sampling, rotate_checkpoints
+from ..data.collators import (
+    IGNORE_INDEX,
+    TASK_IDS,
+    MixedSpeechTextCollator,
+    SpeechLlmCollator,
+    collator_from_args,
+    is_packed,
+    padding_free_unsupported,
+)
+from ..data.feature_cache import with_feature_cache
 from ..data.sampler import LengthGroupedSampler
-from ..data.tasks import TASKS, PromptConfig, check_columns
-from ..models.speechllm.hub_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_NAME, upload_saved_folder
-from ..models.speechllm.modeling_speechllm import padding_free_unsupported
+from ..data.tasks import TASKS, check_columns
+from ..models.speechllm.loading_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_NAME
 from .arguments import MIXED_TASK, SpeechLlmTrainingArguments
 from .checkpoints import mark_complete, resolve_resume, unmark
 from .divergence import DivergenceGuard
-
-try:  # transformers 5.x rotates checkpoints with a function, 4.57 with a Trainer method
-    from transformers.trainer_utils import rotate_checkpoints
-except ImportError:
-    rotate_checkpoints = None
 
 logger = logging.getLogger(__name__)
 
@@ -47,23 +49,26 @@ class SpeechLlmTrainer(Trainer):
 
     Args:
         model: the speech LLM (encoder and LLM frozen; optionally a LoRA adapter on the LLM).
-        args: `SpeechLlmTrainingArguments`.
+        args: `SpeechLlmTrainingArguments` (`arguments_class`).
         train_dataset, eval_dataset: `datasets.Dataset`s of rows (audio, text, ...), e.g. from `prepare_dataset`;
             `eval_dataset` may be a dict of them. With `args.feature_cache_dir`, both are encoded once and read from
             the cache (the evaluation sets under `<feature_cache_dir>/eval` or `eval_<name>`).
         processing_class: the model's `SpeechLlmProcessor` (saved with every checkpoint).
-        data_collator: defaults to a `SpeechLlmCollator` configured from `args` (it adds `task_ids` when a dataset
-            has a `task` column, and the trainer then logs `loss_<task>` beside `loss`).
+        data_collator: defaults to `default_collator(...)`, configured from `args` (a `SpeechLlmCollator` adds
+            `task_ids` when a dataset has a `task` column, and the trainer then logs `loss_<task>` beside `loss`).
         **kwargs: passed to `Trainer`.
 
     Raises:
         ValueError: before any row is read, for a dataset that lacks a column its tasks need, a feature cache with a
             collator that does not read it, `remove_unused_columns=True` with a speech collator, a transformers
-            sampling strategy that duration grouping would override, `padding_free` with an LLM attention that
-            cannot keep packed sequences apart, or `push_to_hub=True` (see `push_to_hub`).
+            sampling strategy that duration grouping would override, `padding_free` with a collator that does not
+            pack or an LLM attention that cannot keep packed sequences apart, or `push_to_hub=True` (see
+            `push_to_hub`).
         TrainingDivergedError: from `train`, at the first step whose loss or trainable weights are not finite (or
             after `max_skipped_steps` skipped fp16 steps), before that step is logged or saved.
     """
+
+    arguments_class = SpeechLlmTrainingArguments
 
     def __init__(
         self,
@@ -75,80 +80,22 @@ class SpeechLlmTrainer(Trainer):
         processing_class=None,
         **kwargs,
     ):
-        if args is None:
-            raise ValueError("SpeechLlmTrainer needs SpeechLlmTrainingArguments (at least an output_dir).")
-        if args.push_to_hub:
-            raise ValueError(
-                "push_to_hub=True uploads the output folder as it is at every save: the full weights of backbones "
-                "that have no Hub id, training_args.bin, and backbone ids that are local folders. Train without it, "
-                "then call trainer.push_to_hub() or run `speechllm-hf push --model OUTPUT_DIR --repo_id ID`, which "
-                "upload the projector only unless full weights are allowed explicitly."
-            )
+        self._check_arguments(args)
         if args.data_subset is not None and train_dataset is not None:
             train_dataset = subset(train_dataset, args.data_subset, _data_seed(args))
-        if model is not None:
-            use_padding_free(model, args.padding_free)
         datasets_by_name = _named_datasets(train_dataset, eval_dataset)
-        use_cache = args.feature_cache_dir is not None
-        if data_collator is None and processing_class is None:
-            raise ValueError("Pass processing_class (the SpeechLlmProcessor) or a data_collator.")
-        if data_collator is None and args.task == MIXED_TASK:
-            data_collator = MixedSpeechTextCollator(
-                processing_class, audio_column=args.audio_column, text_column=args.text_column, seed=args.seed
-            )
-        elif data_collator is None:
-            data_collator = SpeechLlmCollator(
-                processing_class,
-                task=args.task,
-                prompts=PromptConfig.from_file(args.prompt_file),
-                text_column=args.text_column,
-                audio_column=args.audio_column,
-                max_length=args.max_length,
-                use_cached_features=use_cache,
-                return_task_ids=any("task" in _columns(d) for d in datasets_by_name.values()),
-            )
-        if args.remove_unused_columns and isinstance(data_collator, (SpeechLlmCollator, MixedSpeechTextCollator)):
-            raise ValueError(
-                "remove_unused_columns=True drops the audio and text columns the speech collators read: leave it off."
-            )
-        tasks = set()
-        if isinstance(data_collator, SpeechLlmCollator):
-            for name, dataset in datasets_by_name.items():
-                dataset_tasks = _row_tasks(dataset, data_collator.task)
-                try:
-                    check_columns(_columns(dataset), dataset_tasks, data_collator.prompts, data_collator.text_column)
-                except ValueError as err:
-                    raise ValueError(f"{name}: {err}") from err
-                tasks |= dataset_tasks
-        if use_cache:
-            if not getattr(data_collator, "use_cached_features", False):
-                raise ValueError(
-                    f"feature_cache_dir is set but the collator ({type(data_collator).__name__}) does not read cached "
-                    "features, so the cache would never be used: drop feature_cache_dir."
-                )
-            if train_dataset is not None:
-                train_dataset = self._with_feature_cache(model, processing_class, train_dataset, args, None)
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {
-                    name: self._with_feature_cache(model, processing_class, dataset, args, f"eval_{name}")
-                    for name, dataset in eval_dataset.items()
-                }
-            elif eval_dataset is not None:
-                eval_dataset = self._with_feature_cache(model, processing_class, eval_dataset, args, "eval")
-        if args.group_by_duration and "duration" in _columns(train_dataset) and _other_sampling(args):
-            raise ValueError(
-                f"The training set has a duration column, so group_by_duration batches it by clip duration, which "
-                f"overrides the requested transformers sampling ({_other_sampling(args)}): pass "
-                "--group_by_duration False to use that sampling, or drop it to keep duration grouping."
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError("Pass processing_class (the SpeechLlmProcessor) or a data_collator.")
+            with_task_ids = any("task" in _columns(d) for d in datasets_by_name.values())
+            data_collator = self.default_collator(args, processing_class, _llm_attention(model), with_task_ids)
+        tasks = _check_setup(args, model, data_collator, train_dataset, datasets_by_name)
+        if args.feature_cache_dir is not None:
+            train_dataset, eval_dataset = _with_feature_caches(
+                args, model, processing_class, train_dataset, eval_dataset
             )
         super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
+            model, args, data_collator, train_dataset, eval_dataset, processing_class=processing_class, **kwargs
         )
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         # Every process reduces these names at every log, whether or not its own batches held the task.
@@ -159,15 +106,17 @@ class SpeechLlmTrainer(Trainer):
         self.divergence_guard = DivergenceGuard(self.accelerator, args.max_skipped_steps)
         self.add_callback(self.divergence_guard)
 
-    @staticmethod
-    def _with_feature_cache(model, processor, dataset, args, subfolder: str | None):
-        folder = args.feature_cache_dir if subfolder is None else os.path.join(args.feature_cache_dir, subfolder)
-        if not os.path.exists(os.path.join(folder, "cache_key.json")):
-            if args.process_index == 0:
-                build_feature_cache(model, processor, dataset, folder, audio_column=args.audio_column)
-            if args.world_size > 1:
-                torch.distributed.barrier()
-        return attach_feature_cache(dataset, folder, model, processor, audio_column=args.audio_column)
+    def _check_arguments(self, args) -> None:
+        if not isinstance(args, self.arguments_class):
+            raise ValueError(f"{type(self).__name__} needs {self.arguments_class.__name__} (at least an output_dir).")
+
+    def default_collator(self, args, processor, llm_attention: str | None, with_task_ids: bool):
+        """The collator used when none is given (`collator_from_args`): mixed speech-text sequences for task "mixed",
+        else a `SpeechLlmCollator` that returns `task_ids` when `with_task_ids` (a dataset has a `task` column).
+        Subclasses return their own."""
+        if args.task == MIXED_TASK:
+            return collator_from_args(MixedSpeechTextCollator, args, processor, llm_attention)
+        return collator_from_args(SpeechLlmCollator, args, processor, llm_attention, return_task_ids=with_task_ids)
 
     # ---------------------------------------------------------------------------------------------------------------
 
@@ -199,11 +148,7 @@ class SpeechLlmTrainer(Trainer):
             "drop_last": args.dataloader_drop_last,
             "worker_init_fn": partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
         }
-        # transformers 5.x added these two DataLoader settings; 4.57 has neither.
-        for name in ("multiprocessing_context", "in_order"):
-            if hasattr(args, f"dataloader_{name}"):
-                params[name] = getattr(args, f"dataloader_{name}")
-        return self.accelerator.prepare(DataLoader(dataset, **params))
+        return self.accelerator.prepare(DataLoader(dataset, **params, **dataloader_settings(args)))
 
     # ---------------------------------------------------------------------------------------------------------------
 
@@ -238,15 +183,7 @@ class SpeechLlmTrainer(Trainer):
         if not self.args.should_save:
             return
         mark_complete(folder)
-        if rotate_checkpoints is not None:
-            rotate_checkpoints(
-                output_dir=os.path.dirname(folder),
-                save_total_limit=limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-        else:
-            self._rotate_checkpoints(use_mtime=True, output_dir=os.path.dirname(folder))
+        rotate_checkpoints(self, os.path.dirname(folder), limit)
 
     def push_to_hub(
         self,
@@ -268,6 +205,8 @@ class SpeechLlmTrainer(Trainer):
         Raises:
             ValueError: see `upload_saved_folder` (full weights not allowed, backbones named by local folders).
         """
+        from ..publishing import upload_saved_folder  # here: publishing imports training.checkpoints
+
         if kwargs:
             logger.warning("push_to_hub ignores %s: the saved model card describes the model.", sorted(kwargs))
         self.save_model()
@@ -294,32 +233,46 @@ class SpeechLlmTrainer(Trainer):
         loss reads the logits (label smoothing, `compute_loss_func`, or metrics at evaluation) or the batch is packed
         (`padding_free`: the last positions of one packed row are not those of each sequence).
         """
-        keep_all = self._reads_logits(model) or self.args.padding_free
-        if "labels" in inputs and "logits_to_keep" not in inputs and not keep_all:
-            inputs = {**inputs, "logits_to_keep": logits_to_keep(inputs["labels"])}
-        if TASK_IDS not in inputs:
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
         inputs = dict(inputs)
-        task_ids = inputs.pop(TASK_IDS)
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        with torch.no_grad():
-            labels = inputs["labels"][:, -outputs.logits.shape[1] :]  # the positions whose logits were kept
-            labelled = labels[:, 1:] != IGNORE_INDEX  # (B, kept - 1): position t predicts token t + 1
-            token_losses = F.cross_entropy(
-                outputs.logits[:, :-1][labelled].float(), labels[:, 1:][labelled], reduction="none"
-            )  # (N,)
-            token_tasks = task_ids.to(labelled.device)[:, None].expand_as(labelled)[labelled]  # (N,)
-            for index in token_tasks.unique().tolist():
-                self.record_metric(f"loss_{TASKS[index]}", token_losses[token_tasks == index].mean())
+        task_ids = inputs.pop(TASK_IDS, None)
+        if "labels" in inputs and "logits_to_keep" not in inputs and not self._keeps_every_logit(model, inputs):
+            inputs["logits_to_keep"] = logits_to_keep(inputs["labels"])
+        # A copy: the Trainer pops the labels of the inputs it is given when it smooths them.
+        loss, outputs = super().compute_loss(
+            model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        if task_ids is not None:
+            self._record_task_losses(model, inputs, outputs, task_ids)
         return (loss, outputs) if return_outputs else loss
 
-    def _reads_logits(self, model) -> bool:
-        """Whether logits are read beyond the model's loss, so that every position needs them."""
-        if self.label_smoother is not None or self.compute_loss_func is not None:
+    def _keeps_every_logit(self, model, inputs) -> bool:
+        """Whether logits are read beyond the model's loss, or the batch is packed, so that every position needs
+        them."""
+        if self.label_smoother is not None or self.compute_loss_func is not None or is_packed(inputs):
             return True
         return not model.training and (self.compute_metrics or self.preprocess_logits_for_metrics) is not None
+
+    def _loss_labels(self, model, inputs, outputs) -> torch.Tensor:
+        """The labels the model's loss pairs with `outputs.logits`: audio positions ignored (the model ignores them
+        whatever they hold), at the positions whose logits were kept."""
+        audio_token_id = self.accelerator.unwrap_model(model).config.audio_token_id
+        labels = inputs["labels"].masked_fill(inputs["input_ids"] == audio_token_id, IGNORE_INDEX)
+        return labels[:, -outputs.logits.shape[1] :]
+
+    @torch.no_grad()
+    def _record_task_losses(self, model, inputs, outputs, task_ids: torch.Tensor) -> None:
+        """`loss_<task>`: each task's mean loss per response token, from task ids per row (B,) or, in a packed batch,
+        per token (1, N)."""
+        labels = self._loss_labels(model, inputs, outputs)
+        if task_ids.dim() == 1:
+            task_ids = task_ids[:, None].expand_as(inputs["labels"])
+        labelled = labels[:, 1:] != IGNORE_INDEX  # (B, kept - 1): position t predicts token t + 1
+        token_losses = F.cross_entropy(
+            outputs.logits[:, :-1][labelled].float(), labels[:, 1:][labelled], reduction="none"
+        )  # (N,)
+        token_tasks = task_ids[:, -labels.shape[1] :][:, 1:].to(labelled.device)[labelled]  # (N,)
+        for index in token_tasks.unique().tolist():
+            self.record_metric(f"loss_{TASKS[index]}", token_losses[token_tasks == index].mean())
 
     # ---------------------------------------------------------------------------------------------------------------
     # Per-loss metrics, averaged over the logging interval and merged into the Trainer's logs.
@@ -382,16 +335,6 @@ class _LoadBestProjectorCallback(TrainerCallback):
             model.load_trained_weights(best)
 
 
-def use_padding_free(model, enabled: bool) -> None:
-    """Set the model's `config.padding_free` from `--padding_free` (as the Trainer sets `config.use_cache` from
-    `--use_cache`), refusing, before any step, an LLM whose attention would mix the packed sequences."""
-    if enabled:
-        problem = padding_free_unsupported(model.language_model.config._attn_implementation)
-        if problem:
-            raise ValueError(problem)
-    model.config.padding_free = enabled
-
-
 def _data_seed(args) -> int:
     """The seed of data order and subsets: `data_seed` when set (0 included), else `seed`."""
     return args.data_seed if args.data_seed is not None else args.seed
@@ -436,12 +379,72 @@ def _row_tasks(dataset: datasets.Dataset, default: str) -> set[str]:
     return {task or default for task in dataset.unique("task")}
 
 
-def _other_sampling(args) -> str | None:
-    """The training sampling asked of transformers, if any: 5.x `train_sampling_strategy`, 4.57 `group_by_length`."""
-    if hasattr(args, "train_sampling_strategy"):
-        strategy = args.train_sampling_strategy
-        return None if strategy == "random" else f"train_sampling_strategy={strategy!r}"
-    return "group_by_length=True" if args.group_by_length else None
+def _llm_attention(model) -> str | None:
+    return None if model is None else model.language_model.config._attn_implementation
+
+
+def _check_setup(args, model, data_collator, train_dataset, datasets_by_name: dict[str, datasets.Dataset]) -> set[str]:
+    """Refuse, before any row is read, a set-up that would fail or silently do something else later; return the tasks
+    of the datasets' rows (for a `SpeechLlmCollator`; none otherwise)."""
+    if args.push_to_hub:
+        raise ValueError(
+            "push_to_hub=True uploads the output folder as it is at every save: the full weights of backbones "
+            "that have no Hub id, training_args.bin, and backbone ids that are local folders. Train without it, "
+            "then call trainer.push_to_hub() or run `speechllm-hf push --model OUTPUT_DIR --repo_id ID`, which "
+            "upload the projector only unless full weights are allowed explicitly."
+        )
+    if args.remove_unused_columns and isinstance(data_collator, (SpeechLlmCollator, MixedSpeechTextCollator)):
+        raise ValueError(
+            "remove_unused_columns=True drops the audio and text columns the speech collators read: leave it off."
+        )
+    tasks = set()
+    if isinstance(data_collator, SpeechLlmCollator):
+        for name, dataset in datasets_by_name.items():
+            dataset_tasks = _row_tasks(dataset, data_collator.task)
+            try:
+                check_columns(_columns(dataset), dataset_tasks, data_collator.prompts, data_collator.text_column)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from err
+            tasks |= dataset_tasks
+    if args.feature_cache_dir is not None and not getattr(data_collator, "use_cached_features", False):
+        raise ValueError(
+            f"feature_cache_dir is set but the collator ({type(data_collator).__name__}) does not read cached "
+            "features, so the cache would never be used: drop feature_cache_dir."
+        )
+    packs = getattr(data_collator, "padding_free", False)
+    if args.padding_free and not packs:
+        raise ValueError(
+            f"padding_free is set but the collator ({type(data_collator).__name__}) does not pack: build it with "
+            "padding_free=True (collator_from_args does), or drop padding_free."
+        )
+    problem = padding_free_unsupported(_llm_attention(model)) if packs and model is not None else None
+    if problem:
+        raise ValueError(problem)
+    if args.group_by_duration and "duration" in _columns(train_dataset) and requested_sampling(args):
+        raise ValueError(
+            f"The training set has a duration column, so group_by_duration batches it by clip duration, which "
+            f"overrides the requested transformers sampling ({requested_sampling(args)}): pass "
+            "--group_by_duration False to use that sampling, or drop it to keep duration grouping."
+        )
+    return tasks
+
+
+def _with_feature_caches(args, model, processor, train_dataset, eval_dataset):
+    """The training and evaluation sets with their encoder-feature caches; the main process builds a missing cache
+    while the others wait (`main_process_first`), and they then read it."""
+
+    def cached(dataset, subfolder: str | None):
+        folder = args.feature_cache_dir if subfolder is None else os.path.join(args.feature_cache_dir, subfolder)
+        return with_feature_cache(dataset, folder, model, processor, audio_column=args.audio_column)
+
+    with args.main_process_first(local=False, desc="encoder-feature cache"):
+        if train_dataset is not None:
+            train_dataset = cached(train_dataset, None)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: cached(dataset, f"eval_{name}") for name, dataset in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = cached(eval_dataset, "eval")
+    return train_dataset, eval_dataset
 
 
 __all__ = ["SpeechLlmTrainer", "logits_to_keep", "subset"]

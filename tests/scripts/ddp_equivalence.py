@@ -6,7 +6,9 @@ micro-batch; each of the N processes takes 1/N of it. Run once in 1 process and 
     python ddp_equivalence.py OUT
 
 - asr: `SpeechLlmTrainer` (HuBERT + Q-Former with dropout 0), with the length-grouped sampler (the clips have a
-  duration) and, as asr_random_order, with the Trainer's own random sampler (`group_by_duration=False`);
+  duration), as asr_random_order with the Trainer's own random sampler (`group_by_duration=False`), and as
+  asr_feature_cache on an encoder-feature cache that the trainer builds (each process writes how many caches it
+  built to builds_rank<N>.json: only the main process may build it);
 - contrastive: `ContrastiveTrainer` with gathered negatives (Whisper + MLP), the setting in which N x b equals 1 x Nb;
 - continuation: `ContinuationTrainer` with cross-entropy and KL (Whisper + CNN adapter, BLSP prompt);
 each with gradient accumulation 1 (global micro-batch 8) and 2 (global micro-batch 4).
@@ -25,7 +27,9 @@ import torch
 from safetensors.torch import save_file
 
 from speechllm_hf import from_preset
+from speechllm_hf.compat import WARMUP_RATIO_FIELD
 from speechllm_hf.corpus import load_split
+from speechllm_hf.data import feature_cache
 from speechllm_hf.training import (
     ContinuationTrainer,
     ContinuationTrainingArguments,
@@ -34,7 +38,6 @@ from speechllm_hf.training import (
     SpeechLlmTrainer,
     SpeechLlmTrainingArguments,
 )
-from speechllm_hf.training.arguments import WARMUP_RATIO_FIELD
 
 STEPS = 3
 ROWS = 48  # more than 3 global batches, so that the sampler's grouping decides which clips each step sees
@@ -43,6 +46,7 @@ CASES = [
     ("asr", "asr", 8, 1, {}),
     ("asr_accumulation", "asr", 4, 2, {}),
     ("asr_random_order", "asr", 8, 1, {"group_by_duration": False}),
+    ("asr_feature_cache", "asr", 8, 1, {"feature_cache_dir": "cache"}),  # a folder of the case's own
     ("contrastive", "contrastive", 8, 1, {}),
     ("contrastive_accumulation", "contrastive", 4, 2, {}),
     ("continuation", "continuation", 8, 1, {}),
@@ -98,6 +102,8 @@ def run(output_dir: str, name: str, global_micro_batch: int, accumulation: int, 
     per_device, remainder = divmod(global_micro_batch, int(os.environ.get("WORLD_SIZE", 1)))  # set by torchrun
     assert remainder == 0, "the global micro-batch must split evenly over the processes"
     warmup = {"warmup_steps": 0, **({"warmup_ratio": 0.0} if WARMUP_RATIO_FIELD else {})}
+    if "feature_cache_dir" in extra:
+        extra = {**extra, "feature_cache_dir": os.path.join(output_dir, extra["feature_cache_dir"])}
     args = arguments_class(
         output_dir=output_dir,
         max_steps=STEPS,
@@ -117,12 +123,20 @@ def run(output_dir: str, name: str, global_micro_batch: int, accumulation: int, 
         **settings,
         **extra,
     )
-    trainer = trainer_class(
-        model=model, args=args, train_dataset=datasets.Dataset.from_list(rows()), processing_class=processor
-    )
+    builds = []
+    build = feature_cache.build_feature_cache
+    feature_cache.build_feature_cache = lambda *args, **kwargs: builds.append(1) or build(*args, **kwargs)
+    try:
+        trainer = trainer_class(
+            model=model, args=args, train_dataset=datasets.Dataset.from_list(rows()), processing_class=processor
+        )
+    finally:
+        feature_cache.build_feature_cache = build
     recorder = trainer.data_collator = RecordingCollator(trainer.data_collator)
     trainer.train()
     rank = trainer.args.process_index
+    with open(os.path.join(output_dir, f"builds_rank{rank}.json"), "w") as file:
+        json.dump(len(builds), file)
     # The loader may collate one batch ahead of the last step: keep the micro-batches that were trained on.
     with open(os.path.join(output_dir, f"batches_rank{rank}.json"), "w") as file:
         json.dump(recorder.batches[: STEPS * accumulation], file)

@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from speechllm_hf import from_preset
 from speechllm_hf.corpus import load_split
-from speechllm_hf.data.collator import IGNORE_INDEX, SpeechLlmCollator
+from speechllm_hf.data.collators import IGNORE_INDEX, SpeechLlmCollator
 from speechllm_hf.models.speechllm.loading_speechllm import is_projector_key
 
 STEPS, BATCH = 3, 8
