@@ -29,6 +29,7 @@ from speechllm_hf.training.continuation import (
     distillation_kl,
     response_logits,
 )
+from speechllm_hf.training.trainer import logits_to_keep
 
 CONTINUATIONS = ["and then they fly away.", "it is red.", "so we play with them all day.", "we go home."]
 
@@ -327,6 +328,41 @@ def test_a_few_steps_lower_the_continuation_cross_entropy(tmp_path):
     assert logs[0]["loss_ce"] == pytest.approx(logs[0]["loss"])
     # The frozen LLM is random, so the speech can only steer it a little; the run is the same every time.
     assert logs[-1]["loss"] < logs[0]["loss"] - 0.05
+
+
+def test_the_loss_is_the_base_trainers_with_response_logits_only_and_each_tasks_loss(tmp_path):
+    """The cross-entropy goes through SpeechLlmTrainer's loss: logits from the position before the first label on (the
+    same loss, KL included, as with every position's logits) and `loss_<task>` for rows of several tasks."""
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny", projector_type="mlp")
+    model.eval()  # no dropout; the metrics are recorded as evaluation's
+    rows = continuation_rows(4)
+    for index, row in enumerate(rows):
+        row["task"] = "asr" if index % 2 else "continuation"
+    args = training_args(tmp_path, kl_weight=0.5)
+    trainer = ContinuationTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=processor
+    )
+    collator = trainer.data_collator
+    assert isinstance(collator, ContinuationCollator) and collator.with_teacher and collator.return_task_ids
+    batch = collator(rows)
+    recorded = trainer._metrics["eval"]
+    with torch.no_grad():
+        full_loss, full_outputs = trainer.compute_loss(model, {**batch, "logits_to_keep": 0}, return_outputs=True)
+        recorded.clear()
+        loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    length = batch["labels"].shape[1]
+    assert outputs.logits.shape[1] == logits_to_keep(batch["labels"]) < length == full_outputs.logits.shape[1]
+    torch.testing.assert_close(loss, full_loss)
+
+    mixed = {name: list(values) for name, values in recorded.items()}
+    assert set(mixed) == {"loss_ce", "loss_kl", "loss_asr", "loss_continuation"}
+    for task in ("asr", "continuation"):
+        recorded.clear()
+        with torch.no_grad():
+            trainer.compute_loss(model, collator([row for row in rows if row["task"] == task]))
+        # A task's loss over the mixed batch is the cross-entropy of its rows alone, per response token.
+        assert mixed[f"loss_{task}"] == [pytest.approx(recorded["loss_ce"][0], rel=1e-5)]
 
 
 def test_gradient_accumulation_matches_the_full_batch_with_kl(tmp_path):
