@@ -539,3 +539,16 @@ def test_save_push_and_load_take_every_argument_of_pretrained_models(major, loca
     for files in (report["saved"], *report["uploaded"]):
         assert [n for n in files if n.endswith(".safetensors")] == ["projector.safetensors"], files
     assert len(report["uploaded"]) == 1  # one commit
+
+
+@pytest.mark.parametrize("major", ["5.x", "4.57"])
+def test_whisper_checkpoints_load_their_encoder_exactly_and_missing_weights_are_refused(major, tmp_path, request):
+    """Both Whisper layouts (`model.encoder.*`, `encoder.*`) load every encoder tensor on both transformers majors
+    (4.57 once left them all random with a warning), and a checkpoint lacking encoder weights is an error."""
+    python = sys.executable if major == "5.x" else request.getfixturevalue("compat_python")
+    shutil.copytree(HUB_FOLDER, tmp_path / "speechllm_hub", ignore=shutil.ignore_patterns("__pycache__"))
+    script = Path(__file__).parent / "scripts" / "whisper_encoder_loads.py"
+    report = run_without_package(python, [str(script)], tmp_path)
+    assert report["transformers"].startswith("4.57" if major == "4.57" else "5.")
+    assert report["differing"] == {"WhisperForConditionalGeneration": [], "WhisperModel": []}
+    assert report["refused"] and "lacks 15 of the weights" in report["refused"] and "layers.1." in report["refused"]

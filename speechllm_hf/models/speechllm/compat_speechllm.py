@@ -23,6 +23,12 @@ WHISPER_LAYER_EXTRA_ARGS = (
     {"layer_head_mask": None} if "layer_head_mask" in inspect.signature(WhisperEncoderLayer.forward).parameters else {}
 )
 
+# The key mapping that loads a Whisper checkpoint's encoder into `SpeechLlmWhisperEncoder`, whichever its layout:
+# `model.encoder.*` (WhisperForConditionalGeneration) or `encoder.*` (WhisperModel). 4.57 decides from the original
+# keys whether to strip the `model.` prefix of a task checkpoint, and skips any mapped key that then lacks it; 5.x
+# strips it after mapping. Mapping `model.encoder.` to `model.` (and `encoder.` to nothing) suits both.
+WHISPER_ENCODER_KEY_MAPPING = {r"^model\.encoder\.": "model.", r"^encoder\.": ""}
+
 # Options of a `from_pretrained` call that 5.x records in tokenizer_config.json: they describe how the files were
 # loaded on the machine that saved them (a local folder, offline), not the tokenizer.
 _TOKENIZER_LOAD_OPTIONS = (
@@ -95,6 +101,7 @@ def save_feature_extractor_for_4x(processor, save_directory: str | os.PathLike) 
 __all__ = [
     "CACHE_KWARGS",
     "DTYPE_KWARGS",
+    "WHISPER_ENCODER_KEY_MAPPING",
     "WHISPER_LAYER_EXTRA_ARGS",
     "cache_of",
     "cached_length",

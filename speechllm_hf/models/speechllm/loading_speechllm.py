@@ -18,7 +18,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import cached_file
 from transformers.utils.hub import extract_commit_hash
 
-from .compat_speechllm import requested_dtype
+from .compat_speechllm import WHISPER_ENCODER_KEY_MAPPING, requested_dtype
 from .configuration_speechllm import SpeechLlmConfig
 from .modules_speechllm import SpeechLlmWhisperEncoder
 
@@ -169,6 +169,24 @@ def from_pretrained_or_explain(loader, name_or_path: str, what: str, **kwargs):
         ) from err
 
 
+def load_backbone(loader, name_or_path: str, what: str, **kwargs) -> PreTrainedModel:
+    """`from_pretrained_or_explain`, refusing a checkpoint that lacks weights of the model it loads into: transformers
+    only warns and leaves them random, which would make every later result meaningless.
+
+    Raises:
+        ValueError: naming the missing weights.
+    """
+    model, info = from_pretrained_or_explain(loader, name_or_path, what, output_loading_info=True, **kwargs)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ValueError(
+            f"The {what} checkpoint {name_or_path!r} lacks {len(missing)} of the weights {type(model).__name__} "
+            f"needs ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); loading it would leave them "
+            "random. Check that it is a checkpoint of this model type, and that it downloaded completely."
+        )
+    return model
+
+
 def load_pretrained_encoder(config: SpeechLlmConfig, **kwargs) -> PreTrainedModel:
     """Load the encoder named by `config.encoder_name_or_path` at `config.encoder_revision`.
 
@@ -182,16 +200,13 @@ def load_pretrained_encoder(config: SpeechLlmConfig, **kwargs) -> PreTrainedMode
         "revision": config.encoder_revision,
     }
     if config.encoder_config.model_type == "whisper":
-        # Map `model.encoder.*` (WhisperForConditionalGeneration) and `encoder.*` (WhisperModel) to the encoder.
-        kwargs["key_mapping"] = {r"^(model\.)?encoder\.": ""}
+        kwargs["key_mapping"] = WHISPER_ENCODER_KEY_MAPPING
         logger.info(
             "Loading the encoder of the Whisper checkpoint %s; its decoder's weights go unused.",
             config.encoder_name_or_path,
         )
-        return from_pretrained_or_explain(
-            SpeechLlmWhisperEncoder.from_pretrained, config.encoder_name_or_path, "encoder", **kwargs
-        )
-    encoder = from_pretrained_or_explain(AutoModel.from_pretrained, config.encoder_name_or_path, "encoder", **kwargs)
+        return load_backbone(SpeechLlmWhisperEncoder.from_pretrained, config.encoder_name_or_path, "encoder", **kwargs)
+    encoder = load_backbone(AutoModel.from_pretrained, config.encoder_name_or_path, "encoder", **kwargs)
     if getattr(encoder.config, "is_encoder_decoder", False):
         encoder = encoder.get_encoder()
     return encoder
@@ -208,9 +223,7 @@ def load_pretrained_text_model(config: SpeechLlmConfig, **kwargs) -> PreTrainedM
         **kwargs,
         "revision": config.text_revision,
     }
-    return from_pretrained_or_explain(
-        AutoModelForCausalLM.from_pretrained, config.text_name_or_path, "text model", **kwargs
-    )
+    return load_backbone(AutoModelForCausalLM.from_pretrained, config.text_name_or_path, "text model", **kwargs)
 
 
 def import_peft(reason: str):
@@ -331,6 +344,7 @@ __all__ = [
     "hub_commit",
     "import_peft",
     "is_projector_key",
+    "load_backbone",
     "load_backbones",
     "load_pretrained_encoder",
     "load_pretrained_text_model",
