@@ -125,7 +125,6 @@ PRESETS: dict[str, Preset] = {
 _CONFIG_KEYS = (
     "freeze_encoder",
     "freeze_text_model",
-    "encoder_train_mode_augment",
     "audio_token",
     "ignore_index",
 )
@@ -251,7 +250,7 @@ def from_preset(
             `*_revision`). For "tiny", giving one replaces the random sub-model with the pretrained one.
         chat_template: a Jinja chat template instead of the LLM's own (or, for a base LLM without one, BLSP's).
         system_prompt: a system message inserted into conversations without one, instead of the preset's.
-        **kwargs: `freeze_encoder`, `freeze_text_model`, `encoder_train_mode_augment`, `audio_token`,
+        **kwargs: `freeze_encoder`, `freeze_text_model`, `audio_token`,
             `ignore_index` go to `SpeechLlmConfig`; anything else (dtype, device_map,
             attn_implementation, quantization_config, token, cache_dir, local_files_only, ...) to
             `SpeechLlmForConditionalGeneration.from_backbones`, which honours dtype and attn_implementation for

@@ -118,6 +118,21 @@ def test_a_few_steps_change_every_trainable_parameter_and_no_frozen_one(local_ba
         assert changed == name.startswith("projector."), name
 
 
+def test_encoder_augmentation_is_a_switch_of_the_asr_run_too(tmp_path):
+    """`--encoder_train_mode_augment` belongs to the training arguments of every trainer: the encoder runs in train
+    mode in training steps only, and nothing of it reaches the model config."""
+    model, processor = from_preset("tiny")
+    modes = []
+    model.encoder.register_forward_hook(lambda module, args, output: modes.append(module.training))
+    trainer = train(model, processor, tmp_path, max_steps=2, encoder_train_mode_augment=True)
+    assert modes == [True, True]
+    trainer.evaluate(corpus(4, start=16))
+    assert modes[2:] == [False]
+    assert not any("augment" in key for key in model.config.to_dict())
+    with pytest.raises(ValueError, match="excludes a feature cache"):
+        arguments(tmp_path, encoder_train_mode_augment=True, feature_cache_dir=str(tmp_path / "cache"))
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     results = []
     for batch_size, accumulation in ((4, 1), (2, 2)):

@@ -112,8 +112,8 @@ def build_feature_cache(
     Returns:
         The cache dataset (row-aligned with `dataset`).
     """
-    if any(p.requires_grad for p in model.encoder.parameters()) or model.config.encoder_train_mode_augment:
-        raise ValueError("An encoder-feature cache needs a frozen encoder without train-mode augmentation.")
+    if any(p.requires_grad for p in model.encoder.parameters()):
+        raise ValueError("An encoder-feature cache needs a frozen encoder.")
     rate = processor.sampling_rate
     model_was_training = model.training
     model.eval()

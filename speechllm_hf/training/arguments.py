@@ -83,6 +83,14 @@ class SpeechLlmTrainingArguments(TrainingArguments):
             "unchanged. Checked against the LLM's attention when the trainer is built."
         },
     )
+    encoder_train_mode_augment: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the frozen encoder in train mode (SpecAugment, dropout, LayerDrop) in training steps, "
+            "as the contrastive paper's trainer did by accident. A switch of this run: the saved model config is "
+            "unchanged, so a fine-tune from its checkpoints does not augment. Excludes a feature cache."
+        },
+    )
     data_subset: float | None = field(
         default=None, metadata={"help": "Train on a random fraction of the data (seeded by `data_seed` or `seed`)."}
     )
@@ -102,6 +110,8 @@ class SpeechLlmTrainingArguments(TrainingArguments):
                 "feature_cache_dir with task 'mixed': mixed speech-text sequences encode word-level audio spans, "
                 "never whole clips, so the cache would never be read. Drop feature_cache_dir."
             )
+        if self.encoder_train_mode_augment and self.feature_cache_dir is not None:
+            raise ValueError("encoder_train_mode_augment changes the encoder outputs: it excludes a feature cache.")
         if self.data_subset is not None and not 0 < self.data_subset <= 1:
             raise ValueError(f"data_subset must be in (0, 1]; got {self.data_subset}.")
         if self.lora_r < 0:

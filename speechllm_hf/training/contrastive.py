@@ -117,13 +117,6 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
         },
     )
     sinkhorn_blur: float = field(default=0.05, metadata={"help": "Sinkhorn blur (epsilon = blur**p), p = 2."})
-    encoder_train_mode_augment: bool = field(
-        default=False,
-        metadata={
-            "help": "Run the frozen encoder in train mode (SpecAugment, dropout, LayerDrop) in training steps, "
-            "as the original trainer did by accident. A switch of this run: the saved model config is unchanged."
-        },
-    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -137,8 +130,6 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
                 "layer by layer, in both branches, and its text branch runs the bare LLM. Drop --padding_free (the "
                 "asr and continuation methods take it)."
             )
-        if self.encoder_train_mode_augment and self.feature_cache_dir is not None:
-            raise ValueError("encoder_train_mode_augment changes the encoder outputs: it excludes a feature cache.")
         if self.gather_negatives and self.contrastive_loss == "wasserstein":
             raise ValueError(
                 "gather_negatives works with the InfoNCE loss only: the Wasserstein variant compares whole "
@@ -366,10 +357,7 @@ class ContrastiveTrainer(SpeechLlmTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
-        if self.args.encoder_train_mode_augment and model.training:
-            # A switch of this run, set per step rather than in model.config, which checkpoints save and a later
-            # fine-tune would read; the Trainer's model.train() has just put the frozen encoder back in eval mode.
-            unwrapped.encoder.train()
+        self.augment_encoder(unwrapped)
         shift = None
         if self.args.position_shift > 0 and any(layer > 0 for layer in self.layers):
             batch_size = inputs["speech_input_ids"].shape[0]

@@ -224,6 +224,15 @@ class SpeechLlmTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------------------------------------
 
+    def augment_encoder(self, model) -> None:
+        """`--encoder_train_mode_augment`: the frozen encoder in train mode for a training step's forward.
+
+        Set per step, because the Trainer's `model.train()` has just put the frozen encoder back in eval mode, and
+        never in the model config, which checkpoints save and a later fine-tune would read.
+        """
+        if self.args.encoder_train_mode_augment and model.training:
+            model.encoder.train()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's loss; a batch with `task_ids` (multi-task data) also records each task's loss per response
         token as `loss_<task>`.
@@ -233,6 +242,7 @@ class SpeechLlmTrainer(Trainer):
         loss reads the logits (label smoothing, `compute_loss_func`, or metrics at evaluation) or the batch is packed
         (`padding_free`: the last positions of one packed row are not those of each sequence).
         """
+        self.augment_encoder(self.accelerator.unwrap_model(model))
         inputs = dict(inputs)
         task_ids = inputs.pop(TASK_IDS, None)
         if "labels" in inputs and "logits_to_keep" not in inputs and not self._keeps_every_logit(model, inputs):

@@ -98,9 +98,6 @@ class SpeechLlmConfig(PretrainedConfig):
             Keep the encoder frozen: no gradients, eval mode, run under `torch.no_grad()`.
         freeze_text_model (`bool`, *optional*, defaults to `True`):
             Keep the LLM's weights frozen (gradients still flow through it to the projector).
-        encoder_train_mode_augment (`bool`, *optional*, defaults to `False`):
-            Run the frozen encoder in train mode while training, so that its SpecAugment, dropout and LayerDrop act
-            as data augmentation. The contrastive-pretraining code did this by accident; off by default.
         encoder_length_spec (`list`, *optional*):
             `[[kernel, stride, total_padding], ...]` of the encoder's downsampling convolutions, for an encoder
             whose output length cannot be read from its config (HuBERT/wav2vec2-like and Whisper-like encoders
@@ -136,7 +133,6 @@ class SpeechLlmConfig(PretrainedConfig):
         text_revision: str | None = None,
         freeze_encoder: bool = True,
         freeze_text_model: bool = True,
-        encoder_train_mode_augment: bool = False,
         encoder_length_spec: list | None = None,
         ignore_index: int = -100,
         **kwargs,
@@ -161,7 +157,6 @@ class SpeechLlmConfig(PretrainedConfig):
         self.text_revision = text_revision
         self.freeze_encoder = freeze_encoder
         self.freeze_text_model = freeze_text_model
-        self.encoder_train_mode_augment = encoder_train_mode_augment
         self.encoder_length_spec = encoder_length_spec
         self.ignore_index = ignore_index
         super().__init__(**kwargs)

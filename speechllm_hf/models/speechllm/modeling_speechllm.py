@@ -369,14 +369,15 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
     # ----------------------------------------------------------------------------------------------------------------
 
     def train(self, mode: bool = True):
-        """Frozen sub-models stay in eval mode (no dropout, no SpecAugment) unless augmentation is asked for.
+        """Frozen sub-models stay in eval mode: no dropout, no SpecAugment (the trainers'
+        `--encoder_train_mode_augment` puts the encoder back in train mode for their training steps).
 
         With gradient checkpointing enabled (call this after enabling it; the Trainer calls it at every step), the
         frozen LLM's checkpointed decoder layers are flagged as training, because transformers checkpoints only
         layers in training mode; their sub-modules (attention, dropout) stay in eval mode, so no dropout acts.
         """
         super().train(mode)
-        if not _has_trainable(self.encoder) and not self.config.encoder_train_mode_augment:
+        if not _has_trainable(self.encoder):
             self.encoder.eval()
         if not _has_trainable(self.language_model):
             self.language_model.eval()
