@@ -16,11 +16,11 @@ import json
 
 from transformers import AutoModel, AutoProcessor
 
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data.manifest import load_manifest
 from speechllm_hf.evaluation.baselines import whisper_transcripts
-from speechllm_hf.quickstart import transcribe
-from speechllm_hf.real_quickstart import wer_by_normaliser
+from speechllm_hf.quickstart.corpus import load_split
+from speechllm_hf.quickstart.real import wer_by_normaliser
+from speechllm_hf.quickstart.tiny import transcribe
 
 
 def main() -> None:

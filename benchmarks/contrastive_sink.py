@@ -27,8 +27,8 @@ import datasets
 import torch
 
 from speechllm_hf import from_preset
-from speechllm_hf.corpus import load_split
 from speechllm_hf.evaluation.retrieval import evaluate_retrieval
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments, sink_token_id
 
 

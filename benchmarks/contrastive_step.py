@@ -38,8 +38,8 @@ from unittest import mock
 import torch
 from generation import build_model  # the same resized tiny model as the generation benchmark
 
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data.collators import ContrastiveCollator
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
 from speechllm_hf.training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
 from speechllm_hf.training.contrastive_losses import sinkhorn_distance

@@ -22,8 +22,8 @@ import time
 import torch
 
 from speechllm_hf import SpeechLlmForConditionalGeneration, from_preset
-from speechllm_hf.corpus import load_split
 from speechllm_hf.inference import generate_responses
+from speechllm_hf.quickstart.corpus import load_split
 
 GOAL = 5
 

@@ -26,11 +26,11 @@ import torch
 from torch.utils.data import DataLoader
 from training_step import ForwardTimer
 
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data.collators import SpeechLlmCollator
 from speechllm_hf.data.feature_cache import attach_feature_cache, build_feature_cache
 from speechllm_hf.data.manifest import load_manifest
 from speechllm_hf.presets import from_preset
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
 from speechllm_hf.training.trainer import SpeechLlmTrainer
 

@@ -19,8 +19,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments, pipeline
 
 from speechllm_hf import from_preset
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data import SpeechLlmCollator
+from speechllm_hf.quickstart.corpus import load_split
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -62,7 +62,7 @@ train() {
     fi
     attempt "$name" "${launch[@]}" train --method "$method" --preset tiny --projector_type mlp \
         --encoder_name_or_path "$WORK/backbones/hubert" --text_name_or_path "$WORK/backbones/llm" \
-        --train_manifest speechllm_hf/corpus/dev.jsonl --output_dir "$WORK/$name" --max_steps 3 \
+        --train_manifest speechllm_hf/quickstart/corpus/dev.jsonl --output_dir "$WORK/$name" --max_steps 3 \
         --per_device_train_batch_size 4 --optim sgd --learning_rate 0.5 --lr_scheduler_type constant \
         --warmup_steps 0 --max_grad_norm 1.0 --seed 0 --save_strategy no --report_to none --logging_steps 1 \
         --disable_tqdm true "$@"

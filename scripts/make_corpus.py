@@ -1,4 +1,4 @@
-"""Synthesise the tiny English speech corpus shipped in ``speechllm_hf/corpus`` with espeak-ng.
+"""Synthesise the tiny English speech corpus shipped in ``speechllm_hf/quickstart/corpus`` with espeak-ng.
 
 The corpus is deliberately easy (closed vocabulary of ~60 words, 3-7 words per sentence, clean synthetic audio) so that
 a tiny randomly initialised speech LLM can visibly learn ASR from it in minutes on a CPU. Variety comes from cycling
@@ -15,7 +15,7 @@ Outputs (all paths in the manifests are relative to the corpus folder):
 
 Usage (from the repository root, requires the ``espeak-ng`` binary, e.g. ``apt-get install espeak-ng``)::
 
-    python scripts/make_corpus.py --output_dir speechllm_hf/corpus --seed 0 --num_train 320 --num_dev 80
+    python scripts/make_corpus.py --output_dir speechllm_hf/quickstart/corpus --seed 0 --num_train 320 --num_dev 80
 """
 
 from __future__ import annotations
@@ -137,7 +137,9 @@ def synthesise_clip(job: Job, out_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", type=Path, default=Path("speechllm_hf/corpus"), help="corpus folder")
+    parser.add_argument(
+        "--output_dir", type=Path, default=Path("speechllm_hf/quickstart/corpus"), help="corpus folder"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for sentences, speeds and pitches")
     parser.add_argument("--num_train", type=int, default=320, help="number of train clips")
     parser.add_argument("--num_dev", type=int, default=80, help="number of dev clips")

@@ -393,7 +393,7 @@ def _readme(info: dict) -> str:
 def build(output_dir: Path, verify: bool = True, verify_clips: int | None = None) -> dict[str, Path]:
     """Builds (or reuses) both folders; returns {name: path}. `verify_clips` limits the Whisper check to the first
     dev clips (all 80 by default; each is decoded by both implementations)."""
-    from speechllm_hf.corpus import load_split
+    from speechllm_hf.quickstart.corpus import load_split
 
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -1,4 +1,5 @@
-"""Train the tiny CTC aligner shipped in ``speechllm_hf/corpus/ctc_aligner`` on the bundled espeak-ng corpus.
+"""Train the tiny CTC aligner shipped in ``speechllm_hf/quickstart/corpus/ctc_aligner`` on the bundled espeak-ng
+corpus.
 
 No pretrained CTC model can be downloaded here, so ``speechllm-hf align`` and the alignment tests use this one: a
 randomly initialised ``Wav2Vec2ForCTC`` with the standard 320x conv stride (20 ms frames, like
@@ -17,7 +18,7 @@ The checkpoint (model in float16 safetensors + ``Wav2Vec2Processor``) and a READ
 seed, final training loss and greedy dev CER are written to ``--output_dir``. Needs the ``espeak-ng`` binary (e.g.
 ``apt-get install espeak-ng``). Usage, from the repository root::
 
-    python scripts/train_ctc_aligner.py --output_dir speechllm_hf/corpus/ctc_aligner
+    python scripts/train_ctc_aligner.py --output_dir speechllm_hf/quickstart/corpus/ctc_aligner
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ from transformers import (
     Wav2Vec2Processor,
 )
 
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data import load_audio
 from speechllm_hf.preprocessing.synthetic import PITCH_RANGE, SPEED_RANGE, VOICES, espeak, peak_normalise
+from speechllm_hf.quickstart.corpus import load_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_corpus import trim_silence  # noqa: E402
@@ -310,7 +311,7 @@ def write_readme(output_dir: Path, summary: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", type=Path, default=Path("speechllm_hf/corpus/ctc_aligner"))
+    parser.add_argument("--output_dir", type=Path, default=Path("speechllm_hf/quickstart/corpus/ctc_aligner"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch_size", type=int, default=16)

@@ -134,7 +134,7 @@ def tiny_tokenizer(audio_token: str = "<audio>") -> PreTrainedTokenizerFast:
     """A small BPE tokenizer built in code (no download): merges learnt from the bundled corpus' training transcripts,
     on a base alphabet of every printable ASCII character, so any English text tokenizes and corpus words are one
     token each (which lets a tiny random LLM learn from a few minutes of CPU training)."""
-    from .corpus import load_split
+    from .quickstart.corpus import load_split
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", audio_token, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
     backend = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -14,7 +14,6 @@ import soundfile as sf
 import torch
 
 from speechllm_hf.cli import main
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data.collators import mixed_labels
 from speechllm_hf.data.mixed import cut_audio, mixed_sequence_layout, sample_spans, strip_punctuation
 from speechllm_hf.preprocessing import load_prepared
@@ -26,6 +25,7 @@ from speechllm_hf.preprocessing.alignment import (
     normalize_word,
     token_spans,
 )
+from speechllm_hf.quickstart.corpus import load_split
 
 # Stated tolerances of the bundled aligner on the 12 `aligned` clips (seconds; measured figures are printed by
 # test_bundled_aligner_finds_known_boundaries and recorded in docs/data.md). CTC places a word's start well; its end

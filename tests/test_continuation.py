@@ -11,7 +11,6 @@ from conftest import CPU_TRAINING, launch_two_cpu_processes
 
 from speechllm_hf import from_preset
 from speechllm_hf.cli import main
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data.collators import IGNORE_INDEX, ContinuationCollator
 from speechllm_hf.data.tasks import PromptConfig
 from speechllm_hf.preprocessing.continuation import (
@@ -23,6 +22,7 @@ from speechllm_hf.preprocessing.continuation import (
     write_continuations,
 )
 from speechllm_hf.presets import BLSP_CHAT_TEMPLATE
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training.continuation import (
     ContinuationTrainer,
     ContinuationTrainingArguments,

@@ -13,9 +13,9 @@ import torch
 from conftest import tiny
 
 from speechllm_hf import from_preset
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data.collators import ContrastiveCollator
 from speechllm_hf.evaluation.retrieval import evaluate_retrieval, write_retrieval_report
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training.contrastive import (
     ContrastiveTrainer,
     ContrastiveTrainingArguments,

@@ -1,4 +1,4 @@
-"""Checks the synthetic speech corpus shipped in ``speechllm_hf/corpus`` (see scripts/make_corpus.py)."""
+"""Checks the synthetic speech corpus shipped in ``speechllm_hf/quickstart/corpus`` (see scripts/make_corpus.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speechllm_hf.corpus import CORPUS_DIR, SPLITS, load_split, manifest_path
+from speechllm_hf.quickstart.corpus import CORPUS_DIR, SPLITS, load_split, manifest_path
 
 EXPECTED_COUNTS = {"train": 320, "dev": 80, "aligned": 12}
 

@@ -15,12 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from speechllm_hf.cli import main
-from speechllm_hf.corpus import load_split, manifest_path
 from speechllm_hf.data import audio_duration, decode_audio, load_audio, load_manifest
 from speechllm_hf.data.audio import unwrap_audio
 from speechllm_hf.data.feature_cache import audio_key
 from speechllm_hf.data.tasks import PromptConfig, build_turns
 from speechllm_hf.preprocessing import REASONS, load_prepared, prepare_dataset
+from speechllm_hf.quickstart.corpus import load_split, manifest_path
 
 SECONDS, RATE = 0.5, 16000
 

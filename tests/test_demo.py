@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny
 
-from speechllm_hf.corpus import load_split
+from speechllm_hf.quickstart.corpus import load_split
 
 CHROMIUM = "/usr/bin/chromium"
 # Headless and offline: no GPU, no QUIC, none of chromium's own background calls home.
@@ -54,7 +54,7 @@ def free_port() -> int:
 @pytest.fixture
 def demo_url():
     pytest.importorskip("gradio", reason='the demo extra is not installed: pip install "speechllm_hf[demo]"')
-    from speechllm_hf.demo import build_demo
+    from speechllm_hf.quickstart.demo import build_demo
 
     model, processor = tiny()
     demo = build_demo(model, processor, max_new_tokens=16)

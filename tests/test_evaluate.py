@@ -10,7 +10,6 @@ import torch
 import yaml
 
 from speechllm_hf.cli import main
-from speechllm_hf.corpus import load_split, manifest_path
 from speechllm_hf.data.audio import load_audio
 from speechllm_hf.evaluation import metrics
 from speechllm_hf.evaluation.data_config import (
@@ -22,6 +21,7 @@ from speechllm_hf.evaluation.data_config import (
     slice_indices,
 )
 from speechllm_hf.evaluation.runner import SKIP_REASONS
+from speechllm_hf.quickstart.corpus import load_split, manifest_path
 
 MAX_DURATION = 2.0  # seconds; several dev clips are longer
 

@@ -393,7 +393,7 @@ def test_cli_push_leaves_training_state_out_and_refuses_full_weights(saved, hub_
 
 
 def trainer_of(model, processor, output_dir, **overrides):
-    from speechllm_hf.corpus import load_split
+    from speechllm_hf.quickstart.corpus import load_split
     from speechllm_hf.training import SpeechLlmTrainer, SpeechLlmTrainingArguments
 
     settings = dict(output_dir=str(output_dir), max_steps=1, save_strategy="no", use_cpu=True, report_to="none")

@@ -15,7 +15,6 @@ from transformers import pipeline
 import speechllm_hf.inference.generate as core
 from speechllm_hf import from_preset
 from speechllm_hf.cli import main
-from speechllm_hf.corpus import load_split
 from speechllm_hf.inference import (
     GenerationRequest,
     SpeechLlmPipeline,
@@ -23,6 +22,7 @@ from speechllm_hf.inference import (
     generate_responses,
     stream_generate,
 )
+from speechllm_hf.quickstart.corpus import load_split
 
 # The tiny preset with the BLSP CNN adapter: its random outputs differ from clip to clip (the Q-Former's barely do),
 # so comparisons between code paths mean something. Same seed as `--preset tiny --projector_type cnn --seed 0`.

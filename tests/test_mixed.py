@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from speechllm_hf import from_preset
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data.collators import IGNORE_INDEX, MixedSpeechTextCollator
 from speechllm_hf.data.mixed import end_of_turn_token
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
 from speechllm_hf.training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
 from speechllm_hf.training.trainer import SpeechLlmTrainer

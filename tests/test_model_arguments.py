@@ -8,9 +8,9 @@ from conftest import tiny
 
 from speechllm_hf.cli import build_parser, main
 from speechllm_hf.commands.model_arguments import chat_template_text, load_model_and_processor
-from speechllm_hf.corpus import load_split
 from speechllm_hf.preprocessing.continuation import BLSP_CONTINUATION_INSTRUCTION, ContinuationPrompt
 from speechllm_hf.presets import BLSP_CHAT_TEMPLATE
+from speechllm_hf.quickstart.corpus import load_split
 
 PRESET_COMMANDS = ("train", "generate", "evaluate", "retrieval", "info", "demo")
 PROMPT_COMMANDS = ("train", "generate", "evaluate", "demo", "continue-writing")

@@ -16,7 +16,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from speechllm_hf import from_preset
 from speechllm_hf.cli import main
-from speechllm_hf.corpus import load_split, manifest_path
 from speechllm_hf.data import collators
 from speechllm_hf.data.collators import (
     IGNORE_INDEX,
@@ -27,6 +26,7 @@ from speechllm_hf.data.collators import (
     padding_free_unsupported,
 )
 from speechllm_hf.data.tasks import PromptConfig
+from speechllm_hf.quickstart.corpus import load_split, manifest_path
 from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
 from speechllm_hf.training.continuation import ContinuationTrainer, ContinuationTrainingArguments
 from speechllm_hf.training.contrastive import ContrastiveTrainingArguments

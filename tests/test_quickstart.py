@@ -50,12 +50,12 @@ def test_quickstart_without_an_extra_fails_before_training(module, extra, backbo
 def test_each_set_of_backbones_keeps_its_own_defaults_and_refuses_the_others_flags(tmp_path, monkeypatch):
     """The flags of both configs share one parser: a flag left out takes the chosen backbones' default (the real run
     once trained at the tiny run's learning rates), and a flag of the other set is refused, not ignored."""
-    from speechllm_hf import real_quickstart
-    from speechllm_hf.quickstart import QuickstartConfig
-    from speechllm_hf.real_quickstart import RealQuickstartConfig
+    from speechllm_hf.quickstart import real
+    from speechllm_hf.quickstart.real import RealQuickstartConfig
+    from speechllm_hf.quickstart.tiny import QuickstartConfig
 
     configs = []
-    monkeypatch.setattr(real_quickstart, "run_real_quickstart", lambda out, config: configs.append(config) or {})
+    monkeypatch.setattr(real, "run_real_quickstart", lambda out, config: configs.append(config) or {})
     argv = ["quickstart", "--backbones", "real", "--output_dir", str(tmp_path)]
     assert main([*argv, "--asr_steps", "7"]) == 0
     expected = RealQuickstartConfig(asr_steps=7)

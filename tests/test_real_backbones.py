@@ -19,8 +19,8 @@ from conftest import CPU_TRAINING
 from test_hub import run_loader, save_expected_outputs
 
 from speechllm_hf import from_preset
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data.audio import load_audio
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
 from speechllm_hf.training.trainer import SpeechLlmTrainer
 

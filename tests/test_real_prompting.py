@@ -10,9 +10,9 @@ import torch
 from conftest import run_without_package
 
 from speechllm_hf import PRESETS, from_preset
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data.collators import IGNORE_INDEX, SpeechLlmCollator, special_token_strings
 from speechllm_hf.presets import SMALL_LLM_PROJECTOR_CONFIGS
+from speechllm_hf.quickstart.corpus import load_split
 
 INSTRUCTION = "\nTranscribe the audio."
 

@@ -16,10 +16,10 @@ from conftest import CPU_TRAINING, clip
 from safetensors.torch import load_file
 
 from speechllm_hf import SpeechLlmForConditionalGeneration, from_preset
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data.collators import IGNORE_INDEX, SpeechLlmCollator
 from speechllm_hf.data.sampler import LengthGroupedSampler
 from speechllm_hf.preprocessing import prepare_dataset
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
 from speechllm_hf.training.lora import LORA_TARGET_MODULES, add_lora
 from speechllm_hf.training.trainer import SpeechLlmTrainer, logits_to_keep, subset
@@ -299,7 +299,7 @@ def test_data_subset_is_seeded(tmp_path):
 
 def test_cli_train_end_to_end_with_a_multi_task_manifest_list(tmp_path):
     from speechllm_hf.cli import main
-    from speechllm_hf.corpus import manifest_path
+    from speechllm_hf.quickstart.corpus import manifest_path
 
     st_row = {"audio": load_split("dev")[0]["audio"], "translation": "hallo", "target_language": "German"}
     (tmp_path / "st.jsonl").write_text(json.dumps(st_row) + "\n")

@@ -23,7 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import speechllm_hf.training.arguments as arguments_module
 from speechllm_hf import from_preset
 from speechllm_hf.commands.train import parse_arguments, resume_argument
-from speechllm_hf.corpus import load_split
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training import (
     ContinuationTrainer,
     ContinuationTrainingArguments,

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from speechllm_hf.data.tasks import PromptConfig
-    from speechllm_hf.demo import build_demo, import_gradio
+    from speechllm_hf.quickstart.demo import build_demo, import_gradio
 
     from .generate import load_model_and_processor
 

@@ -3,7 +3,7 @@
 transcription of the dev split), offline on a CPU; writes OUT/report.md with plots.
 
 `--backbones real` runs the real-backbone stages instead (Whisper-base baseline, ASR, contrastive, continuation
-writing on Whisper-base's encoder + SmolLM2-135M-Instruct; see speechllm_hf/real_quickstart.py)."""
+writing on Whisper-base's encoder + SmolLM2-135M-Instruct; see speechllm_hf/quickstart/real.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from speechllm_hf.quickstart import QuickstartConfig
-    from speechllm_hf.real_quickstart import RealQuickstartConfig
+    from speechllm_hf.quickstart.real import RealQuickstartConfig
+    from speechllm_hf.quickstart.tiny import QuickstartConfig
 
     parser = subparsers.add_parser("quickstart", help="end-to-end run on the bundled corpus, with a report")
     parser.add_argument("--output_dir", required=True, help="where the model, plots and report.md go")
@@ -37,8 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from speechllm_hf.quickstart import QuickstartConfig, run_quickstart
-    from speechllm_hf.real_quickstart import RealQuickstartConfig, run_real_quickstart
+    from speechllm_hf.quickstart.real import RealQuickstartConfig, run_real_quickstart
+    from speechllm_hf.quickstart.tiny import QuickstartConfig, run_quickstart
 
     config_class = RealQuickstartConfig if args.backbones == "real" else QuickstartConfig
     fields = vars(config_class())

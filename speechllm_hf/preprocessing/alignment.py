@@ -13,8 +13,9 @@ the torch this package supports: its newest wheel (2.11.1) carries compiled exte
 aligner packages on PyPI (e.g. ctc-forced-aligner, whose torch backend imports torchaudio) pull it in as well. A
 search of a few lines of tensor code is not worth a hard dependency on an extension that must match the torch build.
 
-The default aligner is the tiny one trained on the bundled corpus (`speechllm_hf/corpus/ctc_aligner`, see its README):
-it only knows that corpus. Real data needs a real aligner, e.g. `facebook/wav2vec2-base-960h` (the paper's).
+The default aligner is the tiny one trained on the bundled corpus (`speechllm_hf/quickstart/corpus/ctc_aligner`, see
+its README): it only knows that corpus. Real data needs a real aligner, e.g. `facebook/wav2vec2-base-960h` (the
+paper's).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import datasets
 import numpy as np
 import torch
 
-from speechllm_hf.corpus import CORPUS_DIR
+from speechllm_hf.quickstart.corpus import CORPUS_DIR
 
 from ..data.audio import AudioSource, audio_ref, load_audio
 from ..data.manifest import SAVED_DATASET_DIR, load_manifest

@@ -2,7 +2,7 @@
 
 One piece of code for every synthetic corpus: `speechllm-hf synthesize` (the open-vocabulary corpus, see
 `speechllm_hf.preprocessing.openvocab`) and ``scripts/make_corpus.py`` (the tiny corpus bundled in
-``speechllm_hf/corpus``).
+``speechllm_hf/quickstart/corpus``).
 The espeak-ng binary is needed (``apt-get install espeak-ng``); the Python side only resamples, scales and encodes.
 """
 

@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 
 from speechllm_hf import from_preset
 from speechllm_hf.compat import WARMUP_RATIO_FIELD
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data import feature_cache
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training import (
     ContinuationTrainer,
     ContinuationTrainingArguments,

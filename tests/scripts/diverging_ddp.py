@@ -12,7 +12,7 @@ import datasets
 import torch
 
 from speechllm_hf import from_preset
-from speechllm_hf.corpus import load_split
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training import SpeechLlmTrainer, SpeechLlmTrainingArguments
 from speechllm_hf.training.divergence import TrainingDivergedError
 

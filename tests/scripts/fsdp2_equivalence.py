@@ -24,9 +24,9 @@ from torch.distributed.tensor import DTensor
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from speechllm_hf import from_preset
-from speechllm_hf.corpus import load_split
 from speechllm_hf.data.collators import IGNORE_INDEX, SpeechLlmCollator
 from speechllm_hf.models.speechllm.loading_speechllm import is_projector_key
+from speechllm_hf.quickstart.corpus import load_split
 
 STEPS, BATCH = 3, 8
 

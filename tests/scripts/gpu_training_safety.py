@@ -16,7 +16,7 @@ import transformers
 from transformers import TrainerCallback
 
 from speechllm_hf import from_preset
-from speechllm_hf.corpus import load_split
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training import (
     ContinuationTrainingArguments,
     ContrastiveTrainingArguments,

@@ -13,7 +13,7 @@ import torch
 from transformers import Trainer
 
 from speechllm_hf import from_preset
-from speechllm_hf.corpus import load_split
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training import SpeechLlmTrainer, SpeechLlmTrainingArguments
 
 save_rng_state = Trainer._save_rng_state

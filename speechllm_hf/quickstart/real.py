@@ -28,20 +28,20 @@ import datasets
 import torch
 from transformers import TrainerCallback
 
+from ..data.collators import ContinuationCollator
+from ..data.manifest import load_manifest
+from ..data.tasks import PromptConfig
+from ..evaluation.baselines import continuation_cross_entropy, whisper_transcripts
+from ..evaluation.metrics import corpus_wer, mean_utterance_wer, require_optional
+from ..evaluation.retrieval import evaluate_retrieval, import_pyplot, plot_similarity
+from ..preprocessing.continuation import make_normalizer, write_continuations
+from ..presets import from_preset
+from ..training.arguments import SpeechLlmTrainingArguments
+from ..training.continuation import ContinuationTrainer, ContinuationTrainingArguments
+from ..training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
+from ..training.trainer import SpeechLlmTrainer
 from .corpus import load_split
-from .data.collators import ContinuationCollator
-from .data.manifest import load_manifest
-from .data.tasks import PromptConfig
-from .evaluation.baselines import continuation_cross_entropy, whisper_transcripts
-from .evaluation.metrics import corpus_wer, mean_utterance_wer, require_optional
-from .evaluation.retrieval import evaluate_retrieval, import_pyplot, plot_similarity
-from .preprocessing.continuation import make_normalizer, write_continuations
-from .presets import from_preset
-from .quickstart import plot_losses, stage_arguments, transcribe, transcribe_reloaded
-from .training.arguments import SpeechLlmTrainingArguments
-from .training.continuation import ContinuationTrainer, ContinuationTrainingArguments
-from .training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
-from .training.trainer import SpeechLlmTrainer
+from .tiny import plot_losses, stage_arguments, transcribe, transcribe_reloaded
 
 STAGES = ("baseline", "asr", "contrastive", "continuation")
 

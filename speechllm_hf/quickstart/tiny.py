@@ -22,15 +22,15 @@ import datasets
 import torch
 from transformers import AutoModel, AutoProcessor, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
+from ..data.tasks import PromptConfig, build_turns
+from ..evaluation.metrics import corpus_wer, mean_utterance_wer, require_optional
+from ..evaluation.retrieval import evaluate_retrieval, import_pyplot, plot_similarity
+from ..inference.generate import generate_responses
+from ..presets import from_preset
+from ..training.arguments import SpeechLlmTrainingArguments
+from ..training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
+from ..training.trainer import SpeechLlmTrainer
 from .corpus import load_split
-from .data.tasks import PromptConfig, build_turns
-from .evaluation.metrics import corpus_wer, mean_utterance_wer, require_optional
-from .evaluation.retrieval import evaluate_retrieval, import_pyplot, plot_similarity
-from .inference.generate import generate_responses
-from .presets import from_preset
-from .training.arguments import SpeechLlmTrainingArguments
-from .training.contrastive import ContrastiveTrainer, ContrastiveTrainingArguments
-from .training.trainer import SpeechLlmTrainer
 
 logger = logging.getLogger(__name__)
 
