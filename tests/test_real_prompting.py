@@ -116,7 +116,7 @@ def test_forward_trains_only_the_projector(pair, dev_rows):
 
 def test_qformer_variant_builds_with_its_sizes_and_runs(real_backbones, dev_rows):
     model, processor = build("whisper-base-smollm2-qformer", real_backbones)
-    assert SMALL_LLM_PROJECTOR_CONFIGS["qformer"].items() <= model.config.projector_config.items()
+    assert SMALL_LLM_PROJECTOR_CONFIGS["qformer"].items() <= model.config.projector_config.to_dict().items()
     inputs = processor.apply_chat_template(conversation(dev_rows[0]), add_generation_prompt=True, tokenize=True)
     with torch.no_grad():
         logits = model(**inputs).logits

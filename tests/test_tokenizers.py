@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import REPO
 
 HUB_FOLDER = REPO / "speechllm_hf" / "models" / "speechllm"
-CTC_TOKENIZER = REPO / "speechllm_hf" / "corpus" / "ctc_aligner"  # a slow (Python) tokenizer
+CTC_TOKENIZER = REPO / "speechllm_hf" / "quickstart" / "corpus" / "ctc_aligner"  # a slow (Python) tokenizer
 
 SCRIPT = textwrap.dedent(
     """

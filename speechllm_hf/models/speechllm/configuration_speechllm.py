@@ -5,38 +5,147 @@ This file ships to the Hub with `trust_remote_code`: it imports only torch, tran
 
 from __future__ import annotations
 
+import inspect
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
 
-PROJECTOR_TYPES = ("qformer", "cnn", "mlp")
 PIPELINE_TASK = "speech-llm"  # the task name of the pipeline a saved folder ships (pipeline_speechllm.py)
 
-# Defaults per projector type; `projector_config` overrides any of them.
-PROJECTOR_DEFAULTS: dict[str, dict] = {
-    # Window-level Q-Former (SALMONN style), as in the contrastive-pretraining paper: 17 frames -> 4 queries.
-    "qformer": {
-        "window_size": 17,
-        "num_queries": 4,
-        "hidden_size": 768,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 12,
-        "intermediate_size": 3072,
-        "dropout": 0.1,
-    },
-    # BLSP: 3 x (Conv1d k5 s2 -> GLU) = 8x downsampling, then a residual bottleneck adapter and LayerNorm.
-    "cnn": {
-        "num_layers": 3,
-        "kernel_size": 5,
-        "stride": 2,
-        "hidden_size": None,  # channels between conv layers; None = the encoder's hidden size
-        "adapter_size": 512,
-    },
-    # Frame stacking (Ultravox style): stack k frames -> norm -> Linear -> SwiGLU -> Linear.
-    "mlp": {
-        "stack_factor": 5,
-        "hidden_size": 2048,
-    },
+
+class SpeechLlmProjectorConfig(PretrainedConfig):
+    """Base of the projector configs: a projector's settings are the arguments of its config's `__init__`, and only
+    they are serialised (PretrainedConfig's generic fields, such as `id2label`, mean nothing for a projector)."""
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        return list(inspect.signature(cls.__init__).parameters)[1:-1]  # between self and **kwargs
+
+    def to_dict(self) -> dict:
+        # `transformers_version` too: PretrainedConfig.to_dict deletes it from every nested config's dict.
+        settings = {name: getattr(self, name) for name in self.setting_names()}
+        return {"model_type": self.model_type, **settings, "transformers_version": self.transformers_version}
+
+
+class SpeechLlmQFormerProjectorConfig(SpeechLlmProjectorConfig):
+    r"""
+    Settings of the window-level Q-Former projector (SALMONN; the contrastive-pretraining paper's): LayerNorm on the
+    encoder frames, non-overlapping windows of `window_size` frames, `num_queries` learned queries cross-attending to
+    each window in a `Blip2QFormerModel`, then a Linear layer to the LLM width.
+
+    Args:
+        window_size (`int`, *optional*, defaults to 17): encoder frames per window.
+        num_queries (`int`, *optional*, defaults to 4): queries (audio tokens) per window.
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size (`int`, *optional*, defaults to 768,
+            4, 12, 3072): the Q-Former's BERT layers.
+        dropout (`float`, *optional*, defaults to 0.1): hidden and attention dropout of the Q-Former.
+    """
+
+    model_type = "speechllm_qformer_projector"
+
+    def __init__(
+        self,
+        window_size: int = 17,
+        num_queries: int = 4,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 3072,
+        dropout: float = 0.1,
+        **kwargs,
+    ):
+        self.window_size = window_size
+        self.num_queries = num_queries
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.dropout = dropout
+        super().__init__(**kwargs)
+
+    @property
+    def convs(self) -> list[list[int]]:
+        """The window split, as a convolution (kernel = stride): how many windows a clip fills."""
+        return [[self.window_size, self.window_size, self.window_size - 1]]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.num_queries
+
+
+class SpeechLlmCnnProjectorConfig(SpeechLlmProjectorConfig):
+    r"""
+    Settings of BLSP's convolutional projector: `num_layers` x [Conv1d(kernel_size, stride) -> GLU] (8x downsampling
+    by default), then a residual bottleneck adapter without bias and a LayerNorm.
+
+    Args:
+        num_layers (`int`, *optional*, defaults to 3), kernel_size (`int`, *optional*, defaults to 5), stride (`int`,
+            *optional*, defaults to 2): the convolutions.
+        hidden_size (`int`, *optional*): channels between the convolutions; None: the encoder's hidden size.
+        adapter_size (`int`, *optional*, defaults to 512): the bottleneck of the residual adapter.
+    """
+
+    model_type = "speechllm_cnn_projector"
+
+    def __init__(
+        self,
+        num_layers: int = 3,
+        kernel_size: int = 5,
+        stride: int = 2,
+        hidden_size: int | None = None,
+        adapter_size: int = 512,
+        **kwargs,
+    ):
+        self.num_layers = num_layers
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.hidden_size = hidden_size
+        self.adapter_size = adapter_size
+        super().__init__(**kwargs)
+
+    @property
+    def convs(self) -> list[list[int]]:
+        """`[kernel, stride, total padding]` of each convolution."""
+        return [[self.kernel_size, self.stride, 2 * (self.kernel_size // 2)]] * self.num_layers
+
+    @property
+    def tokens_per_step(self) -> int:
+        return 1
+
+
+class SpeechLlmMlpProjectorConfig(SpeechLlmProjectorConfig):
+    r"""
+    Settings of the frame-stacking MLP projector (Ultravox style): stack `stack_factor` frames, LayerNorm, Linear,
+    SwiGLU, Linear.
+
+    Args:
+        stack_factor (`int`, *optional*, defaults to 5): encoder frames per audio token.
+        hidden_size (`int`, *optional*, defaults to 2048): width of the SwiGLU.
+    """
+
+    model_type = "speechllm_mlp_projector"
+
+    def __init__(self, stack_factor: int = 5, hidden_size: int = 2048, **kwargs):
+        self.stack_factor = stack_factor
+        self.hidden_size = hidden_size
+        super().__init__(**kwargs)
+
+    @property
+    def convs(self) -> list[list[int]]:
+        """Stacking, as a convolution (kernel = stride): how many stacks a clip fills."""
+        return [[self.stack_factor, self.stack_factor, self.stack_factor - 1]]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return 1
+
+
+PROJECTOR_CONFIG_CLASSES = {
+    "qformer": SpeechLlmQFormerProjectorConfig,
+    "cnn": SpeechLlmCnnProjectorConfig,
+    "mlp": SpeechLlmMlpProjectorConfig,
 }
+PROJECTOR_TYPES = tuple(PROJECTOR_CONFIG_CLASSES)
 
 # (kernel, stride, total padding) of the convolutions in front of a Whisper encoder's transformer layers.
 WHISPER_CONVS = [[3, 1, 2], [3, 2, 2]]
@@ -80,8 +189,9 @@ class SpeechLlmConfig(PretrainedConfig):
         projector_type (`str`, *optional*, defaults to `"qformer"`):
             One of `"qformer"` (window-level Q-Former), `"cnn"` (BLSP convolutional subsampler + adapter) or `"mlp"`
             (frame stacking + SwiGLU MLP).
-        projector_config (`dict`, *optional*):
-            Settings of the projector, merged over the defaults of its type (see `PROJECTOR_DEFAULTS`).
+        projector_config (`Union[PretrainedConfig, dict]`, *optional*):
+            Settings of the projector: a `SpeechLlmQFormerProjectorConfig`, `SpeechLlmCnnProjectorConfig` or
+            `SpeechLlmMlpProjectorConfig` (as `projector_type` says), or a dict of settings over that type's defaults.
         audio_token (`str`, *optional*, defaults to `"<audio>"`):
             The placeholder token that marks where audio features go in the text.
         audio_token_id (`int`, *optional*):
@@ -124,7 +234,7 @@ class SpeechLlmConfig(PretrainedConfig):
         encoder_config: PretrainedConfig | dict | None = None,
         text_config: PretrainedConfig | dict | None = None,
         projector_type: str = "qformer",
-        projector_config: dict | None = None,
+        projector_config: PretrainedConfig | dict | None = None,
         audio_token: str = "<audio>",
         audio_token_id: int | None = None,
         encoder_name_or_path: str | None = None,
@@ -139,16 +249,10 @@ class SpeechLlmConfig(PretrainedConfig):
     ):
         if projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"Unknown projector_type {projector_type!r}; choose one of {', '.join(PROJECTOR_TYPES)}.")
-        unknown = set(projector_config or {}) - set(PROJECTOR_DEFAULTS[projector_type])
-        if unknown:
-            raise ValueError(
-                f"Unknown {projector_type} projector settings {sorted(unknown)}; "
-                f"valid ones are {sorted(PROJECTOR_DEFAULTS[projector_type])}."
-            )
         self.encoder_config = _as_config(encoder_config, "hubert")
         self.text_config = _as_config(text_config, "llama")
         self.projector_type = projector_type
-        self.projector_config = {**PROJECTOR_DEFAULTS[projector_type], **(projector_config or {})}
+        self.projector_config = _as_projector_config(projector_config, projector_type)
         self.audio_token = audio_token
         self.audio_token_id = audio_token_id
         self.encoder_name_or_path = encoder_name_or_path
@@ -216,24 +320,11 @@ class SpeechLlmConfig(PretrainedConfig):
         )
 
     @property
-    def projector_convs(self) -> list[list[int]]:
-        """The projector's downsampling written as convolutions (a window split is a conv with kernel = stride)."""
-        settings = self.projector_config
-        if self.projector_type == "qformer":
-            window = settings["window_size"]
-            return [[window, window, window - 1]]
-        if self.projector_type == "cnn":
-            kernel, stride = settings["kernel_size"], settings["stride"]
-            return [[kernel, stride, 2 * (kernel // 2)]] * settings["num_layers"]
-        stack = settings["stack_factor"]
-        return [[stack, stack, stack - 1]]
-
-    @property
     def audio_length_spec(self) -> dict:
         """What the processor needs to expand audio placeholders; see `audio_token_count`."""
         return {
-            "convs": self.encoder_convs + self.projector_convs,
-            "tokens_per_step": self.projector_config["num_queries"] if self.projector_type == "qformer" else 1,
+            "convs": self.encoder_convs + self.projector_config.convs,
+            "tokens_per_step": self.projector_config.tokens_per_step,
             "max_feature_length": self.max_feature_length,
         }
 
@@ -267,13 +358,38 @@ def _as_config(config: PretrainedConfig | dict | None, default_type: str) -> Pre
     raise TypeError(f"Expected a PretrainedConfig or a dict, got {type(config).__name__}.")
 
 
+def _as_projector_config(config: PretrainedConfig | dict | None, projector_type: str) -> SpeechLlmProjectorConfig:
+    """The projector settings as the config class of `projector_type`: from a config, a dict of settings over the
+    type's defaults (the form folders saved before these classes existed hold), or None for the defaults.
+
+    Raises:
+        ValueError: for a setting the type does not have, or a config of another projector type.
+    """
+    config_class = PROJECTOR_CONFIG_CLASSES[projector_type]
+    if isinstance(config, PretrainedConfig):
+        config = config.to_dict()
+    config = dict(config or {})
+    model_type = config.pop("model_type", config_class.model_type)
+    if model_type != config_class.model_type:
+        raise ValueError(f"projector_type is {projector_type!r} but projector_config is a {model_type!r} config.")
+    settings = config_class.setting_names()
+    unknown = sorted(set(config) - set(settings))
+    if unknown:
+        raise ValueError(f"Unknown {projector_type} projector settings {unknown}; valid ones are {sorted(settings)}.")
+    return config_class(**config)
+
+
 __all__ = [
     "SpeechLlmConfig",
+    "SpeechLlmCnnProjectorConfig",
+    "SpeechLlmProjectorConfig",
+    "SpeechLlmMlpProjectorConfig",
+    "SpeechLlmQFormerProjectorConfig",
+    "PROJECTOR_CONFIG_CLASSES",
     "audio_token_count",
     "conv_output_length",
     "hidden_size_of",
     "convs_output_length",
     "PROJECTOR_TYPES",
-    "PROJECTOR_DEFAULTS",
     "WHISPER_CONVS",
 ]

@@ -79,23 +79,23 @@ class SpeechLlmQFormerProjector(nn.Module):
     def __init__(self, config: SpeechLlmConfig):
         super().__init__()
         settings = config.projector_config
-        self.window_size = settings["window_size"]
-        self.num_queries = settings["num_queries"]
-        self.length_convs = config.projector_convs  # the window split, as a conv: how many windows a clip fills
+        self.window_size = settings.window_size
+        self.num_queries = settings.num_queries
+        self.length_convs = settings.convs  # the window split, as a conv: how many windows a clip fills
         self.layer_norm = nn.LayerNorm(config.encoder_hidden_size)
-        self.query = nn.Parameter(torch.empty(1, self.num_queries, settings["hidden_size"]).normal_(0.0, 0.02))
+        self.query = nn.Parameter(torch.empty(1, self.num_queries, settings.hidden_size).normal_(0.0, 0.02))
         qformer_config = Blip2QFormerConfig(
-            hidden_size=settings["hidden_size"],
-            num_hidden_layers=settings["num_hidden_layers"],
-            num_attention_heads=settings["num_attention_heads"],
-            intermediate_size=settings["intermediate_size"],
-            hidden_dropout_prob=settings["dropout"],
-            attention_probs_dropout_prob=settings["dropout"],
+            hidden_size=settings.hidden_size,
+            num_hidden_layers=settings.num_hidden_layers,
+            num_attention_heads=settings.num_attention_heads,
+            intermediate_size=settings.intermediate_size,
+            hidden_dropout_prob=settings.dropout,
+            attention_probs_dropout_prob=settings.dropout,
             cross_attention_frequency=1,
             encoder_hidden_size=config.encoder_hidden_size,
         )
         self.qformer = Blip2QFormerModel(qformer_config)
-        self.linear = nn.Linear(settings["hidden_size"], config.text_config.hidden_size)
+        self.linear = nn.Linear(settings.hidden_size, config.text_config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch_size, num_frames, channels = hidden_states.shape  # (B, T, C)
@@ -122,16 +122,16 @@ class SpeechLlmCnnProjector(nn.Module):
     def __init__(self, config: SpeechLlmConfig):
         super().__init__()
         settings = config.projector_config
-        hidden = settings["hidden_size"] or config.encoder_hidden_size
+        hidden = settings.hidden_size or config.encoder_hidden_size
         width = config.text_config.hidden_size
-        channels = [config.encoder_hidden_size] + [hidden] * (settings["num_layers"] - 1) + [width]
-        self.length_convs = config.projector_convs  # [kernel, stride, total padding] of each conv below
+        channels = [config.encoder_hidden_size] + [hidden] * (settings.num_layers - 1) + [width]
+        self.length_convs = settings.convs  # [kernel, stride, total padding] of each conv below
         self.convs = nn.ModuleList(
             nn.Conv1d(c_in, 2 * c_out, kernel, stride, padding=padding // 2)
             for c_in, c_out, (kernel, stride, padding) in zip(channels[:-1], channels[1:], self.length_convs)
         )
-        self.adapter_down = nn.Linear(width, settings["adapter_size"], bias=False)
-        self.adapter_up = nn.Linear(settings["adapter_size"], width, bias=False)
+        self.adapter_down = nn.Linear(width, settings.adapter_size, bias=False)
+        self.adapter_up = nn.Linear(settings.adapter_size, width, bias=False)
         self.layer_norm = nn.LayerNorm(width)
 
     def forward(self, hidden_states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,12 +155,12 @@ class SpeechLlmMlpProjector(nn.Module):
     def __init__(self, config: SpeechLlmConfig):
         super().__init__()
         settings = config.projector_config
-        self.stack_factor = settings["stack_factor"]
-        self.length_convs = config.projector_convs  # stacking, as a conv: how many stacks a clip fills
+        self.stack_factor = settings.stack_factor
+        self.length_convs = settings.convs  # stacking, as a conv: how many stacks a clip fills
         stacked = self.stack_factor * config.encoder_hidden_size
         self.layer_norm = nn.LayerNorm(stacked)
-        self.linear_in = nn.Linear(stacked, 2 * settings["hidden_size"])
-        self.linear_out = nn.Linear(settings["hidden_size"], config.text_config.hidden_size)
+        self.linear_in = nn.Linear(stacked, 2 * settings.hidden_size)
+        self.linear_out = nn.Linear(settings.hidden_size, config.text_config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch_size, num_frames, channels = hidden_states.shape
