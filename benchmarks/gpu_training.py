@@ -9,8 +9,8 @@ response of about 30 tokens with the loss on the response only. Batches are leng
 makes them, and built on the GPU before timing (a DataLoader with workers overlaps loading with the step).
 
 Variants (each is skipped with its reason where it cannot run): `sdpa` on padded batches; `sdpa_packed` and
-`flex_packed` with padding-free packing (`model.config.padding_free`); `flash2_packed` with flash-attention 2 varlen
-kernels when `flash_attn` is installed.
+`flex_packed` on the same batches packed as the collators' `padding_free` packs them (`pack_sequences`);
+`flash2_packed` with flash-attention 2 varlen kernels when `flash_attn` is installed.
 
 MFU counts the useful FLOPs of a step (every example at its own length, no padding, counted by
 `torch.utils.flop_counter.FlopCounterMode` on the unpadded examples one by one: the frozen encoder's forward, the
@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import HubertConfig, LlamaConfig
 
 from speechllm_hf import SpeechLlmConfig, SpeechLlmForConditionalGeneration
+from speechllm_hf.data.collators import pack_sequences
 from speechllm_hf.models.speechllm.configuration_speechllm import audio_token_count
 
 GOAL_SAMPLES_PER_S = 60  # per H100, issue 9 (Ultravox reports 32-48 including a distillation pass)
@@ -147,7 +148,8 @@ def useful_flops(model, examples: list[dict]) -> float:
 def run_variant(args, model, attn: str, padding_free: bool, batches, flops_per_step) -> dict:
     """Time the variant on `model` (its LLM switched to `attn`), after `args.warmup` untimed steps."""
     model.language_model.set_attn_implementation(attn)
-    model.config.padding_free = padding_free
+    if padding_free:
+        batches = [pack_sequences(batch, return_flash_attn_kwargs=attn.startswith("flash")) for batch in batches]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     for batch in batches[: args.warmup]:
         train_step(model, optimizer, batch)
