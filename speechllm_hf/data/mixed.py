@@ -1,8 +1,8 @@
 """Mixed speech-text sequences for next-word prediction ("audio_nwp", Zuefle & Niehues, arXiv 2412.15712).
 
-A word-aligned transcript (see `speechllm_hf.preprocessing.alignment`) is split into alternating spans: text spans of 4-10
-words and speech spans of 2-5 words, starting with either kind at random; punctuation is removed. Each speech span is
-its own clip, cut from the utterance at the span's times, and encoded separately.
+A word-aligned transcript (see `speechllm_hf.preprocessing.alignment`) is split into alternating spans: text spans
+of 4-10 words and speech spans of 2-5 words, starting with either kind at random; punctuation is removed. Each speech
+span is its own clip, cut from the utterance at the span's times, and encoded separately.
 
 Sequence layout for training (no chat template)::
 
