@@ -11,9 +11,11 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
 from speechllm_hf import from_preset  # noqa: E402
@@ -22,6 +24,10 @@ from speechllm_hf import from_preset  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+SCRIPTS = TESTS / "scripts"  # scripts the tests run in other processes (no package, accelerate launch, ...)
+FIXTURES = TESTS / "fixtures"
+BENCHMARKS = REPO / "benchmarks"
 ENCODERS = ("hubert", "whisper", "wav2vec2")
 PROJECTORS = ("qformer", "cnn", "mlp")
 _MODELS: dict = {}
@@ -183,3 +189,69 @@ def fill_deterministically(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for _, parameter in sorted(module.named_parameters()):
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
+def trained_tiny(local_backbones, **kwargs):
+    """A tiny model whose backbones come from local folders and whose projector is not at its initial values."""
+    model, processor = from_preset(
+        "tiny",
+        encoder_name_or_path=str(local_backbones / "hubert"),
+        text_name_or_path=str(local_backbones / "llm"),
+        **kwargs,
+    )
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.projector.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model.eval(), processor
+
+
+def save_expected_outputs(path: Path, model, processor, texts: list[str], clips: list[np.ndarray]) -> None:
+    """What the in-process model gives on `texts` + `clips` (processor outputs, logits, greedy generation, the
+    "speech-llm" pipeline's answer), as `scripts/load_without_package.py` compares them in another process."""
+    inputs = processor(texts, audio=clips, sampling_rate=16000)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    # What the in-process "speech-llm" pipeline answers (default prompt); the shipped one must answer the same.
+    pipeline_text = transformers.pipeline("speech-llm", model=model, processor=processor)(
+        clips[0], sampling_rate=16000, max_new_tokens=8
+    )
+    np.savez(
+        path,
+        texts=json.dumps(texts),
+        num_clips=len(clips),
+        **{f"clip{i}": c for i, c in enumerate(clips)},
+        logits=logits.numpy(),
+        generated=generated.numpy(),
+        pipeline_text=pipeline_text["generated_text"],
+        **{k: v.numpy() for k, v in inputs.items()},
+    )
+
+
+def run_loader(python: str, folder: Path, expected: Path) -> dict:
+    cache = folder.parent / f"modules-{Path(python).parent.parent.name}"
+    report = run_without_package(
+        python, [str(SCRIPTS / "load_without_package.py"), str(folder), str(expected)], folder.parent, cache
+    )
+    assert report["attn_implementation"] == ["eager", "eager"] and report["dtypes"] == ["torch.bfloat16"]
+    return report
+
+
+def multi_task_rows(n=4):
+    """Dev clips, alternately as ASR rows and as ST rows (translation and target language)."""
+    from speechllm_hf.quickstart.corpus import load_split as _load_split
+
+    rows = []
+    for i, row in enumerate(_load_split("dev")[:n]):
+        st = i % 2 == 1
+        rows.append(
+            {
+                "audio": row["audio"],
+                "text": row["text"],
+                "task": "st" if st else "asr",
+                "translation": f"übersetzung {i}" if st else None,
+                "target_language": "German" if st else None,
+            }
+        )
+    return datasets.Dataset.from_list(rows)

@@ -4,11 +4,9 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import BENCHMARKS
 
 
 def test_run_writes_a_finite_ratio_and_its_goal_for_each_benchmark_asked_for(tmp_path):

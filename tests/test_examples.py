@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from speechllm_hf.cli import build_parser
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "examples").glob("*/run.sh"))
 FIELD, CALL = "\x1f", "\x1e"
 RECORDER = f"""

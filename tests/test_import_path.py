@@ -3,9 +3,9 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 NOT_CORE = ("speechllm_hf.preprocessing", "speechllm_hf.quickstart", "speechllm_hf.commands", "speechllm_hf.cli")
 EXTRAS = ("matplotlib", "gradio", "jiwer", "sacrebleu")
 

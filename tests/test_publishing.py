@@ -13,9 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import trained_tiny
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_hub import trained_tiny
 
 from speechllm_hf.cli import main
 

@@ -15,8 +15,7 @@ import sys
 import datasets
 import pytest
 import torch
-from conftest import CPU_TRAINING
-from test_hub import run_loader, save_expected_outputs
+from conftest import BENCHMARKS, CPU_TRAINING, run_loader, save_expected_outputs
 
 from speechllm_hf import from_preset
 from speechllm_hf.data.audio import load_audio
@@ -116,7 +115,7 @@ def test_real_quickstart_runs_every_stage_and_reports_them(real_backbones, tmp_p
     # benchmarks/asr_dev_wer.py, which scores a saved model on another dev set, gives the quickstart's own figure.
     dev = tmp_path / "dev.jsonl"
     dev.write_text("".join(json.dumps(row) + "\n" for row in load_split("dev")[:2]))
-    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "asr_dev_wer.py")
+    script = str(BENCHMARKS / "asr_dev_wer.py")
     scored = subprocess.run(
         [sys.executable, script, "--model", str(out / "asr-model"), "--dev_manifest", str(dev)],
         capture_output=True,
@@ -133,7 +132,7 @@ def test_throughput_benchmark_times_both_paths_and_the_parts_of_a_step(real_back
     import importlib.util
     from argparse import Namespace
 
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "real_throughput.py")
+    path = str(BENCHMARKS / "real_throughput.py")
     sys.path.insert(0, os.path.dirname(path))
     spec = importlib.util.spec_from_file_location("real_throughput", path)
     benchmark = importlib.util.module_from_spec(spec)

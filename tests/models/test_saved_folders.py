@@ -2,16 +2,15 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import clip, fill_deterministically
+from conftest import FIXTURES, clip, fill_deterministically
 from safetensors.torch import load_file
 
 from speechllm_hf import SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
 
-FIXTURES = Path(__file__).parent / "fixtures" / "saved-692bcdd"
+SAVED = FIXTURES / "saved-692bcdd"
 
 
 @pytest.mark.parametrize("name", ["hubert-qformer", "whisper-mlp"])
@@ -24,7 +23,7 @@ def test_folder_saved_by_692bcdd_loads_with_the_same_logits(name, tmp_path):
     model.encoder.save_pretrained(tmp_path / "encoder")
     model.language_model.save_pretrained(tmp_path / "text")
     folder = tmp_path / name
-    shutil.copytree(FIXTURES / name, folder)
+    shutil.copytree(SAVED / name, folder)
     config = json.loads((folder / "config.json").read_text())
     # The backbones were local folders when the fixture was written: point at their rebuilt copies.
     config["encoder_name_or_path"], config["text_name_or_path"] = str(tmp_path / "encoder"), str(tmp_path / "text")

@@ -12,16 +12,23 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import COMPAT_TRANSFORMERS, clip, run_without_package
+from conftest import (
+    COMPAT_TRANSFORMERS,
+    REPO,
+    SCRIPTS,
+    clip,
+    run_loader,
+    run_without_package,
+    save_expected_outputs,
+    trained_tiny,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor, pipeline
 
 from speechllm_hf import from_preset
 
-REPO = Path(__file__).resolve().parents[1]
 HUB_FOLDER = REPO / "speechllm_hf" / "models" / "speechllm"
-LOADER = Path(__file__).parent / "scripts" / "load_without_package.py"
 MODEL_FILES = {
     "README.md",
     "config.json",
@@ -39,21 +46,6 @@ MODEL_FILES = {
 }
 
 
-def trained_tiny(local_backbones, **kwargs):
-    """A tiny model whose backbones come from local folders and whose projector is not at its initial values."""
-    model, processor = from_preset(
-        "tiny",
-        encoder_name_or_path=str(local_backbones / "hubert"),
-        text_name_or_path=str(local_backbones / "llm"),
-        **kwargs,
-    )
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for parameter in model.projector.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return model.eval(), processor
-
-
 @pytest.fixture(scope="module")
 def saved(local_backbones, tmp_path_factory):
     """A projector-only save plus the outputs the original model gives, for comparison in other processes."""
@@ -64,29 +56,6 @@ def saved(local_backbones, tmp_path_factory):
     expected = folder.parent / "expected.npz"
     save_expected_outputs(expected, model, processor, texts, [clip(0.9), clip(0.5, 1)])
     return folder, expected, model, processor
-
-
-def save_expected_outputs(path: Path, model, processor, texts: list[str], clips: list[np.ndarray]) -> None:
-    """What the in-process model gives on `texts` + `clips` (processor outputs, logits, greedy generation, the
-    "speech-llm" pipeline's answer), as `scripts/load_without_package.py` compares them in another process."""
-    inputs = processor(texts, audio=clips, sampling_rate=16000)
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    # What the in-process "speech-llm" pipeline answers (default prompt); the shipped one must answer the same.
-    pipeline_text = pipeline("speech-llm", model=model, processor=processor)(
-        clips[0], sampling_rate=16000, max_new_tokens=8
-    )
-    np.savez(
-        path,
-        texts=json.dumps(texts),
-        num_clips=len(clips),
-        **{f"clip{i}": c for i, c in enumerate(clips)},
-        logits=logits.numpy(),
-        generated=generated.numpy(),
-        pipeline_text=pipeline_text["generated_text"],
-        **{k: v.numpy() for k, v in inputs.items()},
-    )
 
 
 def test_saved_folder_holds_exactly_the_expected_files(saved, tmp_path):
@@ -163,13 +132,6 @@ def test_round_trip_with_the_package(saved):
     loaded_processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     assert loaded_processor.tokenizer.padding_side == "left"
     assert loaded_processor.audio_length_spec == processor.audio_length_spec
-
-
-def run_loader(python: str, folder: Path, expected: Path) -> dict:
-    cache = folder.parent / f"modules-{Path(python).parent.parent.name}"
-    report = run_without_package(python, [str(LOADER), str(folder), str(expected)], folder.parent, cache)
-    assert report["attn_implementation"] == ["eager", "eager"] and report["dtypes"] == ["torch.bfloat16"]
-    return report
 
 
 def test_round_trip_without_the_package_on_transformers_5(saved):
@@ -530,7 +492,7 @@ def test_save_push_and_load_take_every_argument_of_pretrained_models(major, loca
     python = sys.executable if major == "5.x" else request.getfixturevalue("compat_python")
     model, processor = trained_tiny(local_backbones)
     model.save_pretrained(tmp_path / "model", processor=processor)
-    script = Path(__file__).parent / "scripts" / "standard_signatures.py"
+    script = SCRIPTS / "standard_signatures.py"
     report = run_without_package(python, [str(script), str(tmp_path / "model")], tmp_path)
     assert report["transformers"].startswith("4.57" if major == "4.57" else "5.")
     assert {"is_main_process", "state_dict", "push_to_hub", "max_shard_size", "variant", "token"} <= set(
@@ -547,7 +509,7 @@ def test_whisper_checkpoints_load_their_encoder_exactly_and_missing_weights_are_
     (4.57 once left them all random with a warning), and a checkpoint lacking encoder weights is an error."""
     python = sys.executable if major == "5.x" else request.getfixturevalue("compat_python")
     shutil.copytree(HUB_FOLDER, tmp_path / "speechllm_hub", ignore=shutil.ignore_patterns("__pycache__"))
-    script = Path(__file__).parent / "scripts" / "whisper_encoder_loads.py"
+    script = SCRIPTS / "whisper_encoder_loads.py"
     report = run_without_package(python, [str(script)], tmp_path)
     assert report["transformers"].startswith("4.57" if major == "4.57" else "5.")
     assert report["differing"] == {"WhisperForConditionalGeneration": [], "WhisperModel": []}

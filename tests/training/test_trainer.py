@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from conftest import CPU_TRAINING, clip
+from conftest import CPU_TRAINING, clip, multi_task_rows
 from safetensors.torch import load_file
 
 from speechllm_hf import SpeechLlmForConditionalGeneration, from_preset
@@ -510,23 +510,6 @@ def test_resuming_a_lora_checkpoint_needs_lora(local_backbones, tmp_path):
             max_steps=2,
             resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-1"),
         )
-
-
-def multi_task_rows(n=4):
-    """Dev clips, alternately as ASR rows and as ST rows (translation and target language)."""
-    rows = []
-    for i, row in enumerate(load_split("dev")[:n]):
-        st = i % 2 == 1
-        rows.append(
-            {
-                "audio": row["audio"],
-                "text": row["text"],
-                "task": "st" if st else "asr",
-                "translation": f"übersetzung {i}" if st else None,
-                "target_language": "German" if st else None,
-            }
-        )
-    return datasets.Dataset.from_list(rows)
 
 
 def test_multi_task_data_logs_each_tasks_loss(tmp_path):

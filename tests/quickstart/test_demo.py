@@ -7,10 +7,9 @@ Set `SPEECHLLM_ARTIFACTS` to also copy the screenshot to `test-artifacts/demo.pn
 import os
 import shutil
 import socket
-from pathlib import Path
 
 import pytest
-from conftest import tiny
+from conftest import REPO, tiny
 
 from speechllm_hf.quickstart.corpus import load_split
 
@@ -110,7 +109,7 @@ def test_demo_in_browser(demo_url, tmp_path):
             browser.close()
             print(f"screenshot: {screenshot}")
             if os.environ.get("SPEECHLLM_ARTIFACTS"):
-                artefact = Path(__file__).resolve().parents[1] / "test-artifacts" / "demo.png"
+                artefact = REPO / "test-artifacts" / "demo.png"
                 artefact.parent.mkdir(exist_ok=True)
                 shutil.copy(screenshot, artefact)
                 print(f"screenshot copied to {artefact}")

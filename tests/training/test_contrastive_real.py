@@ -3,9 +3,10 @@ the middle layer learns. Needs SPEECHLLM_BACKBONES_DIR (see `real_backbones` in 
 
 import argparse
 import importlib.util
-from pathlib import Path
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "contrastive_sink.py"
+from conftest import BENCHMARKS
+
+BENCHMARK = BENCHMARKS / "contrastive_sink.py"
 
 
 def load_benchmark():

@@ -7,9 +7,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import clip, run_without_package
+from conftest import clip, run_without_package, trained_tiny
 from peft import LoraConfig
-from test_hub import trained_tiny
 from transformers import AutoModel
 
 TEXTS = ["<|user|><audio> hi<|end|><|assistant|>"]

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 from accelerate.data_loader import DataLoaderShard
+from conftest import BENCHMARKS
 
 from speechllm_hf.data import LengthGroupedSampler, padding_fraction, to_batches
 
-_spec = importlib.util.spec_from_file_location(
-    "padding_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "padding.py"
-)
+_spec = importlib.util.spec_from_file_location("padding_benchmark", BENCHMARKS / "padding.py")
 padding_benchmark = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(padding_benchmark)
 

@@ -16,7 +16,7 @@ import datasets
 import pytest
 import torch
 import transformers
-from conftest import CPU_TRAINING
+from conftest import CPU_TRAINING, SCRIPTS
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -35,7 +35,6 @@ from speechllm_hf.training import (
 from speechllm_hf.training.checkpoints import COMPLETE_MARKER, incomplete_reason, last_complete_checkpoint
 from speechllm_hf.training.divergence import TrainingDivergedError
 
-SCRIPTS = Path(__file__).parent / "scripts"
 TRAINERS = {
     "asr": (SpeechLlmTrainer, SpeechLlmTrainingArguments),
     "contrastive": (ContrastiveTrainer, ContrastiveTrainingArguments),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers.integrations
-from conftest import launch_two_cpu_processes
+from conftest import SCRIPTS, launch_two_cpu_processes
 from safetensors.torch import load_file
 from transformers.integrations import (
     deepspeed_config,
@@ -24,8 +24,8 @@ from transformers.integrations import (
 
 from speechllm_hf import from_preset
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_equivalence.py"
-FSDP2_SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_equivalence.py"
+SCRIPT = SCRIPTS / "ddp_equivalence.py"
+FSDP2_SCRIPT = SCRIPTS / "fsdp2_equivalence.py"
 CASES = (
     "asr",
     "asr_accumulation",

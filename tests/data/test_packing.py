@@ -4,14 +4,12 @@ the Hub copy on transformers 4.57."""
 
 import contextlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import COMPAT_TRANSFORMERS, CPU_TRAINING, run_without_package
-from test_trainer import multi_task_rows
+from conftest import COMPAT_TRANSFORMERS, CPU_TRAINING, SCRIPTS, multi_task_rows, run_without_package
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from speechllm_hf import from_preset
@@ -32,7 +30,7 @@ from speechllm_hf.training.continuation import ContinuationTrainer, Continuation
 from speechllm_hf.training.contrastive import ContrastiveTrainingArguments
 from speechllm_hf.training.trainer import SpeechLlmTrainer
 
-CHECK_SCRIPT = Path(__file__).parent / "scripts" / "padding_free_without_package.py"
+CHECK_SCRIPT = SCRIPTS / "padding_free_without_package.py"
 
 
 def tiny_model(attn_implementation="sdpa"):
