@@ -20,7 +20,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from ..compat import dataloader_settings, requested_sampling, rotate_checkpoints
@@ -102,7 +102,6 @@ class SpeechLlmTrainer(Trainer):
         self._task_metric_names = (
             {f"loss_{task}" for task in tasks} if getattr(data_collator, "return_task_ids", False) else set()
         )
-        self.add_callback(_LoadBestProjectorCallback())
         self.divergence_guard = DivergenceGuard(self.accelerator, args.max_skipped_steps)
         self.add_callback(self.divergence_guard)
 
@@ -332,17 +331,14 @@ class SpeechLlmTrainer(Trainer):
         logger.info("Loading the projector from %s.", resume_from_checkpoint)
         target.load_trained_weights(resume_from_checkpoint)
 
-
-class _LoadBestProjectorCallback(TrainerCallback):
-    """`load_best_model_at_end` for projector-only checkpoints: the Trainer looks for full model files only, so it
-    warns that it cannot find them and keeps the last weights; this loads the best checkpoint's projector (and LoRA
-    adapter) once training ends, on every process."""
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        best = state.best_model_checkpoint
-        if args.load_best_model_at_end and best and os.path.isfile(os.path.join(best, PROJECTOR_WEIGHTS_NAME)):
-            logger.info("Loading the best projector from %s (score %s).", best, state.best_metric)
-            model.load_trained_weights(best)
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end`: the best checkpoint's projector (and LoRA adapter) when it is projector-only;
+        the Trainer's own path looks for full model files only, and would warn and keep the last weights."""
+        best = self.state.best_model_checkpoint
+        if not os.path.isfile(os.path.join(best, PROJECTOR_WEIGHTS_NAME)):
+            return super()._load_best_model()
+        logger.info("Loading the best projector from %s (score %s).", best, self.state.best_metric)
+        self._load_from_checkpoint(best)
 
 
 def _data_seed(args) -> int:
