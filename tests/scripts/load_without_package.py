@@ -41,12 +41,17 @@ assert type(pipe).__name__ == "SpeechLlmPipeline" and not type(pipe).__module__.
 answer = pipe(clips[0], sampling_rate=16000, max_new_tokens=8)
 assert answer == {"generated_text": str(expected["pipeline_text"])}, answer
 
-# A loaded model saves again (without the pipeline file, which transformers' module cache does not hold).
+# A loaded model saves again, its pipeline included: a re-published folder keeps `pipeline(model=...)` working.
 with tempfile.TemporaryDirectory() as resaved:
     model.save_pretrained(resaved)
+    with open(f"{resaved}/config.json") as file:
+        assert "custom_pipelines" in json.load(file), "the re-saved config.json lost its pipeline entry"
+    processor.save_pretrained(resaved)
     again = AutoModel.from_pretrained(resaved, trust_remote_code=True).eval()
     with torch.no_grad():
         np.testing.assert_allclose(again(**inputs).logits.numpy(), expected["logits"], rtol=1e-5, atol=1e-5)
+    repipe = pipeline(model=resaved, trust_remote_code=True)
+    assert repipe(clips[0], sampling_rate=16000, max_new_tokens=8) == answer
 
 # The attention implementation and dtype asked of AutoModel reach both backbones and the projector.
 bf16 = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager", dtype=torch.bfloat16)

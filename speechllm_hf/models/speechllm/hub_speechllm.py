@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 
 import torch
 
@@ -175,20 +174,15 @@ combined model, in particular the LLM's licence ({text}).
 """
 
 
-def ship_pipeline(save_directory: str | os.PathLike) -> None:
-    """Copies the pipeline file beside the saved model code and names it in the saved config.json only.
+def name_pipeline(save_directory: str | os.PathLike) -> None:
+    """Names the shipped pipeline class in the saved config.json (not in the live config: see
+    `forget_pipeline_entry`), so that `pipeline(model=folder, trust_remote_code=True)` finds it without a task name.
 
-    The model code does not import the pipeline, so `save_pretrained` would not copy it: transformers 4.x copies
-    only the direct relative imports of a local folder's module, and the pipeline's own import of the processor would
-    then be missing. The entry goes into the file, not into the live config: see `forget_pipeline_entry`.
+    The model code imports the pipeline module, so transformers copies it into its module cache when the model is
+    loaded and into every folder the model is saved to, a model loaded from the Hub included.
     """
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), PIPELINE_FILE)
-    if not os.path.isfile(source):
-        # A model loaded from the Hub runs from transformers' module cache, which holds only the files the model
-        # code imports: re-saved from there, the folder works as a model, without the pipeline entry.
-        logger.info("%s is not beside the model code; saving without the pipeline entry.", PIPELINE_FILE)
+    if not os.path.isfile(os.path.join(save_directory, PIPELINE_FILE)):
         return
-    shutil.copyfile(source, os.path.join(save_directory, PIPELINE_FILE))
     path = os.path.join(save_directory, "config.json")
     with open(path, encoding="utf-8") as file:
         saved = json.load(file)
@@ -211,6 +205,6 @@ __all__ = [
     "count_parameters",
     "forget_pipeline_entry",
     "model_card",
-    "ship_pipeline",
+    "name_pipeline",
     "upload_folder",
 ]

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .compat_speechllm import CACHE_KWARGS, cached_length
 from .configuration_speechllm import SpeechLlmConfig, convs_output_length
-from .hub_speechllm import forget_pipeline_entry, model_card, ship_pipeline, upload_folder
+from .hub_speechllm import forget_pipeline_entry, model_card, name_pipeline, upload_folder
 from .loading_speechllm import (
     BACKBONE_KWARGS,
     HUB_KWARGS,
@@ -37,6 +37,10 @@ from .loading_speechllm import (
     save_projector_only,
 )
 from .modules_speechllm import PROJECTOR_CLASSES, SpeechLlmQFormerProjector, lengths_to_mask
+
+# Imported so that transformers copies the pipeline file with the model code: into its module cache when the model
+# is loaded, and into every folder it is saved to (`custom_object_save` copies the model file's relative imports).
+from .pipeline_speechllm import SpeechLlmPipeline  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +206,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             processor.save_pretrained(save_directory)
         with open(os.path.join(save_directory, "README.md"), "w") as card:
             card.write(model_card(self, hub_options.get("repo_id"), full_model=full_model))
-        if self._auto_class is not None:  # the code ships with the weights: so does the pipeline
-            ship_pipeline(save_directory)
+        name_pipeline(save_directory)
         if push and not full_model:  # PreTrainedModel pushed a full save itself, before the card and pipeline
             self._upload(save_directory, hub_options.pop("repo_id", os.path.basename(save_directory)), hub_options)
 

@@ -2,7 +2,7 @@
 `speechllm_hf.inference`.
 
 A saved model carries this file beside its code, and its config.json names it under `custom_pipelines`
-(`hub_speechllm.ship_pipeline`), so that `pipeline(model=repo_or_folder, trust_remote_code=True)` works where
+(`hub_speechllm.name_pipeline`), so that `pipeline(model=repo_or_folder, trust_remote_code=True)` works where
 speechllm_hf is not installed. It imports only numpy, transformers and the standard library, and its siblings with
 single-dot imports.
 """
@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 from transformers import GenerationConfig, Pipeline
 
-from .audio_speechllm import prepare_waveform
 from .configuration_speechllm import PIPELINE_TASK
 
 # The user turn and ASR instruction of speechllm_hf's packaged prompt file (prompts/default.yaml; a test keeps them
@@ -63,7 +62,7 @@ def check_clip(processor, audio, sampling_rate: int | None = None) -> np.ndarray
         ValueError: If the clip is unreadable, empty, holds NaN/inf samples, or is too short or too long for the
             encoder; the message names the problem.
     """
-    waveform = prepare_waveform(audio, sampling_rate, processor.sampling_rate)
+    waveform = processor.load_waveform(audio, sampling_rate)
     # The processor alone knows the encoder's limits (too few samples for one audio token, Whisper's 30 s).
     processor(text=processor.audio_token, audio=waveform, sampling_rate=processor.sampling_rate, return_tensors=None)
     return waveform

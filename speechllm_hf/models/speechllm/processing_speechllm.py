@@ -135,6 +135,10 @@ class SpeechLlmProcessor(ProcessorMixin):
                     "or leave truncation off."
                 )
 
+    def load_waveform(self, audio, sampling_rate: int | None = None) -> np.ndarray:
+        """One clip (samples, a file path or an audio dict) as mono float32 samples at the feature extractor's rate."""
+        return prepare_waveform(audio, sampling_rate, self.sampling_rate)
+
     def _extract(self, waveform: np.ndarray, index: int) -> np.ndarray:
         """Features of one clip at its real length, time on the last axis."""
         # Extracting clip by clip keeps each clip's features independent of the batch (Whisper's STFT edges and
