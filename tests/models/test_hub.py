@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor, pipeline
 
-from speechllm_hf import from_preset
+from speechllm_hf import SpeechLlmForConditionalGeneration, from_preset
 
 HUB_FOLDER = REPO / "speechllm_hf" / "models" / "speechllm"
 MODEL_FILES = {
@@ -514,3 +514,37 @@ def test_whisper_checkpoints_load_their_encoder_exactly_and_missing_weights_are_
     assert report["transformers"].startswith("4.57" if major == "4.57" else "5.")
     assert report["differing"] == {"WhisperForConditionalGeneration": [], "WhisperModel": []}
     assert report["refused"] and "lacks 15 of the weights" in report["refused"] and "layers.1." in report["refused"]
+
+
+def test_damaged_or_moved_saves_say_which_file_what_is_wrong_and_what_to_do(saved, tmp_path):
+    """Issue 19, item 3: errors that pointed the wrong way (transformers' "no file named model.safetensors", a raw
+    SafetensorError, HFValidationError "Repo id must be ...")."""
+    source = saved[0]
+
+    def damaged(name: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(source, folder)
+        return folder
+
+    folder = damaged("no-projector")
+    os.remove(folder / "projector.safetensors")
+    with pytest.raises(OSError, match=r"holds neither projector.safetensors .* nor model.safetensors .* incomplete"):
+        SpeechLlmForConditionalGeneration.from_pretrained(folder)
+
+    folder = damaged("lfs-pointer")
+    (folder / "projector.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    with pytest.raises(OSError, match=r"projector.safetensors \(\d+ bytes\) is a Git LFS pointer.*git lfs pull"):
+        SpeechLlmForConditionalGeneration.from_pretrained(folder)
+
+    folder = damaged("truncated")
+    data = (source / "projector.safetensors").read_bytes()
+    (folder / "projector.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=r"projector.safetensors \(\d+ bytes\) is not readable.*Download it again"):
+        SpeechLlmForConditionalGeneration.from_pretrained(folder)
+
+    folder = damaged("moved-backbone")
+    config = json.loads((folder / "config.json").read_text())
+    config["encoder_name_or_path"] = str(tmp_path / "gone" / "hubert")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OSError, match=r"encoder of '.*gone/hubert': there is no such folder \(moved or deleted\?\)"):
+        SpeechLlmForConditionalGeneration.from_pretrained(folder)

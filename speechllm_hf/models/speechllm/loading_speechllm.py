@@ -12,6 +12,7 @@ import logging
 import os
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save
@@ -25,6 +26,7 @@ from .modules_speechllm import SpeechLlmWhisperEncoder
 logger = logging.getLogger(__name__)
 
 PROJECTOR_WEIGHTS_NAME = "projector.safetensors"
+FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # what a full save writes, unsharded or sharded
 LORA_FOLDER = "lora"  # a peft adapter of the LLM, saved beside the projector when fine-tuned with LoRA
 # Arguments of `from_pretrained` that locate files of this repo (the projector checkpoint itself).
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
@@ -63,15 +65,42 @@ def resolve_file(name_or_path: str | os.PathLike, filename: str, **hub_kwargs) -
     )
 
 
+def names_a_local_folder(name_or_path: str | os.PathLike) -> bool:
+    """Whether `name_or_path` is a path rather than a Hub id (`org/name`): absolute, relative from `.` or `~`, or
+    deeper than one slash. Such a name that is no folder is a folder that moved, not a repo to download."""
+    name = str(name_or_path)
+    windows_path = os.sep != "/" and os.sep in name
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or windows_path
+
+
 def hub_commit(name_or_path: str | os.PathLike, **hub_kwargs) -> str | None:
     """The commit that a Hub id's default branch points to now (None for a local folder or an unknown repo).
 
     Read from where its config.json lands in the Hub cache (`snapshots/<commit>/`), which transformers 4.57 and 5.x
     both lay out; 5.x no longer records the commit on the loaded config (`_commit_hash`).
     """
-    if os.path.isdir(name_or_path):
+    if os.path.isdir(name_or_path) or names_a_local_folder(name_or_path):
         return None
     return extract_commit_hash(resolve_file(name_or_path, "config.json", **hub_kwargs), None)
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file`, with an error that says what the file is when it is none: a truncated
+    download, or the Git LFS pointer a clone without `git lfs` leaves in its place.
+
+    Raises:
+        OSError: naming the file, its size and what to do.
+    """
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        with open(path, "rb") as file:
+            head = file.read(64)
+        what = "a Git LFS pointer, not the file" if head.startswith(b"version https://git-lfs") else "not readable"
+        raise OSError(
+            f"{path} ({os.path.getsize(path)} bytes) is {what}: {err}. Download it again (`hf download`, or "
+            "`git lfs pull` in a git clone), or save the model again."
+        ) from err
 
 
 def load_projector_state(path: str, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -80,7 +109,7 @@ def load_projector_state(path: str, expected: dict[str, torch.Tensor]) -> dict[s
     Raises:
         ValueError: naming missing or unexpected keys, or tensors whose shape the config does not build.
     """
-    state = load_file(path)
+    state = read_safetensors(path)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -158,7 +187,14 @@ def build_encoder(config: SpeechLlmConfig) -> PreTrainedModel:
 
 
 def from_pretrained_or_explain(loader, name_or_path: str, what: str, **kwargs):
-    """`loader(name_or_path, **kwargs)`; a missing checkpoint becomes an error that says what to download."""
+    """`loader(name_or_path, **kwargs)`; a missing checkpoint becomes an error that says what to download, or, for
+    a local folder that is gone, where to point instead."""
+    if names_a_local_folder(name_or_path) and not os.path.isdir(os.path.expanduser(str(name_or_path))):
+        raise OSError(
+            f"Cannot load the {what} of {str(name_or_path)!r}: there is no such folder (moved or deleted?). Point the "
+            "config's encoder_name_or_path / text_name_or_path at where it is now, or at its Hub id (edit "
+            "config.json, or pass from_pretrained a config with the field changed)."
+        )
     try:
         return loader(name_or_path, **kwargs)
     except OSError as err:
@@ -324,7 +360,7 @@ def load_trained_weights(model, name_or_path: str | os.PathLike, **hub_kwargs) -
         peft_config = peft.PeftConfig.from_pretrained(os.path.dirname(adapter_config))
         peft_config.inference_mode = True  # frozen, as for PeftModel.from_pretrained
         model.language_model = peft.get_peft_model(model.language_model, peft_config)
-    result = peft.set_peft_model_state_dict(model.language_model, load_file(adapter_file))
+    result = peft.set_peft_model_state_dict(model.language_model, read_safetensors(adapter_file))
     missing = [key for key in result.missing_keys if "lora_" in key]
     if missing or result.unexpected_keys:
         raise ValueError(
@@ -335,6 +371,7 @@ def load_trained_weights(model, name_or_path: str | os.PathLike, **hub_kwargs) -
 
 __all__ = [
     "BACKBONE_KWARGS",
+    "FULL_WEIGHTS",
     "HUB_KWARGS",
     "LORA_FOLDER",
     "PROJECTOR_WEIGHTS_NAME",
@@ -350,6 +387,8 @@ __all__ = [
     "load_pretrained_text_model",
     "load_projector_state",
     "load_trained_weights",
+    "names_a_local_folder",
+    "read_safetensors",
     "outside_zero3_init",
     "resolve_file",
     "resolved_dtype",

@@ -26,6 +26,7 @@ from .configuration_speechllm import SpeechLlmConfig, convs_output_length
 from .hub_speechllm import forget_pipeline_entry, model_card, name_pipeline, upload_folder
 from .loading_speechllm import (
     BACKBONE_KWARGS,
+    FULL_WEIGHTS,
     HUB_KWARGS,
     PROJECTOR_WEIGHTS_NAME,
     build_encoder,
@@ -261,6 +262,12 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         """
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         if resolve_file(pretrained_model_name_or_path, PROJECTOR_WEIGHTS_NAME, **hub_kwargs) is None:
+            if not any(resolve_file(pretrained_model_name_or_path, name, **hub_kwargs) for name in FULL_WEIGHTS):
+                raise OSError(
+                    f"{pretrained_model_name_or_path} holds neither {PROJECTOR_WEIGHTS_NAME} (a projector-only save) "
+                    f"nor {FULL_WEIGHTS[0]} (a full save): the save or its download is incomplete. Download it "
+                    "again, or save the model again."
+                )
             # A full save: never fall back to a pickled pytorch_model.bin, which can run code when read.
             kwargs["use_safetensors"] = True
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
