@@ -1,5 +1,8 @@
 """SpeechLlmProcessor: placeholder expansion, audio normalisation, chat template and clear errors."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -176,3 +179,21 @@ def test_batch_decode_round_trip():
     _, processor = tiny()
     ids = processor(["hello there", "hi"])["input_ids"]
     assert processor.batch_decode(ids, skip_special_tokens=True) == ["hello there", "hi"]
+
+
+def test_loading_a_saved_processor_warns_of_nothing_deprecated(tmp_path):
+    """Issue 19, item 4: every load warned that `feature_extractor_class = 'AutoFeatureExtractor'` is deprecated
+    (transformers 5.x loads sub-processors through the Auto class of their modality). In a fresh process, since
+    transformers warns once per process."""
+    tiny()[1].save_pretrained(tmp_path / "processor")
+    code = (
+        "import sys; from transformers import AutoProcessor; "
+        "p = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True); "
+        "print(type(p.feature_extractor).__name__, type(p.tokenizer).__name__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "processor")], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["Wav2Vec2FeatureExtractor", type(tiny()[1].tokenizer).__name__]
+    assert "deprecated" not in result.stderr, result.stderr

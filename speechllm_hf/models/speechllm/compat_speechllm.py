@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 
+from transformers import processing_utils
 from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
 
 # The key/value cache's keyword: `past_key_values` on 4.x, `cache` on newer 5.x. The model passes `**kwargs` through
@@ -28,6 +29,10 @@ WHISPER_LAYER_EXTRA_ARGS = (
 # keys whether to strip the `model.` prefix of a task checkpoint, and skips any mapped key that then lacks it; 5.x
 # strips it after mapping. Mapping `model.encoder.` to `model.` (and `encoder.` to nothing) suits both.
 WHISPER_ENCODER_KEY_MAPPING = {r"^model\.encoder\.": "model.", r"^encoder\.": ""}
+
+# 4.x processors name their sub-processors' classes (`feature_extractor_class = "AutoFeatureExtractor"`); 5.x loads
+# them through the Auto class of their modality and warns that those attributes are deprecated.
+PROCESSOR_NAMES_SUB_PROCESSOR_CLASSES = not hasattr(processing_utils, "MODALITY_TO_AUTOPROCESSOR_MAPPING")
 
 # Options of a `from_pretrained` call that 5.x records in tokenizer_config.json: they describe how the files were
 # loaded on the machine that saved them (a local folder, offline), not the tokenizer.
@@ -101,6 +106,7 @@ def save_feature_extractor_for_4x(processor, save_directory: str | os.PathLike) 
 __all__ = [
     "CACHE_KWARGS",
     "DTYPE_KWARGS",
+    "PROCESSOR_NAMES_SUB_PROCESSOR_CLASSES",
     "WHISPER_ENCODER_KEY_MAPPING",
     "WHISPER_LAYER_EXTRA_ARGS",
     "cache_of",

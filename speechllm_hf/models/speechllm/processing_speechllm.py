@@ -15,7 +15,12 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.utils import logging
 
 from .audio_speechllm import prepare_waveform
-from .compat_speechllm import keep_special_tokens_kwarg, make_tokenizer_config_portable, save_feature_extractor_for_4x
+from .compat_speechllm import (
+    PROCESSOR_NAMES_SUB_PROCESSOR_CLASSES,
+    keep_special_tokens_kwarg,
+    make_tokenizer_config_portable,
+    save_feature_extractor_for_4x,
+)
 from .configuration_speechllm import audio_token_count
 
 logger = logging.get_logger(__name__)
@@ -75,8 +80,9 @@ class SpeechLlmProcessor(ProcessorMixin):
     """
 
     attributes = ["feature_extractor", "tokenizer"]
-    feature_extractor_class = "AutoFeatureExtractor"
-    tokenizer_class = "AutoTokenizer"
+    if PROCESSOR_NAMES_SUB_PROCESSOR_CLASSES:
+        feature_extractor_class = "AutoFeatureExtractor"
+        tokenizer_class = "AutoTokenizer"
 
     def __init__(
         self,
