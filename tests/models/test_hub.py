@@ -65,9 +65,13 @@ def test_saved_folder_holds_exactly_the_expected_files(saved, tmp_path):
     assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"} <= processor_files
     assert set(os.listdir(folder)) == MODEL_FILES | processor_files
     config = json.loads((folder / "config.json").read_text())
+    model_class = "modeling_speechllm.SpeechLlmForConditionalGeneration"
     assert config["auto_map"] == {
         "AutoConfig": "configuration_speechllm.SpeechLlmConfig",
-        "AutoModel": "modeling_speechllm.SpeechLlmForConditionalGeneration",
+        "AutoModel": model_class,
+        "AutoModelForSpeechSeq2Seq": model_class,
+        "AutoModelForSeq2SeqLM": model_class,
+        "AutoModelForMultimodalLM": model_class,
     }
     assert config["encoder_name_or_path"].endswith("hubert") and config["text_name_or_path"].endswith("llm")
     # `pipeline(model=folder)` finds the shipped pipeline class by this entry, with no task name.
@@ -108,6 +112,48 @@ def test_model_card_names_bases_counts_memory_and_licence(saved):
     for needle in ("projector", "parameters", "GiB", "trust_remote_code=True", "licence", "hubert", "llm"):
         assert needle in card
     assert "holds only the projector weights (`projector.safetensors`)" in card and "all the weights" not in card
+    assert "`AutoModelForCausalLM` does not" in card and "a plain `AutoTokenizer` does not expand" in card
+
+
+def test_model_card_front_matter_carries_what_the_hub_reads(local_backbones, tmp_path, monkeypatch):
+    """Issue 19, item 8: both backbones under base_model, the relation of a projector to them, the pipeline tag, the
+    LLM's licence and the library. The backbones are named by (made-up) Hub ids; the LLM's card is read from where
+    its README.md resolves (here a local stand-in with an Apache-2.0 front matter)."""
+    from huggingface_hub.repocard import metadata_load
+
+    from speechllm_hf.models.speechllm import hub_speechllm
+
+    (local_backbones / "llm-card").mkdir(exist_ok=True)
+    (local_backbones / "llm-card" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# An LLM\n")
+    monkeypatch.setattr(
+        hub_speechllm, "cached_file", lambda name, filename, **kwargs: str(local_backbones / "llm-card" / filename)
+    )
+    model, processor = trained_tiny(local_backbones)
+    model.config.encoder_name_or_path, model.config.text_name_or_path = "org/encoder", "org/llm"
+    for full in (False, True):
+        (tmp_path / "README.md").write_text(hub_speechllm.model_card(model, "org/speech-llm", full_model=full))
+        metadata = metadata_load(tmp_path / "README.md")
+        assert metadata["base_model"] == ["org/encoder", "org/llm"]
+        assert metadata["base_model_relation"] == ("finetune" if full else "adapter")
+        assert metadata["pipeline_tag"] == "audio-text-to-text"
+        assert metadata["license"] == "apache-2.0" and metadata["library_name"] == "transformers"
+
+
+def test_the_audio_llm_auto_classes_load_the_model_and_causal_lm_is_not_claimed(saved):
+    """Issue 19, item 5: a saved folder maps the Auto classes transformers registers its own audio LLMs under to the
+    model class; AutoModelForCausalLM stays unregistered (text in, text out), and the card says to use AutoModel."""
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq
+
+    folder, expected, model, processor = saved
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert {"AutoModel", "AutoModelForSpeechSeq2Seq", "AutoModelForSeq2SeqLM", "AutoModelForMultimodalLM"} <= set(
+        auto_map
+    ) and "AutoModelForCausalLM" not in auto_map
+    inputs = processor(["<|user|><audio> hi<|end|>"], audio=[clip(0.9)], sampling_rate=16000)
+    for auto_class in (AutoModelForSpeechSeq2Seq, AutoModelForSeq2SeqLM):
+        loaded = auto_class.from_pretrained(folder, trust_remote_code=True)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
 
 
 def test_auto_model_honours_attn_implementation_and_dtype(saved):
@@ -397,7 +443,8 @@ def test_hub_folder_imports_only_torch_transformers_and_stdlib():
     """What `trust_remote_code` runs imports torch, transformers (and what transformers itself requires) and the
     standard library, anywhere in the files; an optional package is imported only inside the function that needs
     it, under `try`, so that its absence is explained."""
-    allowed = {"torch", "transformers", "numpy", "huggingface_hub", "safetensors", "tokenizers", "packaging"}
+    # What transformers itself requires, on 4.57 and 5.x alike, may be imported too.
+    allowed = {"torch", "transformers", "numpy", "huggingface_hub", "safetensors", "tokenizers", "packaging", "yaml"}
     allowed |= set(sys.stdlib_module_names) | {"__future__"}
     optional = {"peft", "soundfile", "soxr"}  # LoRA adapters, audio files, resampling
     for path in HUB_FOLDER.glob("*.py"):

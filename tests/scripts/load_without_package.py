@@ -15,7 +15,7 @@ sys.modules["speechllm_hf"] = None  # any import of the package now raises Impor
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoModel, AutoProcessor, pipeline  # noqa: E402
+from transformers import AutoModel, AutoModelForSpeechSeq2Seq, AutoProcessor, pipeline  # noqa: E402
 
 folder, expected_path = sys.argv[1], sys.argv[2]
 expected = np.load(expected_path)
@@ -42,6 +42,9 @@ answer = pipe(clips[0], sampling_rate=16000, max_new_tokens=8)
 assert answer == {"generated_text": str(expected["pipeline_text"])}, answer
 
 # A loaded model saves again, its pipeline included: a re-published folder keeps `pipeline(model=...)` working.
+# The Auto classes of transformers' own audio LLMs load it too.
+assert type(AutoModelForSpeechSeq2Seq.from_pretrained(folder, trust_remote_code=True)).__name__ == type(model).__name__
+
 with tempfile.TemporaryDirectory() as resaved:
     model.save_pretrained(resaved)
     with open(f"{resaved}/config.json") as file:

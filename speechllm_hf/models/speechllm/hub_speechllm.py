@@ -2,7 +2,7 @@
 the pipeline entry a saved folder carries.
 
 This file ships to the Hub with `trust_remote_code`: it imports only torch, transformers (and what transformers
-itself requires: safetensors, huggingface_hub) and the standard library.
+itself requires: huggingface_hub, pyyaml) and the standard library.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import logging
 import os
 
 import torch
+import yaml
+from huggingface_hub.repocard import metadata_load
+from transformers.utils import cached_file
 
 from .configuration_speechllm import PIPELINE_TASK
 from .loading_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_NAME
@@ -19,6 +22,10 @@ from .loading_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_NAME
 logger = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline_speechllm.py"
+# The Auto classes, besides AutoModel, that transformers registers its own audio LLMs under (Qwen2-Audio, Voxtral,
+# Granite Speech); a saved folder maps each to the model class. AutoModelForMultimodalLM is 5.x's; 4.57 ignores it.
+# AutoModelForCausalLM is left out, as transformers leaves its audio LLMs out: it promises text-in, text-out.
+AUTO_CLASSES = ("AutoModelForSpeechSeq2Seq", "AutoModelForSeq2SeqLM", "AutoModelForMultimodalLM")
 # The config.json entry that lets `pipeline(model=...)` find the shipped pipeline class without a task name.
 CUSTOM_PIPELINES = {
     PIPELINE_TASK: {
@@ -102,6 +109,20 @@ def _human(count: float) -> str:
     return str(int(count))
 
 
+def llm_licence(name_or_path: str | None, revision: str | None) -> str | None:
+    """The `license` of the LLM's own model card front matter, when its README.md can be read (None otherwise)."""
+    if not name_or_path:
+        return None
+    readme = cached_file(
+        name_or_path,
+        "README.md",
+        revision=revision,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    return metadata_load(readme).get("license") if readme else None
+
+
 def model_card(model, repo_id: str | None = None, full_model: bool = False) -> str:
     """A README.md for a saved speech LLM: base models, what was trained, what the folder holds (projector only or
     `full_model`: every weight), sizes, memory, how to load, licence."""
@@ -132,12 +153,23 @@ def model_card(model, repo_id: str | None = None, full_model: bool = False) -> s
     total = count_parameters(model)
     bytes_per_parameter = torch.finfo(model.language_model.dtype).bits // 8
     memory = total * bytes_per_parameter * 1.2 / 2**30  # weights + ~20% for activations and the KV cache
-    base_models = "".join(
-        f"- {m}\n" for m in (config.encoder_name_or_path, config.text_name_or_path) if m and not os.path.isdir(m)
-    )
-    front = "---\nlibrary_name: transformers\ntags:\n- speechllm_hf\n- speech-llm\n"
-    front += (f"base_model:\n{base_models}" if base_models else "") + "---\n"
-    return f"""{front}
+    base_models = [m for m in (config.encoder_name_or_path, config.text_name_or_path) if m and not os.path.isdir(m)]
+    licence = llm_licence(config.text_name_or_path, config.text_revision)
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": "audio-text-to-text",
+        **({"license": licence} if licence else {}),
+        **(
+            {"base_model": base_models, "base_model_relation": "finetune" if full_model else "adapter"}
+            if base_models
+            else {}
+        ),
+        "tags": ["speechllm_hf", "speech-llm"],
+    }
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False).strip()}
+---
+
 # Speech LLM ({config.projector_type} projector)
 
 A speech LLM built with [speechllm_hf](https://github.com/speechllm-hf/speechllm_hf): a frozen speech encoder feeds a
@@ -166,6 +198,10 @@ print(processor.batch_decode(model.generate(**inputs, max_new_tokens=128), skip_
 ```
 
 `trust_remote_code=True` runs the Python files of this repository; pin `code_revision=` to a commit you have read.
+`AutoModelForSpeechSeq2Seq`, `AutoModelForSeq2SeqLM` (and on transformers 5.x `AutoModelForMultimodalLM`) load the same
+class, as for transformers' own audio LLMs; `AutoModelForCausalLM` does not, as it promises text in and text out: use
+`AutoModel`. Build inputs with the processor: a plain `AutoTokenizer` does not expand the audio placeholder into the
+audio tokens the model fills, so the model would refuse its inputs.
 
 ## Licence
 
@@ -174,19 +210,24 @@ combined model, in particular the LLM's licence ({text}).
 """
 
 
-def name_pipeline(save_directory: str | os.PathLike) -> None:
-    """Names the shipped pipeline class in the saved config.json (not in the live config: see
-    `forget_pipeline_entry`), so that `pipeline(model=folder, trust_remote_code=True)` finds it without a task name.
+def write_hub_entries(save_directory: str | os.PathLike) -> None:
+    """Completes the saved config.json (not the live config: see `forget_pipeline_entry`) with what the Hub and
+    transformers read from it: the Auto classes besides AutoModel that map to the model (`AUTO_CLASSES`), and the
+    shipped pipeline class under `custom_pipelines`, so that `pipeline(model=folder, trust_remote_code=True)` finds
+    it without a task name.
 
     The model code imports the pipeline module, so transformers copies it into its module cache when the model is
     loaded and into every folder the model is saved to, a model loaded from the Hub included.
     """
-    if not os.path.isfile(os.path.join(save_directory, PIPELINE_FILE)):
-        return
     path = os.path.join(save_directory, "config.json")
     with open(path, encoding="utf-8") as file:
         saved = json.load(file)
-    saved["custom_pipelines"] = CUSTOM_PIPELINES
+    auto_map = saved.get("auto_map", {})
+    if "AutoModel" in auto_map:
+        for name in AUTO_CLASSES:
+            auto_map.setdefault(name, auto_map["AutoModel"])
+    if os.path.isfile(os.path.join(save_directory, PIPELINE_FILE)):
+        saved["custom_pipelines"] = CUSTOM_PIPELINES
     with open(path, "w", encoding="utf-8") as file:
         file.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
@@ -199,12 +240,13 @@ def forget_pipeline_entry(config) -> None:
 
 
 __all__ = [
+    "AUTO_CLASSES",
     "CUSTOM_PIPELINES",
     "PIPELINE_FILE",
     "check_backbone_ids_are_public",
     "count_parameters",
     "forget_pipeline_entry",
     "model_card",
-    "name_pipeline",
+    "write_hub_entries",
     "upload_folder",
 ]

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .compat_speechllm import CACHE_KWARGS, cached_length
 from .configuration_speechllm import SpeechLlmConfig, convs_output_length
-from .hub_speechllm import forget_pipeline_entry, model_card, name_pipeline, upload_folder
+from .hub_speechllm import forget_pipeline_entry, model_card, upload_folder, write_hub_entries
 from .loading_speechllm import (
     BACKBONE_KWARGS,
     FULL_WEIGHTS,
@@ -207,7 +207,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             processor.save_pretrained(save_directory)
         with open(os.path.join(save_directory, "README.md"), "w") as card:
             card.write(model_card(self, hub_options.get("repo_id"), full_model=full_model))
-        name_pipeline(save_directory)
+        write_hub_entries(save_directory)
         if push and not full_model:  # PreTrainedModel pushed a full save itself, before the card and pipeline
             self._upload(save_directory, hub_options.pop("repo_id", os.path.basename(save_directory)), hub_options)
 

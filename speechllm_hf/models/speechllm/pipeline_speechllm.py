@@ -2,7 +2,7 @@
 `speechllm_hf.inference`.
 
 A saved model carries this file beside its code, and its config.json names it under `custom_pipelines`
-(`hub_speechllm.name_pipeline`), so that `pipeline(model=repo_or_folder, trust_remote_code=True)` works where
+(`hub_speechllm.write_hub_entries`), so that `pipeline(model=repo_or_folder, trust_remote_code=True)` works where
 speechllm_hf is not installed. It imports only numpy, transformers and the standard library, and its siblings with
 single-dot imports.
 """
