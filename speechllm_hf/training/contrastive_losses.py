@@ -8,8 +8,9 @@ The faithful default, per hidden-state layer `l` of the frozen LLM:
    `arange(B)`: one direction, text queries against speech keys, negatives from the same micro-batch;
 3. `summed_layer_loss`: the per-layer losses over `contrastive_layer_indices` are SUMMED, not averaged.
 
-The Wasserstein variant (`wasserstein_contrastive_loss`) compares the whole sequences at the embedding level with a
-debiased Sinkhorn divergence (`sinkhorn_distance`) and uses `-distance / tau` as logits.
+The Wasserstein variant (`wasserstein_contrastive_loss`) L2-normalises every token's vector, then compares the whole
+sequences at the embedding level with a debiased Sinkhorn divergence (`sinkhorn_distance`) and uses `-distance / tau`
+as logits.
 
 Opt-in departures from the original, all off by default: `symmetric=True` (adds the speech -> text direction),
 `LearnableTemperature` (CLIP-style learned tau) and `gather_negatives=True` (negatives from every process).
@@ -510,6 +511,13 @@ def sinkhorn_distance(
     return (a_log.exp() * (f_ba - f_aa)).sum(-1) + (b_log.exp() * (g_ab - g_bb)).sum(-1)  # (Bx, By)
 
 
+def _unit_tokens(seq: Tensor, mask: Tensor) -> Tensor:
+    """`(B, L, D)` -> each valid token's vector L2-normalised in (at least) float32, padding zero. Padding is zeroed
+    before normalising: a non-finite value there would otherwise reach the gradient through the norm."""
+    dtype = torch.promote_types(seq.dtype, torch.float32)
+    return F.normalize(seq.to(dtype).masked_fill(~mask.bool()[..., None], 0), dim=-1)
+
+
 def wasserstein_contrastive_loss(
     text_seq: Tensor,
     text_mask: Tensor,
@@ -521,7 +529,11 @@ def wasserstein_contrastive_loss(
     """The Wasserstein variant: logits = -Sinkhorn divergence / tau over all B x B pairs, cross-entropy text -> speech.
 
     The original used it at the embedding level only (token embeddings of the transcript against the projector
-    output), with p = 2 and blur = 0.05, the defaults of `sinkhorn_distance`.
+    output), with p = 2 and blur = 0.05, the defaults of `sinkhorn_distance`. As there, every token's vector is first
+    L2-normalised in (at least) float32 on both sides: the point clouds lie on the unit sphere, so blur = 0.05 is on
+    that scale, and the divergence compares directions, not the norms, which differ between token embeddings and
+    projector outputs. Between unit vectors ||t - s||^2 / 2 = 1 - cos(t, s), so two single tokens give exactly
+    one minus their cosine similarity.
 
     Args:
         text_seq: `(B, M, D)` text sequences (queries).
@@ -537,6 +549,7 @@ def wasserstein_contrastive_loss(
     if text_seq.shape[0] != speech_seq.shape[0]:
         raise ValueError(f"text and speech batch sizes differ: {text_seq.shape[0]} vs {speech_seq.shape[0]}.")
     _check_temperature(temperature)
+    text_seq, speech_seq = _unit_tokens(text_seq, text_mask), _unit_tokens(speech_seq, speech_mask)
     distances = sinkhorn_distance(text_seq, text_mask, speech_seq, speech_mask, **sinkhorn_kwargs)  # (B, B)
     logits = -distances / temperature  # (B, B)
     targets = torch.arange(logits.shape[0], device=logits.device)  # (B,)

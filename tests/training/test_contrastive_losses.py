@@ -501,19 +501,23 @@ def test_sinkhorn_errors():
 
 
 def test_wasserstein_contrastive_hand_value():
-    # Single-point sequences (plus padding): distances are exactly ||t - s||^2 / 2.
-    # t0 = (0, 0), t1 = (1, 0); s0 = (0, 0.5), s1 = (1, 1): d = [[0.125, 1.0], [0.625, 0.5]].
-    # logits = -d / 0.1 = [[-1.25, -10], [-6.25, -5]]:
-    # l0 = 1.25 + log(e^-1.25 + e^-10) = log(1 + e^-8.75), l1 = 5 + log(e^-6.25 + e^-5) = log(1 + e^-1.25).
-    hand = (math.log(1 + math.exp(-8.75)) + math.log(1 + math.exp(-1.25))) / 2
-    text = torch.tensor([[[0.0, 0.0], [9.0, 9.0]], [[1.0, 0.0], [-9.0, 3.0]]])
+    # Single-point sequences (plus padding), normalised to unit length first: t0 = (1, 0), t1 = (0, 1);
+    # s0 = (0.6, 0.8), s1 = (-1, 0). The divergence of two points is ||t - s||^2 / 2 = 1 - cos(t, s):
+    # d = [[0.4, 2.0], [0.2, 1.0]], logits = -d / 0.1 = [[-4, -20], [-2, -10]];
+    # l0 = 4 + log(e^-4 + e^-20) = log(1 + e^-16), l1 = 10 + log(e^-2 + e^-10) = 8 + log(1 + e^-8).
+    hand = (math.log(1 + math.exp(-16)) + 8 + math.log(1 + math.exp(-8))) / 2
+    text = torch.tensor([[[3.0, 0.0], [9.0, 9.0]], [[0.0, 0.5], [-9.0, 3.0]]])
     text_mask = torch.tensor([[1, 0], [1, 0]])
-    speech = torch.tensor([[[0.0, 0.5], [4.0, 4.0], [4.0, 4.0]], [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]])
+    speech = torch.tensor([[[6.0, 8.0], [4.0, 4.0], [4.0, 4.0]], [[-2.0, 0.0], [2.0, 2.0], [2.0, 2.0]]])
     speech_mask = torch.tensor([[1, 0, 0], [1, 0, 0]])
     out = wasserstein_contrastive_loss(text, text_mask, speech, speech_mask)
-    torch.testing.assert_close(out.logits, torch.tensor([[-1.25, -10.0], [-6.25, -5.0]]))
+    torch.testing.assert_close(out.logits, torch.tensor([[-4.0, -20.0], [-2.0, -10.0]]))
     assert out.loss.item() == pytest.approx(hand, rel=1e-5)
     assert out.targets.tolist() == [0, 1]
+
+
+def _unit(seq):
+    return seq / seq.norm(dim=-1, keepdim=True)
 
 
 def test_wasserstein_contrastive_matches_loop_cross_entropy():
@@ -521,7 +525,61 @@ def test_wasserstein_contrastive_matches_loop_cross_entropy():
     text, text_mask = _random_sequences(3, 4, 6, generator)
     speech, speech_mask = _random_sequences(3, 7, 6, generator)
     out = wasserstein_contrastive_loss(text, text_mask, speech, speech_mask, temperature=0.5)
-    logits = -_reference_distances(text, text_mask, speech, speech_mask) / 0.5
+    logits = -_reference_distances(_unit(text), text_mask, _unit(speech), speech_mask) / 0.5
     torch.testing.assert_close(out.loss, F.cross_entropy(logits, torch.arange(3)), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="batch sizes differ"):
         wasserstein_contrastive_loss(text, text_mask, speech[:2], speech_mask[:2])
+
+
+def test_wasserstein_loss_is_the_originals_with_every_token_normalised_in_float32():
+    """The original, written out on a fixed bf16 batch: per pair, the unpadded sequences cast to float32,
+    L2-normalised token by token, geomloss's SamplesLoss("sinkhorn", p=2, blur=0.05); logits -distance / 0.1;
+    cross-entropy text -> speech. Norms of a few hundred (as the LLM's hidden states have) and differing between the
+    sides: without the normalisation the logits would be thousands apart."""
+    geomloss = pytest.importorskip("geomloss")
+    generator = torch.Generator().manual_seed(7)
+    text, text_mask = _random_sequences(4, 6, 16, generator, scale=100.0)
+    speech, speech_mask = _random_sequences(4, 9, 16, generator, scale=3.0)
+    text, speech = text.bfloat16(), speech.bfloat16()
+    text_leaf = text.float().requires_grad_(True)
+    speech_leaf = speech.float().requires_grad_(True)
+    sinkhorn = geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05, backend="tensorized")
+    distances = torch.stack(
+        [
+            torch.stack(
+                [
+                    sinkhorn(F.normalize(t[tm], p=2, dim=-1), F.normalize(s[sm], p=2, dim=-1))
+                    for s, sm in zip(speech_leaf, speech_mask)
+                ]
+            )
+            for t, tm in zip(text_leaf, text_mask)
+        ]
+    )
+    reference = F.cross_entropy(-distances / 0.1, torch.arange(4))
+    reference_grads = torch.autograd.grad(reference, (text_leaf, speech_leaf))
+
+    text_in, speech_in = text.requires_grad_(True), speech.requires_grad_(True)
+    out = wasserstein_contrastive_loss(text_in, text_mask, speech_in, speech_mask)
+    assert out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits, -distances.detach() / 0.1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, reference, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.loss, (text_in, speech_in))
+    for got, want in zip(grads, reference_grads):
+        torch.testing.assert_close(got.float(), want.bfloat16().float(), rtol=1e-2, atol=1e-3)
+    # Only directions count: rescaling every token leaves the loss as it was.
+    scales = torch.rand(4, 6, 1, generator=generator) * 10 + 0.1
+    rescaled = wasserstein_contrastive_loss(text.detach().float() * scales, text_mask, speech.detach(), speech_mask)
+    torch.testing.assert_close(rescaled.loss, out.loss.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_wasserstein_loss_ignores_non_finite_padding_in_value_and_gradient():
+    generator = torch.Generator().manual_seed(8)
+    text, text_mask = _random_sequences(3, 5, 4, generator)
+    speech, speech_mask = _random_sequences(3, 6, 4, generator)
+    expected = wasserstein_contrastive_loss(text, text_mask, speech, speech_mask).loss
+    garbage = torch.cat([text, torch.full((3, 2, 4), float("nan"))], dim=1).requires_grad_(True)
+    garbage_mask = torch.cat([text_mask, torch.zeros(3, 2, dtype=torch.bool)], dim=1)
+    loss = wasserstein_contrastive_loss(garbage, garbage_mask, speech, speech_mask).loss
+    torch.testing.assert_close(loss, expected)
+    (grad,) = torch.autograd.grad(loss, garbage)
+    assert torch.isfinite(grad).all() and grad[~garbage_mask].abs().max() == 0
