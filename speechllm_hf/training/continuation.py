@@ -9,9 +9,12 @@ transcript was, and learns to write the same continuation:
   `<s>###[Human]:{instruction}<speech>\\n\\n\\n###[Assistant]:{continuation}</s>`.
 - KL distillation (BLSP-KD, Ultravox; `kl_weight > 0`): the same frozen LLM reads the transcript instead of the
   speech, as `continue-writing` asked it for the continuation (the instruction, a space, the transcript; same response
-  tokens) and, under `no_grad`, gives the teacher's next-token distribution at every response position; the loss is
-  `T^2 * KL(teacher || student)` at temperature `T` (`kl_temperature`, 2), the `T^2` keeping gradient magnitudes
-  comparable across temperatures (Hinton et al.). Both terms can be combined.
+  tokens) and, under `no_grad`, gives the teacher's next-token distributions; the loss is `KL(teacher || student)` at
+  temperature `T` (`kl_temperature`, 2), as in BLSP-Emo's code. `kl_temperature_squared` multiplies it by `T^2`
+  (Hinton et al.), which BLSP-Emo does not. `kl_positions` picks where the two are compared: "aligned" (default, a
+  departure) at the positions that predict the response tokens, those the cross-entropy trains; "blsp-emo" at the
+  response tokens' own positions, one later, as BLSP-Emo and Ultravox index the logits with unshifted labels.
+  Both terms can be combined.
 
 Both terms are sums over response tokens divided by the number of response tokens (over all accumulated micro-batches
 and processes when the Trainer counts them), so gradient accumulation and data parallelism give the full-batch loss.
@@ -31,6 +34,7 @@ from .arguments import SpeechLlmTrainingArguments
 from .trainer import SpeechLlmTrainer, logits_to_keep
 
 TEACHER_PREFIX = "teacher_"  # batch keys of the KL teacher's text-only sequence (ContinuationCollator)
+KL_POSITIONS = ("aligned", "blsp-emo")
 
 
 @dataclass
@@ -57,6 +61,23 @@ class ContinuationTrainingArguments(SpeechLlmTrainingArguments):
         default=0.0, metadata={"help": "Weight of KL(transcript-input LLM || speech-input LLM) on the continuation."}
     )
     kl_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term."})
+    kl_temperature_squared: bool = field(
+        default=False,
+        metadata={
+            "help": "Departure: multiply the KL by kl_temperature**2 (Hinton et al.), which keeps its gradient's "
+            "scale the same across temperatures. Off, as in BLSP-Emo's and Ultravox's code, so that their "
+            "kl_weight, learning rate and clipping mean the same here."
+        },
+    )
+    kl_positions: str = field(
+        default="aligned",
+        metadata={
+            "help": "Where the KL compares the distributions. 'aligned' (a departure): the positions that predict "
+            "the response tokens, those the cross-entropy trains. 'blsp-emo': the response tokens' own positions, "
+            "one later, as BLSP-Emo and Ultravox index the logits with unshifted labels: the first response token's "
+            "distribution is never compared, the one after the final EOS is."
+        },
+    )
 
     def __post_init__(self):
         if self.ce_weight < 0 or self.kl_weight < 0 or self.ce_weight + self.kl_weight == 0:
@@ -65,36 +86,50 @@ class ContinuationTrainingArguments(SpeechLlmTrainingArguments):
             )
         if self.kl_temperature <= 0:
             raise ValueError(f"kl_temperature must be > 0; got {self.kl_temperature}.")
+        if self.kl_positions not in KL_POSITIONS:
+            raise ValueError(f"kl_positions must be one of {', '.join(KL_POSITIONS)}; got {self.kl_positions!r}.")
         super().__post_init__()
 
 
-def response_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The logits that predict the labelled tokens, row by row: position t predicts token t + 1.
+def response_logits(logits: torch.Tensor, labels: torch.Tensor, positions: str = "aligned") -> torch.Tensor:
+    """The logits of the response positions, row by row.
 
     Args:
         logits: (B, L, V) next-token logits.
         labels: (B, L) token ids, IGNORE_INDEX where nothing is learnt.
+        positions: "aligned": the logits that predict the labelled tokens (position t predicts token t + 1).
+            "blsp-emo": the logits at the labelled tokens themselves (`logits[labels != -100]`), one position later,
+            as BLSP-Emo and Ultravox take them for their KL.
 
     Returns:
-        (N, V), N being the number of labelled tokens after the first position, in row-major order.
+        (N, V), N being the number of labelled tokens (after the first position, for "aligned"), in row-major order.
     """
+    if positions == "blsp-emo":
+        return logits[labels != IGNORE_INDEX]
     return logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0):
-    """Per-position `T^2 * KL(softmax(teacher / T) || softmax(student / T))`, computed in fp32.
+def distillation_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 2.0,
+    temperature_squared: bool = False,
+) -> torch.Tensor:
+    """Per-position `KL(softmax(teacher / T) || softmax(student / T))`, computed in fp32.
 
     Args:
         student_logits: (N, V) logits of the model being trained.
         teacher_logits: (N, V) logits of the teacher at the same positions (no gradient needed).
         temperature: T.
+        temperature_squared: Multiply by `T^2` (Hinton et al.); BLSP-Emo's `F.kl_div` does not.
 
     Returns:
         (N,) KL divergences, 0 where the two distributions are equal.
     """
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return temperature**2 * (teacher.exp() * (teacher - student)).sum(-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    return temperature**2 * kl if temperature_squared else kl
 
 
 class ContinuationTrainer(SpeechLlmTrainer):
@@ -142,9 +177,11 @@ class ContinuationTrainer(SpeechLlmTrainer):
         if self.args.kl_weight > 0:
             if not teacher:
                 raise ValueError("kl_weight > 0 needs teacher inputs: use ContinuationCollator(with_teacher=True).")
-            student = response_logits(outputs.logits, labels)  # (N, V)
+            student = response_logits(outputs.logits, labels, self.args.kl_positions)  # (N, V)
             teacher_logits = self.teacher_response_logits(model, teacher, labels)
-            kl_sum = distillation_kl(student, teacher_logits, self.args.kl_temperature).sum()
+            kl_sum = distillation_kl(
+                student, teacher_logits, self.args.kl_temperature, self.args.kl_temperature_squared
+            ).sum()
             loss = loss + self.args.kl_weight * kl_sum * per_token
             self.record_metric("loss_kl", kl_sum.detach() / num_tokens)
         return (loss, outputs) if return_outputs else loss
@@ -159,7 +196,7 @@ class ContinuationTrainer(SpeechLlmTrainer):
             labels: the student's labels, to check that both sequences hold the same response tokens.
 
         Returns:
-            (N, V) logits aligned row by row and token by token with `response_logits(student_logits, labels)`.
+            (N, V) logits at the positions `kl_positions` names, row by row and token by token with the student's.
         """
         teacher_labels = teacher["labels"]
         student_mask, teacher_mask = labels[:, 1:] != IGNORE_INDEX, teacher_labels[:, 1:] != IGNORE_INDEX
@@ -176,7 +213,7 @@ class ContinuationTrainer(SpeechLlmTrainer):
         with torch.no_grad(), without_adapter:
             # No audio: the model embeds the tokens; positions come from the attention mask, or with a packed batch.
             logits = model(**inputs, logits_to_keep=keep).logits
-        return response_logits(logits, teacher_labels[:, -logits.shape[1] :])
+        return response_logits(logits, teacher_labels[:, -logits.shape[1] :], self.args.kl_positions)
 
 
 __all__ = [
@@ -184,5 +221,6 @@ __all__ = [
     "ContinuationTrainer",
     "distillation_kl",
     "response_logits",
+    "KL_POSITIONS",
     "TEACHER_PREFIX",
 ]

@@ -7,6 +7,7 @@ import os
 import datasets
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CPU_TRAINING, launch_two_cpu_processes
 
 from speechllm_hf import from_preset
@@ -233,14 +234,61 @@ def test_distillation_kl_is_zero_for_equal_logits_and_matches_a_hand_computation
     p = [x / sum(p) for x in p]
     q = [math.exp(s / temperature) for s in student]
     q = [x / sum(q) for x in q]
-    expected = temperature**2 * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))  # BLSP-Emo's: no T^2
     kl = distillation_kl(torch.tensor([student]), torch.tensor([teacher]), temperature)
     assert kl.item() == pytest.approx(expected, rel=1e-6) and expected > 0.1
+    hinton = distillation_kl(torch.tensor([student]), torch.tensor([teacher]), temperature, temperature_squared=True)
+    assert hinton.item() == pytest.approx(temperature**2 * expected, rel=1e-6)
 
-    # Position t predicts token t + 1: labels on positions 2 and 3 select the logits of positions 1 and 2.
+    # Position t predicts token t + 1: labels on positions 2 and 3 select the logits of positions 1 and 2; BLSP-Emo
+    # takes those of positions 2 and 3.
     logits = torch.arange(12.0).reshape(1, 4, 3)
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6]])
     assert torch.equal(response_logits(logits, labels), logits[0, 1:3])
+    assert torch.equal(response_logits(logits, labels, "blsp-emo"), logits[0, 2:4])
+
+
+def test_the_kl_term_is_blsp_emos_hand_written_kl_div_at_the_positions_chosen(tmp_path):
+    """BLSP-Emo's response KL as its code writes it, on a fixed batch: `F.kl_div(log_softmax(student / T),
+    softmax(teacher / T), reduction="batchmean")` over `logits[labels != -100]` of each model, no T^2. The trainer
+    gives exactly that with kl_positions="blsp-emo"; by default it takes the logits one position earlier (those that
+    predict the response tokens); kl_temperature_squared multiplies by T^2."""
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny", projector_type="mlp", chat_template=BLSP_CHAT_TEMPLATE)
+    with torch.no_grad():  # sharper distributions: comparing other positions shows in the value
+        model.language_model.lm_head.weight.mul_(20)
+    model.eval()
+    collator = ContinuationCollator(processor, with_teacher=True, prompts=PromptConfig.from_file("blsp"))
+    batch = collator(continuation_rows(3))
+    with torch.no_grad():
+        student_logits = model(**{k: v for k, v in batch.items() if not k.startswith("teacher_")}).logits
+        teacher_logits = model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"])
+    teacher_logits = teacher_logits.logits
+
+    def blsp_emo_kl(student, labels, teacher, teacher_labels, temperature=2.0):
+        return F.kl_div(
+            F.log_softmax(student[labels != IGNORE_INDEX] / temperature, dim=-1),
+            F.softmax(teacher[teacher_labels != IGNORE_INDEX] / temperature, dim=-1),
+            reduction="batchmean",
+        )
+
+    labels, teacher_labels = batch["labels"], batch["teacher_labels"]
+    at_tokens = blsp_emo_kl(student_logits, labels, teacher_logits, teacher_labels)
+    predicting = blsp_emo_kl(student_logits[:, :-1], labels[:, 1:], teacher_logits[:, :-1], teacher_labels[:, 1:])
+    losses = {}
+    for positions, squared, expected in (
+        ("blsp-emo", False, at_tokens),
+        ("aligned", False, predicting),
+        ("aligned", True, 4 * predicting),
+    ):
+        args = training_args(
+            tmp_path, ce_weight=0.0, kl_weight=1.0, kl_positions=positions, kl_temperature_squared=squared
+        )
+        trainer = ContinuationTrainer(model=model, args=args, processing_class=processor)
+        with torch.no_grad():
+            losses[positions, squared] = trainer.compute_loss(model, batch)
+        torch.testing.assert_close(losses[positions, squared], expected, rtol=1e-5, atol=1e-6)
+    assert abs(at_tokens - predicting) > 0.01 * predicting  # the two position sets are told apart
 
 
 def test_kl_is_zero_end_to_end_when_the_speech_features_are_the_transcript_embeddings(tmp_path, monkeypatch):
@@ -257,7 +305,7 @@ def test_kl_is_zero_end_to_end_when_the_speech_features_are_the_transcript_embed
         model=model, args=training_args(tmp_path, ce_weight=0.0, kl_weight=1.0), processing_class=processor
     )
     with torch.no_grad():
-        assert trainer.compute_loss(model, batch) > 0.05  # real (random-projector) speech: far from the teacher
+        assert trainer.compute_loss(model, batch) > 0.01  # real (random-projector) speech: far from the teacher
 
     # The student reads the teacher's sequence with its transcript tokens replaced by audio tokens, behind 3 extra
     # left pads (so its absolute positions differ), and the "speech features" are those tokens' embeddings. The
@@ -401,9 +449,13 @@ def test_arguments_follow_blsp_stage_2_and_stay_fp32_on_cpu(tmp_path):
         0.0,
         2.0,
     )
+    # The KL's form when it is on: BLSP-Emo's scale (no T^2), at the positions that predict the response tokens.
+    assert (args.kl_temperature_squared, args.kl_positions) == (False, "aligned")
     assert not args.bf16 and not args.fp16
     with pytest.raises(ValueError, match="not both 0"):
         ContinuationTrainingArguments(output_dir=str(tmp_path), use_cpu=True, ce_weight=0.0)
+    with pytest.raises(ValueError, match="kl_positions must be one of aligned, blsp-emo"):
+        ContinuationTrainingArguments(output_dir=str(tmp_path), use_cpu=True, kl_positions="shifted")
 
 
 def test_cli_writes_continuations_then_trains_on_them_with_kl(tmp_path):
