@@ -69,7 +69,11 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
         },
     )
     contrastive_loss: str = field(
-        default="infonce", metadata={"help": "'infonce' (default) or 'wasserstein' (Sinkhorn, embedding level only)."}
+        default="infonce",
+        metadata={
+            "help": "'infonce' (default) or 'wasserstein': Sinkhorn divergence between the sequences of "
+            "L2-normalised token vectors, as the original, at the embedding level only."
+        },
     )
     temperature: float = field(default=0.1, metadata={"help": "InfoNCE temperature tau."})
     learnable_temperature: bool = field(
@@ -95,7 +99,8 @@ class ContrastiveTrainingArguments(SpeechLlmTrainingArguments):
         default=0,
         metadata={
             "help": "Departure: add a random U{0..N-1} shift to the position ids of both branches "
-            "(the paper's variant used 400)."
+            "(the paper's variant used 400). A no-op up to rounding under rotary position embeddings (Llama and "
+            "every preset's LLM): a shift shared by a whole sequence changes no attention score."
         },
     )
     sink_token: str = field(

@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny
 
 from speechllm_hf import from_preset
@@ -76,6 +77,39 @@ def test_published_loss_is_the_sum_over_layers_of_the_hand_written_loss(tmp_path
         for layer in (0, 1, 2)
     ]
     torch.testing.assert_close(loss, sum(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_wasserstein_loss_is_the_hand_written_sinkhorn_of_unit_tokens(tmp_path):
+    """The Wasserstein variant as the original computed it, on a fixed batch: for every (transcript, clip) pair, the
+    unpadded token embeddings and projector outputs, each token L2-normalised in float32, geomloss's Sinkhorn
+    divergence (p = 2, blur = 0.05); logits -distance / 0.1; cross-entropy text -> speech. Same loss, same gradient
+    in the projector."""
+    geomloss = pytest.importorskip("geomloss")
+    torch.manual_seed(0)
+    model, processor = from_preset("tiny", projector_type="mlp")
+    trainer = make_trainer(tmp_path, model, processor, contrastive_loss="wasserstein")
+    batch = ContrastiveCollator(processor)(load_split("train")[:4])
+    model.eval()
+    loss = trainer.compute_loss(model, batch)
+    grads = torch.autograd.grad(loss, list(model.projector.parameters()))
+
+    sinkhorn = geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05)
+    audio = model(input_features=batch["input_features"], feature_attention_mask=batch["feature_attention_mask"])
+    with torch.no_grad():
+        text = model.embed_tokens(batch["text_input_ids"])
+    texts = [t[m.bool()].float() for t, m in zip(text, batch["text_attention_mask"])]
+    clips = [a[:n].float() for a, n in zip(audio.audio_hidden_states, audio.audio_lengths)]
+    distances = torch.stack(
+        [
+            torch.stack([sinkhorn(F.normalize(t, p=2, dim=-1), F.normalize(c, p=2, dim=-1)) for c in clips])
+            for t in texts
+        ]
+    )
+    expected = F.cross_entropy(-distances / 0.1, torch.arange(4))
+    expected_grads = torch.autograd.grad(expected, list(model.projector.parameters()))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_the_text_branch_is_transcript_tokens_only():
@@ -340,6 +374,33 @@ def test_the_sink_token_leads_both_branches_and_its_position_is_never_pooled(shi
             for layer in (1, 2):
                 valid = states[layer][mask_index][row].bool()
                 torch.testing.assert_close(states[layer][index][row][valid], alone[layer][0, 1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sink", [False, True])
+def test_the_position_shift_changes_nothing_under_rotary_embeddings(sink):
+    """The tiny LLM uses RoPE, as Llama-3.1 does: a shift shared by a whole sequence leaves every attention score, so
+    every hidden state, as it was (up to float32 rounding), although the shifted positions do reach the LLM."""
+    model, processor = tiny(projector_type="mlp")
+    batch = sink_inputs(processor)
+    sink_id = processor.tokenizer.bos_token_id if sink else None
+    shift = torch.tensor([0, 7, 120, 399])
+    with torch.no_grad():
+        plain, _ = contrastive_states(model, model, batch, [1, 2], sink_token_id=sink_id)
+        shifted, outputs = contrastive_states(model, model, batch, [1, 2], shift=shift, sink_token_id=sink_id)
+    for layer in (1, 2):
+        for index in (0, 2):  # text states, speech states, at their valid positions (padding is never pooled)
+            valid = plain[layer][index + 1].bool()
+            torch.testing.assert_close(shifted[layer][index][valid], plain[layer][index][valid], rtol=1e-5, atol=1e-5)
+    positions = []
+    handle = model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: positions.append(kwargs["position_ids"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        contrastive_states(model, model, batch, [1], shift=shift, sink_token_id=sink_id)
+    handle.remove()
+    for ids, mask in zip(positions, (batch["text_attention_mask"], batch["speech_attention_mask"])):
+        first = ids[:, 0] if sink else ids[torch.arange(4), mask.argmax(1)]  # the first valid position of each row
+        assert first.tolist() == shift.tolist()
 
 
 def test_the_sink_token_is_resolved_from_the_tokenizer(tmp_path):
