@@ -126,32 +126,32 @@ def local_backbones(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
-def compat_python() -> str:
-    """A virtualenv with transformers 4.57 and peft, without speechllm_hf (created once, reused across runs)."""
-    venv = REPO / f".venv-transformers-{COMPAT_TRANSFORMERS}"
+def transformers_venv(version: str, *extra: str) -> str:
+    """The python of a virtualenv with torch 2.13.0 and transformers `version` (plus `extra` packages), without
+    speechllm_hf: created once under the repository, reused across runs."""
+    venv = REPO / f".venv-transformers-{version}"
     python = venv / "bin" / "python"
     with FileLock(str(venv) + ".lock"):
         if not python.exists():
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-            subprocess.run(
-                [
-                    str(python),
-                    "-m",
-                    "pip",
-                    "install",
-                    "-q",
-                    "torch==2.13.0",
-                    f"transformers=={COMPAT_TRANSFORMERS}",
-                    "soundfile",
-                    "soxr",
-                ],
-                check=True,
-            )
-        # peft joined the venv later (the adapter tests): venvs made before get it now.
-        if subprocess.run([str(python), "-c", "import peft"], capture_output=True).returncode:
-            subprocess.run([str(python), "-m", "pip", "install", "-q", "peft"], check=True)
+            packages = ["torch==2.13.0", f"transformers=={version}", "soundfile", "soxr", *extra]
+            subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
+        for package in extra:  # packages that joined later (peft, for the adapter tests) reach older venvs too
+            if subprocess.run([str(python), "-c", f"import {package}"], capture_output=True).returncode:
+                subprocess.run([str(python), "-m", "pip", "install", "-q", package], check=True)
     return str(python)
+
+
+@pytest.fixture(scope="session")
+def compat_python() -> str:
+    """transformers 4.57 (`COMPAT_TRANSFORMERS`) and peft, without speechllm_hf."""
+    return transformers_venv(COMPAT_TRANSFORMERS, "peft")
+
+
+@pytest.fixture(scope="session")
+def transformers_5_10_python() -> str:
+    """transformers 5.10, whose AutoModel moves `dtype` into the config (issue 19), without speechllm_hf."""
+    return transformers_venv("5.10.4")
 
 
 @pytest.fixture(scope="session")

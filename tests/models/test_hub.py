@@ -192,6 +192,13 @@ def test_round_trip_without_the_package_on_transformers_4_57(saved, compat_pytho
     assert report["transformers"] == COMPAT_TRANSFORMERS
 
 
+def test_round_trip_without_the_package_on_transformers_5_10(saved, transformers_5_10_python):
+    """5.10 moves a `dtype` given to AutoModel into the config: the bfloat16 asked for must still reach every part."""
+    folder, expected, _, _ = saved
+    report = run_loader(transformers_5_10_python, folder, expected)
+    assert report["transformers"] == "5.10.4"
+
+
 def test_full_save_round_trip(local_backbones, tmp_path):
     model, processor = trained_tiny(local_backbones)
     model.save_pretrained(tmp_path, processor=processor, save_full_model=True)

@@ -67,6 +67,15 @@ def requested_dtype(kwargs: dict):
     return next((kwargs[name] for name in DTYPE_KWARGS if kwargs.get(name) is not None), None)
 
 
+def dtype_from_auto_config(kwargs: dict, config) -> dict:
+    """`{"dtype": ...}` when the caller's dtype reached the config instead of `kwargs`: transformers 5.10 moves the
+    `dtype` given to `AutoModel.from_pretrained` into the config it loads. A projector-only save records no dtype
+    (null), so a dtype found on the config is the caller's."""
+    if requested_dtype(kwargs) is None and getattr(config, "dtype", None) is not None:
+        return {"dtype": config.dtype}
+    return {}
+
+
 def keep_special_tokens_kwarg(tokenizer) -> str:
     """The `add_special_tokens` keyword that keeps a tokenizer's other extra special tokens:
     `replace_additional_special_tokens` on 4.x, `replace_extra_special_tokens` on 5.x (which still reads the
@@ -111,6 +120,7 @@ __all__ = [
     "WHISPER_LAYER_EXTRA_ARGS",
     "cache_of",
     "cached_length",
+    "dtype_from_auto_config",
     "keep_special_tokens_kwarg",
     "make_tokenizer_config_portable",
     "requested_dtype",

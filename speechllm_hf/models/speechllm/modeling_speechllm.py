@@ -21,7 +21,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .compat_speechllm import CACHE_KWARGS, cached_length
+from .compat_speechllm import CACHE_KWARGS, cached_length, dtype_from_auto_config
 from .configuration_speechllm import SpeechLlmConfig, convs_output_length
 from .hub_speechllm import forget_pipeline_entry, model_card, upload_folder, write_hub_entries
 from .loading_speechllm import (
@@ -291,7 +291,9 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         )
         if ignored:
             logger.warning("from_pretrained ignores these arguments for a projector-only checkpoint: %s", ignored)
-        model = cls.from_backbones(config, **{k: kwargs[k] for k in BACKBONE_KWARGS if k in kwargs})
+        backbone_kwargs = {k: kwargs[k] for k in BACKBONE_KWARGS if k in kwargs}
+        backbone_kwargs |= dtype_from_auto_config(kwargs, config)
+        model = cls.from_backbones(config, **backbone_kwargs)
         model.load_trained_weights(pretrained_model_name_or_path, **hub_kwargs)
         try:
             model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
