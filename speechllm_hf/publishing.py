@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 FIELDS = {"encoder": ("encoder_name_or_path", "encoder_revision"), "text": ("text_name_or_path", "text_revision")}
 
 
-# What a Trainer checkpoint holds besides the model: never published.
+# What a Trainer checkpoint holds besides the model: never published, and left out without a word.
 TRAINING_STATE = (
     "optimizer.pt",
     "scheduler.pt",
@@ -41,18 +41,41 @@ TRAINING_STATE = (
     "training_args.bin",
     COMPLETE_MARKER,
 )
+# The files a save of this library writes (model, processor, card) and so publishes. Code files are those of the
+# model folder; tokenizer files those the tokenizers of transformers write, whichever kind the LLM has.
+MODEL_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "speechllm")
+PUBLISHED_FILES = (
+    {"config.json", "generation_config.json", "README.md", PROJECTOR_WEIGHTS_NAME}
+    | {"preprocessor_config.json", "processor_config.json", "chat_template.jinja", "chat_template.json"}
+    | {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model"}
+    | {"vocab.json", "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model"}
+    | {name for name in os.listdir(MODEL_FOLDER) if name.endswith("_speechllm.py")}
+    | {f"{LORA_FOLDER}/adapter_config.json", f"{LORA_FOLDER}/adapter_model.safetensors", f"{LORA_FOLDER}/README.md"}
+)
+FULL_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 
 
-def publishable_files(folder: str | os.PathLike, allow_full_model: bool = False) -> list[str]:
-    """The files of a saved model folder that belong on the Hub (training state such as optimizer.pt is left out).
+def publishable_files(
+    folder: str | os.PathLike, allow_full_model: bool = False, extra_files: tuple[str, ...] | list[str] = ()
+) -> list[str]:
+    """The files of a saved model folder that go to the Hub: those this library writes (`PUBLISHED_FILES`, full
+    weights with `allow_full_model`), as regular files, plus each of `extra_files` the caller names. Training state
+    (`TRAINING_STATE`, RNG states) and sub-folders such as `checkpoint-*` are left out.
 
     Raises:
-        ValueError: when the folder is no saved speech LLM, or holds backbone weights and `allow_full_model` is off.
+        ValueError: when the folder is no saved speech LLM, holds backbone weights and `allow_full_model` is off, or
+            holds any other file (a `.env`, a key, a pickled `pytorch_model.bin`, a symbolic link): each is named,
+            and none is uploaded unless named in `extra_files`.
     """
-    names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
-    if os.path.isdir(os.path.join(folder, LORA_FOLDER)):
+    names = sorted(
+        n
+        for n in os.listdir(folder)
+        if not os.path.isdir(os.path.join(folder, n)) or os.path.islink(os.path.join(folder, n))
+    )
+    if os.path.isdir(os.path.join(folder, LORA_FOLDER)) and not os.path.islink(os.path.join(folder, LORA_FOLDER)):
         names += sorted(f"{LORA_FOLDER}/{n}" for n in os.listdir(os.path.join(folder, LORA_FOLDER)))
-    full = [n for n in names if n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))]
+    names = [n for n in names if n not in TRAINING_STATE and not re.fullmatch(r"rng_state(_\d+)?\.pth", n)]
+    full = [n for n in names if FULL_WEIGHTS.fullmatch(n)]
     if "config.json" not in names or not (PROJECTOR_WEIGHTS_NAME in names or full):
         raise ValueError(f"{folder} is not a saved speech LLM (no config.json with projector or model weights).")
     if full and not allow_full_model:
@@ -60,18 +83,41 @@ def publishable_files(folder: str | os.PathLike, allow_full_model: bool = False)
             f"{folder} holds full model weights ({', '.join(full)}), encoder and LLM included. Publish a "
             "projector-only save instead, or allow full weights explicitly (allow_full_model / --allow_full_model)."
         )
-    return [n for n in names if n not in TRAINING_STATE and not (n.startswith("rng_state") and n.endswith(".pth"))]
+    refused = {
+        name: "a symbolic link" if os.path.islink(os.path.join(folder, name)) else "not a file this library writes"
+        for name in names
+        if name not in extra_files
+        and (os.path.islink(os.path.join(folder, name)) or not (name in PUBLISHED_FILES or name in full))
+    }
+    if refused:
+        listed = "; ".join(f"{name} ({why})" for name, why in refused.items())
+        raise ValueError(
+            f"{folder} holds files that are not published without being named: {listed}. Nothing was uploaded. "
+            "Move them out of the folder, or name each one to upload (extra_files= / --extra_file NAME)."
+        )
+    missing = [name for name in extra_files if name not in names]
+    if missing:
+        raise ValueError(f"extra_files names files that {folder} does not hold: {', '.join(missing)}.")
+    return names
 
 
-def upload_saved_folder(folder: str | os.PathLike, repo_id: str, *, allow_full_model: bool = False, **hub_kwargs):
-    """Create `repo_id` if needed and upload the publishable files of `folder` in one commit.
+def upload_saved_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    allow_full_model: bool = False,
+    extra_files: tuple[str, ...] | list[str] = (),
+    **hub_kwargs,
+):
+    """Create `repo_id` if needed and upload the publishable files of `folder` (see `publishable_files`) in one
+    commit.
 
     `hub_kwargs` (commit_message, commit_description, private, token, revision, create_pr) go to the upload.
 
     Raises:
         ValueError: see `publishable_files` and `check_backbone_ids_are_public`.
     """
-    return upload_folder(folder, repo_id, publishable_files(folder, allow_full_model), **hub_kwargs)
+    return upload_folder(folder, repo_id, publishable_files(folder, allow_full_model, extra_files), **hub_kwargs)
 
 
 @dataclass
@@ -179,6 +225,7 @@ def hub_backbones_copy(
     text_revision: str | None = None,
     token: str | bool | None = None,
     allow_full_model: bool = False,
+    extra_files: tuple[str, ...] | list[str] = (),
 ) -> list[BackboneCheck]:
     """Write to `output_dir` the publishable files of the saved model `folder`, with config.json (and the model card)
     naming the given Hub ids for its backbones, pinned to the commits their revisions resolve to. `folder` itself is
@@ -209,7 +256,7 @@ def hub_backbones_copy(
             logger.warning("%s: %r is no local folder, so %s is not checked against it.", part, local, repo_id)
         config[path_field], config[revision_field] = repo_id, revision
     os.makedirs(output_dir, exist_ok=True)
-    for name in publishable_files(folder, allow_full_model):
+    for name in publishable_files(folder, allow_full_model, extra_files):
         os.makedirs(os.path.dirname(os.path.join(output_dir, name)), exist_ok=True)
         shutil.copyfile(os.path.join(folder, name), os.path.join(output_dir, name))
     with open(os.path.join(output_dir, "config.json"), "w") as file:
@@ -225,6 +272,7 @@ def hub_backbones_copy(
 
 
 __all__ = [
+    "PUBLISHED_FILES",
     "TRAINING_STATE",
     "BackboneCheck",
     "check_hub_backbone",

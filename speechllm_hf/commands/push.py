@@ -1,5 +1,6 @@
 """`speechllm-hf push --model DIR --repo_id ID`: publish a saved model folder (projector, config, code, processor,
-card) to the Hub. Training state in a checkpoint folder (optimizer, scheduler, RNG) is never uploaded, a folder
+card) to the Hub: the files the library writes, and any other only when named (`--extra_file`); training state in a
+checkpoint folder (optimizer, scheduler, RNG) is never uploaded, a folder
 holding full backbone weights is refused unless `--allow_full_model` is given, and so is a config.json that names its
 encoder or LLM by a local folder path (nobody else could load it): `--encoder_hub_id` / `--text_hub_id` name the Hub
 repos those folders hold, checked against the local weights (`speechllm_hf.publishing`), for the uploaded copy."""
@@ -19,6 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--commit_message", default="Upload speech LLM projector")
     parser.add_argument("--allow_full_model", action="store_true", help="also upload full backbone weights")
+    parser.add_argument(
+        "--extra_file",
+        action="append",
+        default=[],
+        help="a file of the folder that the library does not write, to upload too (repeat for each); any other such "
+        "file stops the push",
+    )
     for part, label, example in (
         ("encoder", "encoder", "openai/whisper-base"),
         ("text", "LLM", "HuggingFaceTB/SmolLM2-135M-Instruct"),
@@ -49,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
                 text_revision=args.text_hub_revision,
                 token=args.token,
                 allow_full_model=args.allow_full_model,
+                extra_files=args.extra_file,
             )
             for check in checks:
                 print(check.describe())
@@ -57,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             folder,
             args.repo_id,
             allow_full_model=args.allow_full_model,
+            extra_files=args.extra_file,
             commit_message=args.commit_message,
             private=args.private or None,
             token=args.token,

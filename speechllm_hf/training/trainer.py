@@ -192,10 +192,12 @@ class SpeechLlmTrainer(Trainer):
         revision: str | None = None,
         private: bool | None = None,
         allow_full_model: bool = False,
+        extra_files: tuple[str, ...] | list[str] = (),
         **kwargs,
     ):
         """Save the model to `output_dir` and upload what `speechllm-hf push` would: the projector (and LoRA adapter),
-        config, code, processor and model card; no training state, and backbone weights only with `allow_full_model`.
+        config, code, processor and model card; no training state, backbone weights only with `allow_full_model`, and
+        another file of `output_dir` only when named in `extra_files` (any other stops the upload).
 
         The repository is `args.hub_model_id`, else the name of `output_dir`. `blocking` is accepted for the Trainer's
         signature: the upload always completes before returning. The Trainer's model-card fields (other keyword
@@ -215,6 +217,7 @@ class SpeechLlmTrainer(Trainer):
             self.args.output_dir,
             self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir)),
             allow_full_model=allow_full_model,
+            extra_files=extra_files,
             commit_message=commit_message or "End of training",
             private=private if private is not None else self.args.hub_private_repo,
             token=token if token is not None else self.args.hub_token,

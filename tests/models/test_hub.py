@@ -4,6 +4,7 @@ import ast
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -407,6 +408,38 @@ def test_cli_push_leaves_training_state_out_and_refuses_full_weights(saved, hub_
     assert "model.safetensors" in hub_commits[-1]["files"]
 
 
+def test_push_uploads_only_what_the_library_writes(saved, hub_commits, tmp_path):
+    """Issue 18, item 1. The Hub is stood in for by `hub_commits` (HfApi.create_repo / create_commit intercepted,
+    each commit's file list recorded): secrets, a pickled full model, stray adapter files and a symbolic link that
+    leaves the folder are refused by name and nothing is uploaded; a file the user names explicitly goes up."""
+    from speechllm_hf.cli import main
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("private notes")
+    strays = {
+        ".env": "HF_TOKEN=hf_secret",
+        "id_rsa": "-----BEGIN OPENSSH PRIVATE KEY-----",
+        "pytorch_model.bin": "pickle",
+        "lora/notes.txt": "scratch",
+    }
+    for name, text in strays.items():
+        folder = with_hub_ids(copy_saved(saved[0], tmp_path / name.replace("/", "-")))
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"{re.escape(name)} \(not a file this library writes\).*Nothing was"):
+            main(["push", "--model", str(folder), "--repo_id", "me/model"])
+    folder = with_hub_ids(copy_saved(saved[0], tmp_path / "link"))
+    (folder / "notes.txt").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"notes.txt \(a symbolic link\)"):
+        main(["push", "--model", str(folder), "--repo_id", "me/model"])
+    assert hub_commits == []  # nothing left this machine
+
+    folder = with_hub_ids(copy_saved(saved[0], tmp_path / "named"))
+    (folder / "LICENSE").write_text("Apache-2.0")
+    assert main(["push", "--model", str(folder), "--repo_id", "me/model", "--extra_file", "LICENSE"]) == 0
+    assert hub_commits[-1]["files"] == set(os.listdir(saved[0])) | {"LICENSE"}
+
+
 def trainer_of(model, processor, output_dir, **overrides):
     from speechllm_hf.quickstart.corpus import load_split
     from speechllm_hf.training import SpeechLlmTrainer, SpeechLlmTrainingArguments
@@ -602,3 +635,15 @@ def test_damaged_or_moved_saves_say_which_file_what_is_wrong_and_what_to_do(save
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(OSError, match=r"encoder of '.*gone/hubert': there is no such folder \(moved or deleted\?\)"):
         SpeechLlmForConditionalGeneration.from_pretrained(folder)
+
+
+def test_a_full_save_missing_projector_weights_is_refused(tmp_path):
+    """Issue 18, item 3: a full save loaded non-strictly, leaving a random projector with only a warning."""
+    model = from_preset("tiny", projector_type="mlp")[0]
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "projector.linear_out.weight"}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lacks 1 of the weights .*projector.linear_out.weight.*random"):
+        SpeechLlmForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"projector.linear_out.weight"):
+        AutoModel.from_pretrained(tmp_path, trust_remote_code=True)

@@ -14,12 +14,12 @@ import os
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import cached_file
 from transformers.utils.hub import extract_commit_hash
 
-from .compat_speechllm import WHISPER_ENCODER_KEY_MAPPING, requested_dtype
+from .compat_speechllm import WHISPER_ENCODER_KEY_MAPPING, dtype_from_auto_config, requested_dtype
 from .configuration_speechllm import SpeechLlmConfig
 from .modules_speechllm import SpeechLlmWhisperEncoder
 
@@ -205,6 +205,22 @@ def from_pretrained_or_explain(loader, name_or_path: str, what: str, **kwargs):
         ) from err
 
 
+def refuse_missing_weights(loading_info: dict, checkpoint: str, model_name: str) -> None:
+    """Raises when `from_pretrained`'s loading info lists missing weights: transformers only warns and initialises
+    them, and a projector or backbone left random would make every later result meaningless.
+
+    Raises:
+        ValueError: naming `checkpoint` and the missing weights.
+    """
+    missing = sorted(loading_info["missing_keys"])
+    if missing:
+        raise ValueError(
+            f"{checkpoint} lacks {len(missing)} of the weights {model_name} needs ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); loading it would leave them random. Check that it is a "
+            "checkpoint of this model and config (model type, projector settings), and that it downloaded completely."
+        )
+
+
 def load_backbone(loader, name_or_path: str, what: str, **kwargs) -> PreTrainedModel:
     """`from_pretrained_or_explain`, refusing a checkpoint that lacks weights of the model it loads into: transformers
     only warns and leaves them random, which would make every later result meaningless.
@@ -213,13 +229,7 @@ def load_backbone(loader, name_or_path: str, what: str, **kwargs) -> PreTrainedM
         ValueError: naming the missing weights.
     """
     model, info = from_pretrained_or_explain(loader, name_or_path, what, output_loading_info=True, **kwargs)
-    missing = sorted(info["missing_keys"])
-    if missing:
-        raise ValueError(
-            f"The {what} checkpoint {name_or_path!r} lacks {len(missing)} of the weights {type(model).__name__} "
-            f"needs ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); loading it would leave them "
-            "random. Check that it is a checkpoint of this model type, and that it downloaded completely."
-        )
+    refuse_missing_weights(info, f"The {what} checkpoint {name_or_path!r}", type(model).__name__)
     return model
 
 
@@ -302,6 +312,45 @@ def resolved_dtype(kwargs: dict, default: torch.dtype) -> torch.dtype | None:
     if dtype == "auto":
         return default
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def projector_only_arguments(name_or_path: str | os.PathLike, config, kwargs: dict) -> tuple[PretrainedConfig, dict]:
+    """The config and the backbones' `from_pretrained` kwargs for loading the projector-only save `name_or_path`
+    (`SpeechLlmForConditionalGeneration.from_pretrained`); the other kwargs are ignored with a warning.
+
+    Raises:
+        ValueError: when the config names no encoder or LLM to load.
+    """
+    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    # AutoModel passes the config it loaded, an instance of the Hub copy of SpeechLlmConfig (a class object of its
+    # own), so check for any config rather than for this module's class.
+    if not isinstance(config, PretrainedConfig):
+        config = SpeechLlmConfig.from_pretrained(config or name_or_path, **hub_kwargs)
+    if not (config.encoder_name_or_path and config.text_name_or_path):
+        raise ValueError(
+            f"{name_or_path} holds only a projector but its config names no encoder and/or LLM to load "
+            "(encoder_name_or_path / text_name_or_path): set them in config.json."
+        )
+    ignored = sorted(
+        k
+        for k in kwargs
+        if k not in HUB_KWARGS + BACKBONE_KWARGS
+        and not k.startswith("_")
+        and k not in ("trust_remote_code", "code_revision", "adapter_kwargs")
+    )
+    if ignored:
+        logger.warning("from_pretrained ignores these arguments for a projector-only checkpoint: %s", ignored)
+    backbone_kwargs = {k: kwargs[k] for k in BACKBONE_KWARGS if k in kwargs}
+    return config, backbone_kwargs | dtype_from_auto_config(kwargs, config)
+
+
+def saved_generation_config(name_or_path: str | os.PathLike, model, hub_kwargs: dict) -> GenerationConfig:
+    """The generation config saved beside a projector-only save, or the model's defaults when there is none."""
+    try:
+        return GenerationConfig.from_pretrained(name_or_path, **hub_kwargs)
+    except OSError:
+        logger.info("No generation_config.json in %s; keeping the defaults.", name_or_path)
+        return model.generation_config
 
 
 def save_projector_only(model, save_directory: str | os.PathLike, state_dict: dict | None = None) -> None:
@@ -389,8 +438,11 @@ __all__ = [
     "load_trained_weights",
     "names_a_local_folder",
     "read_safetensors",
+    "refuse_missing_weights",
     "outside_zero3_init",
+    "projector_only_arguments",
     "resolve_file",
     "resolved_dtype",
     "save_projector_only",
+    "saved_generation_config",
 ]

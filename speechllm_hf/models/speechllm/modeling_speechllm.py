@@ -16,16 +16,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .compat_speechllm import CACHE_KWARGS, cached_length, dtype_from_auto_config
+from .compat_speechllm import CACHE_KWARGS, cached_length
 from .configuration_speechllm import SpeechLlmConfig, convs_output_length
 from .hub_speechllm import forget_pipeline_entry, model_card, upload_folder, write_hub_entries
 from .loading_speechllm import (
-    BACKBONE_KWARGS,
     FULL_WEIGHTS,
     HUB_KWARGS,
     PROJECTOR_WEIGHTS_NAME,
@@ -33,9 +32,12 @@ from .loading_speechllm import (
     import_peft,
     load_backbones,
     load_trained_weights,
+    projector_only_arguments,
+    refuse_missing_weights,
     resolve_file,
     resolved_dtype,
     save_projector_only,
+    saved_generation_config,
 )
 from .modules_speechllm import PROJECTOR_CLASSES, SpeechLlmQFormerProjector, lengths_to_mask
 
@@ -270,35 +272,17 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
                 )
             # A full save: never fall back to a pickled pytorch_model.bin, which can run code when read.
             kwargs["use_safetensors"] = True
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-            forget_pipeline_entry(model.config)
-            return model
-        # AutoModel passes the config it loaded, an instance of the Hub copy of SpeechLlmConfig (a class object of
-        # its own), so check for any config rather than for this module's class.
-        if not isinstance(config, PretrainedConfig):
-            config = SpeechLlmConfig.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
-        if not (config.encoder_name_or_path and config.text_name_or_path):
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds only a projector but its config names no encoder and/or LLM "
-                "to load (encoder_name_or_path / text_name_or_path): set them in config.json."
+            wants_info = kwargs.pop("output_loading_info", False)
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, config=config, output_loading_info=True, **kwargs
             )
-        ignored = sorted(
-            k
-            for k in kwargs
-            if k not in HUB_KWARGS + BACKBONE_KWARGS
-            and not k.startswith("_")
-            and k not in ("trust_remote_code", "code_revision", "adapter_kwargs")
-        )
-        if ignored:
-            logger.warning("from_pretrained ignores these arguments for a projector-only checkpoint: %s", ignored)
-        backbone_kwargs = {k: kwargs[k] for k in BACKBONE_KWARGS if k in kwargs}
-        backbone_kwargs |= dtype_from_auto_config(kwargs, config)
+            refuse_missing_weights(info, str(pretrained_model_name_or_path), cls.__name__)
+            forget_pipeline_entry(model.config)
+            return (model, info) if wants_info else model
+        config, backbone_kwargs = projector_only_arguments(pretrained_model_name_or_path, config, kwargs)
         model = cls.from_backbones(config, **backbone_kwargs)
         model.load_trained_weights(pretrained_model_name_or_path, **hub_kwargs)
-        try:
-            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        except OSError:
-            logger.info("No generation_config.json in %s; keeping the defaults.", pretrained_model_name_or_path)
+        model.generation_config = saved_generation_config(pretrained_model_name_or_path, model, hub_kwargs)
         model.config._name_or_path = str(pretrained_model_name_or_path)
         forget_pipeline_entry(model.config)
         return model.eval()
