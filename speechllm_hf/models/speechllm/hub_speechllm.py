@@ -2,7 +2,7 @@
 the pipeline entry a saved folder carries.
 
 This file ships to the Hub with `trust_remote_code`: it imports only torch, transformers (and what transformers
-itself requires: huggingface_hub, pyyaml) and the standard library.
+itself requires: huggingface_hub) and the standard library.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import os
 
 import torch
-import yaml
+from huggingface_hub import ModelCardData
 from huggingface_hub.repocard import metadata_load
 from transformers.utils import cached_file
 
@@ -109,14 +109,17 @@ def _human(count: float) -> str:
     return str(int(count))
 
 
-def llm_licence(name_or_path: str | None, revision: str | None) -> str | None:
-    """The `license` of the LLM's own model card front matter, when its README.md can be read (None otherwise)."""
+def llm_licence(name_or_path: str | None, revision: str | None, online: bool = False) -> str | None:
+    """The `license` of the LLM's own model card front matter, when its README.md can be read (None otherwise):
+    from its folder or the local Hub cache, and from the Hub only when `online` (when publishing; never when
+    saving, which happens at every checkpoint)."""
     if not name_or_path:
         return None
     readme = cached_file(
         name_or_path,
         "README.md",
         revision=revision,
+        local_files_only=not online,
         _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_connection_errors=False,
     )
@@ -125,7 +128,8 @@ def llm_licence(name_or_path: str | None, revision: str | None) -> str | None:
 
 def model_card(model, repo_id: str | None = None, full_model: bool = False) -> str:
     """A README.md for a saved speech LLM: base models, what was trained, what the folder holds (projector only or
-    `full_model`: every weight), sizes, memory, how to load, licence."""
+    `full_model`: every weight), sizes, memory, how to load, licence. Its front matter carries what the Hub reads;
+    the LLM's licence is looked up on the Hub only when publishing (`repo_id` given)."""
     config = model.config
     repo = repo_id or "path/to/this/folder"
 
@@ -154,20 +158,19 @@ def model_card(model, repo_id: str | None = None, full_model: bool = False) -> s
     bytes_per_parameter = torch.finfo(model.language_model.dtype).bits // 8
     memory = total * bytes_per_parameter * 1.2 / 2**30  # weights + ~20% for activations and the KV cache
     base_models = [m for m in (config.encoder_name_or_path, config.text_name_or_path) if m and not os.path.isdir(m)]
-    licence = llm_licence(config.text_name_or_path, config.text_revision)
-    front = {
-        "library_name": "transformers",
-        "pipeline_tag": "audio-text-to-text",
-        **({"license": licence} if licence else {}),
-        **(
-            {"base_model": base_models, "base_model_relation": "finetune" if full_model else "adapter"}
-            if base_models
-            else {}
-        ),
-        "tags": ["speechllm_hf", "speech-llm"],
-    }
+    licence = llm_licence(config.text_name_or_path, config.text_revision, online=repo_id is not None)
+    # A projector-only repo adapts its base models; a full save holds their weights, trained further or not.
+    relation = ("finetune" if full_model else "adapter") if base_models else None
+    front = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="audio-text-to-text",
+        license=licence,
+        base_model=base_models or None,
+        base_model_relation=relation,
+        tags=["speechllm_hf", "speech-llm"],
+    )
     return f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
+{front.to_yaml()}
 ---
 
 # Speech LLM ({config.projector_type} projector)
