@@ -17,8 +17,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from filelock import FileLock  # noqa: E402
+from packaging import version  # noqa: E402
 
 from speechllm_hf import from_preset  # noqa: E402
+from speechllm_hf.compat import WARMUP_RATIO_FIELD  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads; with `pytest -n 2` on 2 cores they only oversubscribe.
 torch.set_num_threads(1)
@@ -32,16 +34,29 @@ ENCODERS = ("hubert", "whisper", "wav2vec2")
 PROJECTORS = ("qformer", "cnn", "mlp")
 _MODELS: dict = {}
 COMPAT_TRANSFORMERS = "4.57.6"
+# CI runs the suite under transformers 4.57 and 5.x (.ci/run). Tests that run this interpreter as the 5.x one, or check
+# what only 5.x does, skip under 4.57 with `only_on_transformers_5`.
+TRANSFORMERS_5 = version.parse(transformers.__version__).major >= 5
+only_on_transformers_5 = pytest.mark.skipif(
+    not TRANSFORMERS_5,
+    reason=f"checks transformers 5.x; this run has {transformers.__version__} (CI's 5.x run covers it)",
+)
 # The folders `python scripts/offline_backbones.py DIR` writes (stand-ins for openai/whisper-base and
 # HuggingFaceTB/SmolLM2-135M-Instruct); their tests run when SPEECHLLM_BACKBONES_DIR=DIR.
 BACKBONES_ENV = "SPEECHLLM_BACKBONES_DIR"
 REAL_BACKBONES = ("whisper-base", "smollm2-135m-instruct")
 
 
+# transformers 4.57 logs the Trainer's `loss` rounded to 4 decimals, 5.x as computed: a logged loss is that far off.
+LOGGED_LOSS_STEP = 0.0 if TRANSFORMERS_5 else 1e-4
+
+# No warmup: on transformers 4.57, warmup_steps=0 leaves the training arguments' default 3% warmup_ratio in force.
+NO_WARMUP = {"warmup_steps": 0, **({"warmup_ratio": 0.0} if WARMUP_RATIO_FIELD else {})}
+
 # The training-argument settings every in-process training test shares: on the CPU, quiet, reproducible, logging
 # each step and saving nothing unless the test asks.
 CPU_TRAINING = dict(
-    use_cpu=True, disable_tqdm=True, report_to="none", seed=0, logging_steps=1, save_strategy="no", warmup_steps=0
+    use_cpu=True, disable_tqdm=True, report_to="none", seed=0, logging_steps=1, save_strategy="no", **NO_WARMUP
 )
 
 

@@ -8,7 +8,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_TRAINING, launch_two_cpu_processes
+from conftest import CPU_TRAINING, LOGGED_LOSS_STEP, launch_two_cpu_processes
 
 from speechllm_hf import from_preset
 from speechllm_hf.cli import main
@@ -373,7 +373,7 @@ def test_a_few_steps_lower_the_continuation_cross_entropy(tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 6 and "loss_kl" not in logs[0]
-    assert logs[0]["loss_ce"] == pytest.approx(logs[0]["loss"])
+    assert logs[0]["loss_ce"] == pytest.approx(logs[0]["loss"], rel=1e-6, abs=LOGGED_LOSS_STEP / 2)
     # The frozen LLM is random, so the speech can only steer it a little; the run is the same every time.
     assert logs[-1]["loss"] < logs[0]["loss"] - 0.05
 

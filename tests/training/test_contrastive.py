@@ -11,7 +11,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny
+from conftest import LOGGED_LOSS_STEP, tiny
 
 from speechllm_hf import from_preset
 from speechllm_hf.data.collators import ContrastiveCollator
@@ -183,8 +183,8 @@ def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
         projector = {n: p.detach().clone() for n, p in model.projector.named_parameters()}
         runs[name] = (trainer.state.log_history[0], projector)
     (both, updated), (longest, updated_longest), (shortest, updated_shortest) = runs.values()
-    assert both["loss"] == pytest.approx((longest["loss"] + shortest["loss"]) / 2, rel=1e-5)
-    assert both["loss"] == pytest.approx(both["loss_contrastive"], rel=1e-5)
+    assert both["loss"] == pytest.approx((longest["loss"] + shortest["loss"]) / 2, rel=1e-5, abs=LOGGED_LOSS_STEP)
+    assert both["loss"] == pytest.approx(both["loss_contrastive"], rel=1e-5, abs=LOGGED_LOSS_STEP / 2)
     for name, tensor in updated.items():
         torch.testing.assert_close(tensor, (updated_longest[name] + updated_shortest[name]) / 2, atol=1e-5, rtol=1e-5)
 
@@ -270,6 +270,9 @@ def test_gathered_negatives_need_the_infonce_loss(tmp_path):
 def test_a_few_hundred_steps_raise_held_out_retrieval_far_above_chance(tmp_path):
     torch.manual_seed(0)
     model, processor = from_preset("tiny", encoder_type="whisper", projector_type="qformer")
+    # The encoder positions this test was set on: transformers 5.x initialises those of a WhisperEncoder subclass
+    # N(0, 0.02), 4.57 as Whisper's sinusoids (2-8x chance here). The rest of this preset is the same on both.
+    torch.nn.init.normal_(model.encoder.embed_positions.weight, std=0.02)
     dev = load_split("dev")
     before, _ = evaluate_retrieval(model, processor, dev, layers="all")
     trainer = make_trainer(

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from conftest import CPU_TRAINING, clip, multi_task_rows
+from conftest import CPU_TRAINING, TRANSFORMERS_5, clip, multi_task_rows, only_on_transformers_5
 from safetensors.torch import load_file
 
 from speechllm_hf import SpeechLlmForConditionalGeneration, from_preset
@@ -441,6 +441,7 @@ def test_grouped_loader_keeps_the_trainers_dataloader_settings(tmp_path):
     assert subset_trainer.train_dataset["id"] == subset(corpus(), 0.5, 0)["id"]
 
 
+@only_on_transformers_5
 def test_a_conflicting_transformers_sampling_is_refused(tmp_path):
     model, processor = from_preset("tiny", projector_type="mlp")
     with pytest.raises(ValueError, match="train_sampling_strategy='sequential'.*--group_by_duration False"):
@@ -457,6 +458,18 @@ def test_a_conflicting_transformers_sampling_is_refused(tmp_path):
         processing_class=processor,
     )
     assert list(trainer.get_train_dataloader().batch_sampler.sampler) == list(range(16))
+
+
+@pytest.mark.skipif(TRANSFORMERS_5, reason="group_by_length is transformers 4.57's; 5.x has train_sampling_strategy")
+def test_transformers_4_57_length_grouping_is_refused_too(tmp_path):
+    model, processor = from_preset("tiny", projector_type="mlp")
+    with pytest.raises(ValueError, match="group_by_length=True.*--group_by_duration False"):
+        SpeechLlmTrainer(
+            model=model,
+            args=arguments(tmp_path, group_by_length=True),
+            train_dataset=corpus(),
+            processing_class=processor,
+        )
 
 
 def test_load_best_model_at_end_reloads_the_best_projector(local_backbones, tmp_path):

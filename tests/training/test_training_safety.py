@@ -16,7 +16,7 @@ import datasets
 import pytest
 import torch
 import transformers
-from conftest import CPU_TRAINING, SCRIPTS
+from conftest import CPU_TRAINING, SCRIPTS, TRANSFORMERS_5
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -355,6 +355,8 @@ def test_resuming_unpickles_only_through_weights_only_torch_load(tmp_path, monke
         monkeypatch.setattr(pickle, name, refuse)
     make_trainer(tmp_path, max_steps=3).train(resume_from_checkpoint=True)
     # The Trainer's optimizer, scheduler and RNG state are torch files, read with weights_only=True; the projector is
-    # safetensors.
+    # safetensors. transformers 4.57 reads the RNG state with torch's default, weights_only=True from torch 2.6
+    # (docs/security.md); the refused pickle functions above show that nothing took the pickle path.
     assert {name for name, _ in loads} == {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
-    assert all(weights_only is True for _, weights_only in loads), loads
+    torch_default = {} if TRANSFORMERS_5 else {"rng_state.pth": None}
+    assert all(weights_only is torch_default.get(name, True) for name, weights_only in loads), loads
