@@ -9,7 +9,7 @@ import dataclasses
 
 import transformers
 from packaging import version
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 try:
     from transformers.trainer_utils import rotate_checkpoints as _rotate_checkpoints
@@ -20,6 +20,10 @@ _TRANSFORMERS_5 = version.parse(transformers.__version__).major >= 5
 
 # transformers 5.x folded `warmup_ratio` into `warmup_steps` (a float below 1 is a ratio); 4.57 has both fields.
 WARMUP_RATIO_FIELD = "warmup_ratio" in {f.name for f in dataclasses.fields(TrainingArguments)}
+
+# transformers 4.57's Trainer.train copies the tokenizer's special token ids into model.config, here the speech model's
+# top level (the LLM's ids live in text_config and generation_config, set from that tokenizer); 5.x copies none.
+TRAINER_ALIGNS_SPECIAL_TOKENS = hasattr(Trainer, "_align_special_tokens")
 
 
 # transformers 5.x rotates checkpoints with trainer_utils.rotate_checkpoints; 4.57 with Trainer._rotate_checkpoints.
@@ -62,4 +66,11 @@ def loss_processes(trainer) -> int:
     return processes // trainer.get_tp_size() if _TRANSFORMERS_5 else processes
 
 
-__all__ = ["WARMUP_RATIO_FIELD", "rotate_checkpoints", "dataloader_settings", "requested_sampling", "loss_processes"]
+__all__ = [
+    "TRAINER_ALIGNS_SPECIAL_TOKENS",
+    "WARMUP_RATIO_FIELD",
+    "rotate_checkpoints",
+    "dataloader_settings",
+    "requested_sampling",
+    "loss_processes",
+]

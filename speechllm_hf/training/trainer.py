@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
-from ..compat import dataloader_settings, requested_sampling, rotate_checkpoints
+from ..compat import TRAINER_ALIGNS_SPECIAL_TOKENS, dataloader_settings, requested_sampling, rotate_checkpoints
 from ..data.collators import (
     IGNORE_INDEX,
     TASK_IDS,
@@ -104,6 +104,12 @@ class SpeechLlmTrainer(Trainer):
         )
         self.divergence_guard = DivergenceGuard(self.accelerator, args.max_skipped_steps)
         self.add_callback(self.divergence_guard)
+
+    if TRAINER_ALIGNS_SPECIAL_TOKENS:
+
+        def _align_special_tokens(self) -> None:
+            """Leaves model.config as it is, as 5.x does (transformers 4.57 only; see
+            compat.TRAINER_ALIGNS_SPECIAL_TOKENS): a save after training writes the config it would write on 5.x."""
 
     def _check_arguments(self, args) -> None:
         if not isinstance(args, self.arguments_class):
