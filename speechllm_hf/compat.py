@@ -1,4 +1,4 @@
-"""The transformers 4.57 / 5.x differences that training meets, in one place.
+"""The transformers 4.57 / 5.x differences that the package meets outside the model folder, in one place.
 
 The Hub-shipped model folder keeps its own (`models/speechllm/compat_speechllm.py`): it may import nothing from here.
 """
@@ -9,7 +9,7 @@ import dataclasses
 
 import transformers
 from packaging import version
-from transformers import Trainer, TrainingArguments
+from transformers import TextIteratorStreamer, Trainer, TrainingArguments
 
 try:
     from transformers.trainer_utils import rotate_checkpoints as _rotate_checkpoints
@@ -56,6 +56,22 @@ def requested_sampling(args: TrainingArguments) -> str | None:
     return "group_by_length=True" if args.group_by_length else None
 
 
+# transformers 4.57's TextStreamer decodes the text after a newline without the token before it, which drops the next
+# line's leading space; 5.x keeps that token as context.
+class _NewlineContextStreamer(TextIteratorStreamer):
+    def put(self, value) -> None:
+        prompt = self.skip_prompt and self.next_tokens_are_prompt
+        super().put(value)
+        if not prompt and not self.token_cache:  # flushed at a newline: keep its token as 5.x does
+            self.token_cache = value.reshape(-1)[-1:].tolist()
+            self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
+
+
+def text_iterator_streamer(tokenizer, **kwargs) -> TextIteratorStreamer:
+    """A `TextIteratorStreamer` whose pieces concatenate to the decoded output on both majors."""
+    return (TextIteratorStreamer if _TRANSFORMERS_5 else _NewlineContextStreamer)(tokenizer, **kwargs)
+
+
 # transformers 5.x counts the tensor-parallel ranks that share a batch once in its loss scale; 4.57 counts them all.
 def loss_processes(trainer) -> int:
     """What `Trainer.compute_loss` multiplies a loss normalised over every process's tokens by (DDP then averages
@@ -73,4 +89,5 @@ __all__ = [
     "dataloader_settings",
     "requested_sampling",
     "loss_processes",
+    "text_iterator_streamer",
 ]

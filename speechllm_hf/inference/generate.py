@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
 
+from speechllm_hf.compat import text_iterator_streamer
 from speechllm_hf.data.audio import AudioSource, load_audio
 from speechllm_hf.data.tasks import PromptConfig
 from speechllm_hf.models.speechllm.pipeline_speechllm import (
@@ -248,7 +249,7 @@ def stream_generate(
     waveform = load_request_audio(processor, request)
     config = build_generation_config(model, processor, stop_at_newline=stop_at_newline, **generate_kwargs)
     batch = model_inputs(model, processor, [build_prompt(processor, instruction, prompts)], [waveform])
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = text_iterator_streamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop, errors = threading.Event(), []
 
     def run() -> None:
