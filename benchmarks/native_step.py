@@ -132,12 +132,25 @@ def freeze_all_but(model: torch.nn.Module, projector: torch.nn.Module) -> None:
     projector.train()
 
 
+def native_parts(native: torch.nn.Module) -> torch.nn.Module:
+    """The module that holds a native model's encoder, projector and LLM: `native.model` on transformers 5.x, the
+    model itself on 4.57."""
+    return getattr(native, "model", native)
+
+
+def native_llm(native: torch.nn.Module) -> torch.nn.Module:
+    """The native LLM with its output layer: 5.x keeps `lm_head` beside `model.language_model`, 4.57's
+    `language_model` is a whole causal LM."""
+    if hasattr(native, "lm_head"):
+        return torch.nn.ModuleList([native.model.language_model, native.lm_head])
+    return native.language_model
+
+
 def part_sizes(ours, native, native_encoder: torch.nn.Module, native_projector: torch.nn.Module) -> dict:
     """Parameters of each part of both models (the LLM with its output layer), and how many train."""
-    native_llm = torch.nn.ModuleList([native.model.language_model, native.lm_head])
     return {
         "ours": parameter_counts(encoder=ours.encoder, projector=ours.projector, llm=ours.language_model),
-        "native": parameter_counts(encoder=native_encoder, projector=native_projector, llm=native_llm),
+        "native": parameter_counts(encoder=native_encoder, projector=native_projector, llm=native_llm(native)),
     }
 
 
@@ -175,7 +188,8 @@ def qwen2audio(args: argparse.Namespace) -> dict:
             audio_token_index=audio_token_id,
         )
     )
-    freeze_all_but(native, native.model.multi_modal_projector)
+    parts = native_parts(native)
+    freeze_all_but(native, parts.multi_modal_projector)
     ours = ours_for(
         WhisperConfig(num_mel_bins=128, max_source_positions=1500, **encoder_shape(args)),
         text,
@@ -184,7 +198,7 @@ def qwen2audio(args: argparse.Namespace) -> dict:
         audio_token_id,
     )
     frames = mel_frames(args)
-    native_tokens = native.model.audio_tower._get_feat_extract_output_lengths(torch.tensor(frames))[1].tolist()
+    native_tokens = parts.audio_tower._get_feat_extract_output_lengths(torch.tensor(frames))[1].tolist()
     our_tokens = [audio_token_count(n, ours.config.audio_length_spec) for n in frames]
     if native_tokens != our_tokens:
         raise AssertionError(f"audio tokens differ: native {native_tokens}, ours {our_tokens}")
@@ -201,14 +215,14 @@ def qwen2audio(args: argparse.Namespace) -> dict:
             "native": (plain_step(native), {**tokens, **thirty_seconds}),
         },
         args.repeats,
-        {"ours": ours_timer, "ours_padded_30s": ours_timer, "native": ForwardTimer(native.model.audio_tower)},
+        {"ours": ours_timer, "ours_padded_30s": ours_timer, "native": ForwardTimer(parts.audio_tower)},
     )
     return {
         "name": "native_qwen2audio",
         **ratios(seconds),
         "ratio_same_work": round(seconds["ours_padded_30s"]["step_s"] / seconds["native"]["step_s"], 3),
         "seconds": seconds,
-        "parameters": part_sizes(ours, native, native.model.audio_tower, native.model.multi_modal_projector),
+        "parameters": part_sizes(ours, native, parts.audio_tower, parts.multi_modal_projector),
         **batch_details(args, frames, our_tokens, tokens),
         "encoder_frames": {"ours": real_length // 2, "native": QWEN2AUDIO_MEL_FRAMES // 2},
         "work": (
@@ -253,7 +267,8 @@ def granite_speech(args: argparse.Namespace) -> dict:
             tie_word_embeddings=False,
         )
     )
-    freeze_all_but(native, native.model.projector)
+    parts = native_parts(native)
+    freeze_all_but(native, parts.projector)
     ours = ours_for(
         WhisperConfig(num_mel_bins=80, max_source_positions=1500, **encoder_shape(args)),
         text,
@@ -277,13 +292,13 @@ def granite_speech(args: argparse.Namespace) -> dict:
     seconds = alternating_medians(
         {"ours": (library_step(ours), ours_inputs), "native": (plain_step(native), native_inputs)},
         args.repeats,
-        {"ours": ForwardTimer(ours.encoder), "native": ForwardTimer(native.model.encoder)},
+        {"ours": ForwardTimer(ours.encoder), "native": ForwardTimer(parts.encoder)},
     )
     return {
         "name": "native_granite_speech",
         **ratios(seconds),
         "seconds": seconds,
-        "parameters": part_sizes(ours, native, native.model.encoder, native.model.projector),
+        "parameters": part_sizes(ours, native, parts.encoder, parts.projector),
         **batch_details(args, frames, our_tokens, tokens),
         "encoder_frames": {"ours": max(frames) // 2, "native": max(frames) // 2},
         "work": (
