@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     merged = reloaded.merge_and_unload()
     waveform, rate = sf.read(clip["audio"], dtype="float32")
     pipe = pipeline("speech-llm", model=merged, processor=reloaded_processor, trust_remote_code=True)
-    answer = pipe({"raw": waveform, "sampling_rate": rate}, max_new_tokens=24)["generated_text"]
+    # min_new_tokens: the tiny random preset may end its answer at once (transformers 4.57's initialisation does).
+    answer = pipe({"raw": waveform, "sampling_rate": rate}, max_new_tokens=24, min_new_tokens=1)["generated_text"]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {
         "first_loss": losses[0],
