@@ -488,8 +488,7 @@ def test_hub_folder_imports_only_torch_transformers_and_stdlib():
     """What `trust_remote_code` runs imports torch, transformers (and what transformers itself requires) and the
     standard library, anywhere in the files; an optional package is imported only inside the function that needs
     it, under `try`, so that its absence is explained."""
-    # What transformers itself requires, on 4.57 and 5.x alike, may be imported too.
-    allowed = {"torch", "transformers", "numpy", "huggingface_hub", "safetensors", "tokenizers", "packaging", "yaml"}
+    allowed = {"torch", "transformers", "numpy", "huggingface_hub", "safetensors", "tokenizers", "packaging"}
     allowed |= set(sys.stdlib_module_names) | {"__future__"}
     optional = {"peft", "soundfile", "soxr"}  # LoRA adapters, audio files, resampling
     for path in HUB_FOLDER.glob("*.py"):

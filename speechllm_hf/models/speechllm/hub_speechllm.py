@@ -123,7 +123,7 @@ def llm_licence(name_or_path: str | None, revision: str | None, online: bool = F
         _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_connection_errors=False,
     )
-    return metadata_load(readme).get("license") if readme else None
+    return (metadata_load(readme) or {}).get("license") if readme else None
 
 
 def model_card(model, repo_id: str | None = None, full_model: bool = False) -> str:
