@@ -651,3 +651,23 @@ def test_a_full_save_missing_projector_weights_is_refused(tmp_path):
         SpeechLlmForConditionalGeneration.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"projector.linear_out.weight"):
         AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+
+
+def test_save_pretrained_with_push_to_hub_uploads_the_projector_only(local_backbones, hub_commits, tmp_path):
+    """`save_pretrained(..., push_to_hub=True)` as PreTrainedModel takes it: save-only keywords (max_shard_size,
+    safe_serialization on 5.x) stay with the save, upload ones (token, commit_message) reach the upload."""
+    model, processor = trained_tiny(local_backbones)
+    model.config.update(HUB_IDS)
+    model.save_pretrained(
+        tmp_path / "model",
+        processor=processor,
+        push_to_hub=True,
+        repo_id="me/model",
+        max_shard_size="1GB",
+        safe_serialization=True,
+        token="hf_token",
+        commit_message="first projector",
+    )
+    (commit,) = hub_commits
+    assert commit["repo_id"] == "me/model" and commit["files"] == set(os.listdir(tmp_path / "model"))
+    assert [n for n in commit["files"] if n.endswith(".safetensors")] == ["projector.safetensors"]

@@ -64,6 +64,10 @@ def check_backbone_ids_are_public(folder: str | os.PathLike) -> None:
             )
 
 
+# The keywords of `upload_folder` besides the folder, the repo and the file names.
+UPLOAD_OPTIONS = ("commit_message", "commit_description", "private", "token", "revision", "create_pr")
+
+
 def upload_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -244,6 +248,7 @@ def forget_pipeline_entry(config) -> None:
 
 __all__ = [
     "AUTO_CLASSES",
+    "UPLOAD_OPTIONS",
     "CUSTOM_PIPELINES",
     "PIPELINE_FILE",
     "check_backbone_ids_are_public",

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .compat_speechllm import CACHE_KWARGS, cached_length
 from .configuration_speechllm import SpeechLlmConfig, convs_output_length
-from .hub_speechllm import forget_pipeline_entry, model_card, upload_folder, write_hub_entries
+from .hub_speechllm import UPLOAD_OPTIONS, forget_pipeline_entry, model_card, upload_folder, write_hub_entries
 from .loading_speechllm import (
     FULL_WEIGHTS,
     HUB_KWARGS,
@@ -211,7 +211,8 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             card.write(model_card(self, hub_options.get("repo_id"), full_model=full_model))
         write_hub_entries(save_directory)
         if push and not full_model:  # PreTrainedModel pushed a full save itself, before the card and pipeline
-            self._upload(save_directory, hub_options.pop("repo_id", os.path.basename(save_directory)), hub_options)
+            repo_id = hub_options.get("repo_id", os.path.basename(save_directory))
+            self._upload(save_directory, repo_id, {**arguments, **hub_options})
 
     def push_to_hub(self, repo_id: str, *args, processor=None, save_full_model: bool = False, **kwargs):
         """`PreTrainedModel.push_to_hub`, every argument of which it takes: uploads exactly what `save_pretrained`
@@ -230,23 +231,20 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             )
         arguments = inspect.signature(PreTrainedModel.push_to_hub).bind(self, repo_id, *args, **kwargs).arguments
         save_options = {k: arguments[k] for k in ("max_shard_size", "safe_serialization") if k in arguments}
-        upload_options = {
-            k: arguments[k]
-            for k in ("commit_message", "commit_description", "private", "token", "revision", "create_pr")
-            if arguments.get(k) is not None
-        }
         with tempfile.TemporaryDirectory() as work_dir:
             self.save_pretrained(work_dir, processor=processor, save_full_model=save_full_model, **save_options)
             with open(os.path.join(work_dir, "README.md"), "w") as card:
                 card.write(model_card(self, repo_id, full_model=save_full_model))
-            return self._upload(work_dir, repo_id, upload_options)
+            return self._upload(work_dir, repo_id, arguments)
 
     @staticmethod
-    def _upload(folder: str, repo_id: str, options: dict):
+    def _upload(folder: str, repo_id: str, arguments: dict):
+        """Upload every file of `folder` (what a save wrote), with the upload settings among the bound `arguments`
+        of save_pretrained / push_to_hub (the others, such as `max_shard_size`, concern the save)."""
         names = sorted(
             os.path.relpath(os.path.join(root, name), folder) for root, _, files in os.walk(folder) for name in files
         )
-        options.setdefault("commit_message", "Upload speech LLM projector")
+        options = {k: arguments[k] for k in UPLOAD_OPTIONS if arguments.get(k) is not None}
         return upload_folder(folder, repo_id, names, **options)
 
     @classmethod
