@@ -7,12 +7,14 @@ transformers and the standard library; soxr and soundfile are imported only when
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from transformers import BatchFeature, ProcessorMixin
-from transformers.utils import logging
+from transformers.utils import cached_file, logging
 
 from .audio_speechllm import prepare_waveform
 from .compat_speechllm import (
@@ -25,9 +27,74 @@ from .configuration_speechllm import audio_token_count
 
 logger = logging.get_logger(__name__)
 
+# The files whose `auto_map` could name code for the tokenizer or the feature extractor, and the Auto classes that
+# would run it. A folder this library writes maps only AutoProcessor to its own processor (4.57 writes that entry into
+# every sub-config) and the model classes in config.json.
+SUB_PROCESSOR_FILES = ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json", "config.json")
+SUB_PROCESSOR_AUTO_CLASSES = ("AutoTokenizer", "AutoFeatureExtractor")
+OWN_PROCESSOR_REFERENCE = "processing_speechllm.SpeechLlmProcessor"
+
+
+def foreign_code_references(auto_map, file_name: str) -> list[str]:
+    """The `auto_map` entries of `file_name` that would run code other than this processor's: any entry of a
+    sub-config (legacy list form included) except AutoProcessor -> this processor, and the tokenizer and feature
+    extractor entries of config.json."""
+    if isinstance(auto_map, (list, tuple)):  # transformers' legacy form of a tokenizer's auto_map
+        auto_map = {"AutoTokenizer": auto_map}
+    found = []
+    for auto_class, reference in (auto_map or {}).items():
+        if file_name == "config.json" and auto_class not in SUB_PROCESSOR_AUTO_CLASSES:
+            continue
+        references = reference if isinstance(reference, (list, tuple)) else [reference]
+        for name in filter(None, references):  # a repo id may prefix the module: "owner/repo--module.Class"
+            if auto_class != "AutoProcessor" or name.rsplit("--", 1)[-1] != OWN_PROCESSOR_REFERENCE:
+                found.append(f"{file_name}: {auto_class} -> {name}")
+    return found
+
+
+def refuse_foreign_code(pretrained_model_name_or_path, hub_kwargs: dict) -> None:
+    """Raise when a processor folder maps its tokenizer or feature extractor to code of its own.
+
+    `trust_remote_code=True` is given to run this processor's file; transformers would pass it on to the tokenizer
+    and the feature extractor, and so also run any module their configs name. This library never writes such an
+    entry (the backbones' tokenizers and feature extractors are standard classes, loaded without remote code), so one
+    means the folder was changed after it was saved.
+    """
+    options = {key: hub_kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder")}
+    found = []
+    for file_name in SUB_PROCESSOR_FILES:
+        path = cached_file(
+            pretrained_model_name_or_path,
+            file_name,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **options,
+        )
+        if path is None:
+            continue
+        with open(path, encoding="utf-8") as file:
+            saved = json.load(file)
+        entries = [saved] + [value for value in saved.values() if isinstance(value, dict)]  # 5.x nests sub-configs
+        for entry in entries:
+            found += foreign_code_references(entry.get("auto_map"), file_name)
+    if found:
+        raise ValueError(
+            f"{pretrained_model_name_or_path} maps its tokenizer or feature extractor to code of its own "
+            f"({'; '.join(found)}). speechllm_hf never writes such entries and does not run that code, whatever "
+            "trust_remote_code says: remove them if the folder is yours, or load that tokenizer yourself with "
+            "AutoTokenizer.from_pretrained(..., trust_remote_code=True) after reading its code."
+        )
+
+
 # Pad tokens to reuse when a tokenizer has none (Llama's have none), in order of preference: a dedicated pad token
 # (Llama-3.1's), then `<pad>`; else the unknown token (Llama-2's `<unk>`, what BLSP padded with), else EOS.
 PAD_TOKEN_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>")
+
+# Longest clip the processor takes by default: 10 minutes make about 7,000 audio tokens at the presets' 10-12 a second,
+# which still fit, with prompt and answer, in the 8,192 positions of the smallest preset LLM (SmolLM2). The encoder's
+# memory no longer grows with the clip (it runs in fixed windows); the LLM's sequence, its key/value cache and the
+# features do, so a 3-hour recording passed by accident is refused instead of exhausting memory.
+DEFAULT_MAX_AUDIO_SECONDS = 600.0
 
 
 def add_special_token(tokenizer, token: str) -> None:
@@ -110,6 +177,20 @@ class SpeechLlmProcessor(ProcessorMixin):
         if chat_template is None:
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        """`ProcessorMixin.from_pretrained`, loading the tokenizer and the feature extractor without remote code.
+
+        `trust_remote_code` (which ran this file) is not passed on to them, and a folder whose configs map them to
+        code of their own is refused with the entries named (`refuse_foreign_code`).
+        """
+        bound = inspect.signature(ProcessorMixin.from_pretrained).bind(pretrained_model_name_or_path, *args, **kwargs)
+        bound.apply_defaults()
+        hub_kwargs = {"subfolder": None, **bound.arguments, **bound.arguments.pop("kwargs")}
+        refuse_foreign_code(pretrained_model_name_or_path, hub_kwargs)
+        kwargs["trust_remote_code"] = False
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @property
     def sampling_rate(self) -> int:
