@@ -1,0 +1,195 @@
+"""Bad manifests, rows and texts (docs/reliability.md): each case over the entry points where it can occur (`prepare`,
+the training collator, the processor, batched generation, the pipeline), asserting the message and that the valid
+rows around it are kept; then property tests over the collator."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+import soundfile as sf
+import torch
+from conftest import clip, tiny
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from bad_input.conftest import (
+    RATE,
+    TOKENS,
+    WORDS,
+    array_row,
+    clip_specs,
+    dropped,
+    errors_of,
+    expected_error,
+    make_clip,
+    write_manifest,
+)
+from speechllm_hf.data.collators import IGNORE_INDEX, SpeechLlmCollator, special_token_strings
+from speechllm_hf.inference import generate_responses
+from speechllm_hf.inference.generate import default_prompts
+from speechllm_hf.preprocessing import prepare_dataset
+
+
+def test_text_with_no_or_too_many_audio_tokens(tmp_path, hubert, pipe):
+    model, processor = hubert
+    wave = clip(1.0)
+    for texts, clips, counts in (
+        (["no placeholder"], [wave], "0 audio placeholders .* but 1 audio clips"),
+        (["<audio> and <audio>"], [wave], "2 audio placeholders .* but 1 audio clips"),
+        (["<audio>"], None, "1 audio placeholders .* but 0 audio clips"),
+    ):
+        with pytest.raises(ValueError, match=counts):
+            processor(texts, audio=clips, sampling_rate=RATE)
+    ids = processor(["<audio> hi"], audio=[wave], sampling_rate=RATE)["input_ids"]
+    with pytest.raises(ValueError, match="audio tokens .* but no audio was given"):
+        model(input_ids=ids)
+
+    # The audio token inside a row's text would be a second placeholder (or an audio position in the labels).
+    collator = SpeechLlmCollator(processor)
+    with pytest.raises(ValueError, match=r"Batch row 0 .*\['text'\] field\(s\) hold the audio token '<audio>'"):
+        collator([array_row(wave, text="the <audio> tag")])
+    question = {"task": "instruction", "instruction": "What is in <audio>?", "response": "speech"}
+    with pytest.raises(ValueError, match=r"Batch row 1 .*\['instruction'\] field\(s\) hold the audio token"):
+        collator([array_row(wave), {**array_row(wave), **question}])
+
+    sf.write(tmp_path / "a.wav", wave, RATE)
+    rows = [
+        {"audio": str(tmp_path / "a.wav"), "text": "fine"},
+        {"audio": str(tmp_path / "a.wav"), "text": "the <audio> tag"},
+        {"audio": str(tmp_path / "a.wav"), **question},
+    ]
+    kept, report = prepare_dataset(write_manifest(tmp_path, rows), output_dir=tmp_path / "out")
+    assert dropped(report) == {"audio_token_in_text": 2} and kept["text"] == ["fine"]
+    details = [json.loads(line)["detail"] for line in (tmp_path / "out" / "dropped.jsonl").read_text().splitlines()]
+    assert details == ["'<audio>' in text", "'<audio>' in instruction"]
+
+    requests = [{"audio": wave, "sampling_rate": RATE, "instruction": i} for i in ("Say it.", "Say <audio>.")]
+    errors = errors_of(model, processor, requests)
+    assert list(errors) == [1] and "instruction holds the audio token" in errors[1]
+    with pytest.raises(ValueError, match="instruction holds the audio token"):
+        pipe(requests[1])
+
+
+def test_text_holding_a_special_token(tmp_path, hubert):
+    """An end-of-sequence token written inside a transcript would be tokenized as the real one: the model would learn
+    to stop mid-sentence. The collator refuses it; `train` (prepare_dataset with the tokenizer's special tokens) drops
+    the row as special_token_in_text."""
+    model, processor = hubert
+    wave = clip(1.0)
+    eos = processor.tokenizer.eos_token
+    assert processor.tokenizer(f"stop {eos} here", add_special_tokens=False)["input_ids"].count(
+        processor.tokenizer.eos_token_id
+    )  # what would reach the labels
+    collator = SpeechLlmCollator(processor)
+    with pytest.raises(ValueError, match=r"Batch row 0 .*\['text'\] field\(s\) hold special tokens"):
+        collator([array_row(wave, text=f"stop {eos} here")])
+    assert collator([array_row(wave, text="stop here")])["labels"].shape[0] == 1
+
+    sf.write(tmp_path / "a.wav", wave, RATE)
+    rows = [{"audio": str(tmp_path / "a.wav"), "text": text} for text in ("fine", f"stop {eos} here", "<|end|> x")]
+    special_tokens = special_token_strings(processor.tokenizer)
+    assert eos in special_tokens and "<|end|>" in special_tokens
+    kept, report = prepare_dataset(write_manifest(tmp_path, rows), special_tokens=special_tokens)
+    assert dropped(report) == {"special_token_in_text": 2} and kept["text"] == ["fine"]
+    kept, report = prepare_dataset(write_manifest(tmp_path, rows))  # prepare alone knows no tokenizer
+    assert dropped(report) == {}
+
+
+def test_audio_without_text(tmp_path, hubert, pipe):
+    model, processor = hubert
+    wave = clip(1.0)
+    with pytest.raises(ValueError, match="needs text: put the audio placeholder"):
+        processor(audio=[wave], sampling_rate=RATE)
+    with pytest.raises(ValueError, match="empty list of texts"):
+        processor([], audio=[wave], sampling_rate=RATE)
+    for text in (None, "  "):
+        with pytest.raises(ValueError, match=r"Batch row 0 .* needs non-empty \['text'\]"):
+            SpeechLlmCollator(processor)([array_row(wave, text=text)])
+    sf.write(tmp_path / "a.wav", wave, RATE)
+    rows = [{"audio": str(tmp_path / "a.wav"), "text": text} for text in ("words", None, "")]
+    assert dropped(prepare_dataset(write_manifest(tmp_path, rows))[1]) == {"missing_text": 2}
+    # Generation needs no text: a request without an instruction is asked the prompt file's ASR instruction.
+    request = {"audio": wave, "sampling_rate": RATE}
+    asked = {**request, "instruction": default_prompts().instructions["asr"]}
+    plain = generate_responses(model, processor, [request, asked], max_new_tokens=TOKENS)
+    assert plain[0] == plain[1] and plain[0].response is not None
+    assert pipe(request)["generated_text"] == plain[0].response
+
+
+def test_very_long_text(hubert, caplog):
+    _, processor = hubert
+    wave, needed = clip(1.0), processor.num_audio_tokens(RATE)
+    long_text = "<audio> " + "word " * 3000
+    full = processor([long_text], audio=[wave], sampling_rate=RATE)
+    assert full["input_ids"].shape[1] > 3000  # nothing is cut unless truncation is asked for
+    cut = processor([long_text], audio=[wave], sampling_rate=RATE, truncation=True, max_length=64)
+    assert cut["input_ids"].shape[1] == 64 and int((cut["input_ids"] == processor.audio_token_id).sum()) == needed
+    with pytest.raises(ValueError, match=f"holds .* audio tokens after tokenization but its audio needs {needed}"):
+        processor(["word " * 100 + "<audio>"], audio=[wave], sampling_rate=RATE, truncation=True, max_length=64)
+
+    # The collator cuts the end of a too-long response, counts it and says so; a too-long prompt is refused.
+    collator = SpeechLlmCollator(processor, max_length=128)
+    with caplog.at_level(logging.WARNING, logger="speechllm_hf.data.collators"):
+        batch = collator([array_row(wave, text="word " * 3000), array_row(wave, text="short")])
+    assert batch["input_ids"].shape[1] == 128 and collator.num_truncated == 1
+    assert "Truncated a response to fit max_length=128 (1 so far)" in caplog.text
+    response = collator.prompt_and_response(array_row(wave, text="word " * 3000))[1]
+    labels = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
+    assert labels == processor.tokenizer(response, add_special_tokens=False)["input_ids"][: len(labels)]
+    with pytest.raises(ValueError, match=r"Batch row 0: its prompt .* over max_length=128"):
+        collator([{**array_row(wave), "task": "instruction", "instruction": "why " * 200, "response": "x"}])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    # Mostly usable rows (the processor's test covers short clips; test_audio_without_text blank texts), so that
+    # most batches are collated; a short clip, the audio token or a low max_length still refuse some.
+    rows=st.lists(
+        st.tuples(clip_specs(min_samples=1500), st.builds(str.__add__, st.sampled_from("abc"), WORDS)),
+        min_size=1,
+        max_size=4,
+    ),
+    tainted=st.sampled_from([None] * 6 + [0, 1, 2, 3]),  # the row whose text gets the audio token, if any
+    max_length=st.integers(min_value=32, max_value=256),
+)
+def test_collator_properties(rows, tainted, max_length):
+    model, processor = tiny("hubert", "cnn")
+    collator = SpeechLlmCollator(processor, max_length=max_length)
+    rows = [(c, text + " <audio>" if index == tainted else text) for index, (c, text) in enumerate(rows)]
+    batch_rows = [array_row(make_clip(*c), rate=c[1], text=text) for c, text in rows]
+    try:
+        batch = collator(batch_rows)
+    except ValueError as err:
+        message = str(err)
+        assert message.startswith("Batch row") or "clip numbers are batch rows" in message, message
+        bad_text = any(not text.strip() or "<audio>" in text for _, text in rows)
+        error = expected_error(model, processor, [c for c, _ in rows])
+        assert re.search("over max_length", message) or bad_text or error is not None, message
+        reason = re.search("empty|too short|needs non-empty|hold the audio token|over max_length", message)
+        assert reason, message
+        event(f"refused: {reason.group()}")
+        return
+    assert all(text.strip() and "<audio>" not in text for _, text in rows)
+    assert expected_error(model, processor, [c for c, _ in rows]) is None
+    event("collated")
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape == mask.shape == labels.shape and ids.shape[1] <= max_length
+    # Right padding; pads are masked and never learnt.
+    assert torch.equal(mask, mask.sort(dim=-1, descending=True).values)
+    assert (ids[mask == 0] == processor.tokenizer.pad_token_id).all() and (labels[mask == 0] == IGNORE_INDEX).all()
+    # Labels are the response's tokens (cut at max_length) and nothing else: never the prompt or an audio token.
+    truncated = 0
+    for row, row_ids, row_labels, length in zip(batch_rows, ids, labels, batch["feature_attention_mask"].sum(-1)):
+        _, response = collator.prompt_and_response(row)
+        response_ids = processor.tokenizer(response, add_special_tokens=False)["input_ids"]
+        learnt = row_labels[row_labels != IGNORE_INDEX].tolist()
+        assert learnt == response_ids[: len(learnt)] and len(learnt) >= 1
+        truncated += len(learnt) < len(response_ids)
+        assert torch.equal(row_ids[row_labels != IGNORE_INDEX], row_labels[row_labels != IGNORE_INDEX])
+        assert int((row_ids == processor.audio_token_id).sum()) == processor.num_audio_tokens(int(length))
+    assert collator.num_truncated == truncated
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
