@@ -82,6 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top_p", type=float)
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--stop_at_newline", action="store_true", help="end each response at its first newline")
+    parser.add_argument(
+        "--max_audio_seconds", type=float, help="longest clip answered (default: the processor's, 600 s)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -148,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     model, processor = load_model_and_processor(args)
+    if args.max_audio_seconds is not None:
+        processor.max_audio_seconds = args.max_audio_seconds
     prompts = PromptConfig.from_file(args.prompts)
     base = input_path.resolve().parent
     start = len(done)

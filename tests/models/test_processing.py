@@ -104,10 +104,16 @@ def test_bad_input_raises_a_clear_value_error(texts, audio, kwargs, message):
         processor(texts, audio=audio, **kwargs)
 
 
-def test_whisper_clip_over_30_seconds_is_refused():
+def test_clip_over_max_audio_seconds_is_refused():
     _, processor = tiny("whisper", "cnn")
-    with pytest.raises(ValueError, match="longer than the encoder accepts"):
-        processor(["<audio>"], audio=[np.zeros(31 * 16000, dtype=np.float32) + 0.01], sampling_rate=16000)
+    guarded = SpeechLlmProcessor(
+        processor.feature_extractor,
+        processor.tokenizer,
+        audio_length_spec=processor.audio_length_spec,
+        max_audio_seconds=30,
+    )
+    with pytest.raises(ValueError, match=r"lasts 31\.00 s, longer than max_audio_seconds=30"):
+        guarded(["<audio>"], audio=[np.zeros(31 * 16000, dtype=np.float32) + 0.01], sampling_rate=16000)
 
 
 def test_tokenizer_without_the_audio_token_is_refused():

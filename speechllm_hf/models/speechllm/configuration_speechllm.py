@@ -150,6 +150,12 @@ PROJECTOR_TYPES = tuple(PROJECTOR_CONFIG_CLASSES)
 # (kernel, stride, total padding) of the convolutions in front of a Whisper encoder's transformer layers.
 WHISPER_CONVS = [[3, 1, 2], [3, 2, 2]]
 
+# Encoder window of encoders fed raw samples (HuBERT, wav2vec2, ...): 30 s at their 16 kHz, as Whisper's. Clips up to
+# it (all of the training data under `prepare`'s 30 s default) are encoded whole, exactly as before windows existed;
+# a window costs about 200 MB in the convolutional feature encoder (512 channels x 96,000 frames) and 1,500 frames of
+# self-attention, whatever the clip's length.
+DEFAULT_SAMPLE_WINDOW = 480_000
+
 
 def conv_output_length(length, kernel: int, stride: int, padding: int):
     """Frames a 1-D convolution (or window split) emits for `length` input frames (an int or a tensor of them);
@@ -166,14 +172,46 @@ def convs_output_length(length, convs: list[list[int]]):
     return length
 
 
+def windowed_output_length(length, convs: list[list[int]], window: int):
+    """Frames an encoder with downsampling steps `convs` emits for `length` input frames (an int or a tensor of them)
+    encoded in consecutive windows of `window` frames, the last one shorter, their outputs concatenated."""
+    full, rest = length // window, length % window
+    return full * convs_output_length(window, convs) + convs_output_length(rest, convs) * (rest > 0)
+
+
+def window_settings(length_spec: dict) -> tuple[int, int]:
+    """`(window_length, encoder_steps)` of an `audio_length_spec`: the encoder window in feature frames and how many
+    of its `convs` are the encoder's.
+
+    A spec saved before windows existed (a processor_config.json without these keys) gets what the model now does
+    with the same config: Whisper-like encoders (`max_feature_length` set) window at it after their two convolutions;
+    other encoders at `DEFAULT_SAMPLE_WINDOW` after their feature encoder's convolutions, the leading unpadded steps
+    whose kernel differs from their stride (the projectors' steps are padded or have kernel = stride).
+    """
+    if "window_length" in length_spec:
+        return length_spec["window_length"], length_spec["encoder_steps"]
+    if length_spec.get("max_feature_length") is not None:
+        return length_spec["max_feature_length"], len(WHISPER_CONVS)
+    steps = 0
+    for kernel, stride, padding in length_spec["convs"]:
+        if padding or kernel == stride:
+            break
+        steps += 1
+    return DEFAULT_SAMPLE_WINDOW, steps
+
+
 def audio_token_count(feature_length: int, length_spec: dict) -> int:
     """Number of audio tokens the model emits for a clip of `feature_length` feature frames (or samples).
 
-    `length_spec` is `SpeechLlmConfig.audio_length_spec`. The processor uses this to expand each audio placeholder;
-    the encoder and projectors compute their output lengths from the same conv specs with `convs_output_length`,
-    so the two always agree.
+    `length_spec` is `SpeechLlmConfig.audio_length_spec`. The encoder runs in windows of `window_length` frames (see
+    `SpeechLlmConfig.encoder_window_length`) whose outputs are concatenated before the projector. The processor uses
+    this to expand each audio placeholder; the model computes its lengths with the same functions (`windowed_output_
+    length`, `convs_output_length`), so the two always agree.
     """
-    return convs_output_length(feature_length, length_spec["convs"]) * length_spec["tokens_per_step"]
+    window, steps = window_settings(length_spec)
+    encoder_convs, projector_convs = length_spec["convs"][:steps], length_spec["convs"][steps:]
+    frames = windowed_output_length(feature_length, encoder_convs, window)
+    return convs_output_length(frames, projector_convs) * length_spec["tokens_per_step"]
 
 
 class SpeechLlmConfig(PretrainedConfig):
@@ -212,6 +250,12 @@ class SpeechLlmConfig(PretrainedConfig):
             `[[kernel, stride, total_padding], ...]` of the encoder's downsampling convolutions, for an encoder
             whose output length cannot be read from its config (HuBERT/wav2vec2-like and Whisper-like encoders
             need nothing).
+        encoder_window_length (`int`, *optional*):
+            Feature frames (Whisper: mel frames, 100 a second; HuBERT/wav2vec2: samples) per encoder window. Longer
+            clips are encoded one window at a time and the encoder outputs concatenated before the projector, so the
+            encoder's memory is bounded by the window whatever the clip's length. Defaults to 30 s: Whisper's
+            3000 frames (the most its positional table holds), `DEFAULT_SAMPLE_WINDOW` (480,000 samples at 16 kHz)
+            for other encoders.
         ignore_index (`int`, *optional*, defaults to -100):
             Label value that the loss ignores; audio positions always get it.
 
@@ -244,6 +288,7 @@ class SpeechLlmConfig(PretrainedConfig):
         freeze_encoder: bool = True,
         freeze_text_model: bool = True,
         encoder_length_spec: list | None = None,
+        encoder_window_length: int | None = None,
         ignore_index: int = -100,
         **kwargs,
     ):
@@ -262,6 +307,8 @@ class SpeechLlmConfig(PretrainedConfig):
         self.freeze_encoder = freeze_encoder
         self.freeze_text_model = freeze_text_model
         self.encoder_length_spec = encoder_length_spec
+        self.encoder_window_length = encoder_window_length
+        self.encoder_window  # noqa: B018 (checks the window now rather than at the first long clip)
         self.ignore_index = ignore_index
         super().__init__(**kwargs)
 
@@ -305,6 +352,22 @@ class SpeechLlmConfig(PretrainedConfig):
         return None
 
     @property
+    def encoder_window(self) -> int:
+        """Feature frames per encoder window: `encoder_window_length`, or the encoder's 30 s default.
+
+        Raises:
+            ValueError: for a window a Whisper-like encoder cannot take, or one that is not a positive number.
+        """
+        window = self.encoder_window_length
+        limit = self.max_feature_length
+        if window is None:
+            return limit if limit is not None else DEFAULT_SAMPLE_WINDOW
+        if not isinstance(window, int) or window < 1 or (limit is not None and window > limit):
+            most = f"at most {limit} (30 s) for this Whisper-like encoder" if limit is not None else "a positive int"
+            raise ValueError(f"encoder_window_length is {window!r}; it must be {most}.")
+        return window
+
+    @property
     def encoder_convs(self) -> list[list[int]]:
         """`[kernel, stride, total_padding]` of each encoder downsampling step (feature frames -> hidden frames)."""
         if self.encoder_length_spec is not None:
@@ -322,10 +385,13 @@ class SpeechLlmConfig(PretrainedConfig):
     @property
     def audio_length_spec(self) -> dict:
         """What the processor needs to expand audio placeholders; see `audio_token_count`."""
+        encoder_convs = self.encoder_convs
         return {
-            "convs": self.encoder_convs + self.projector_config.convs,
+            "convs": encoder_convs + self.projector_config.convs,
             "tokens_per_step": self.projector_config.tokens_per_step,
             "max_feature_length": self.max_feature_length,
+            "window_length": self.encoder_window,
+            "encoder_steps": len(encoder_convs),
         }
 
     def audio_tokens_per_second(self, feature_rate: float) -> float:
@@ -390,6 +456,9 @@ __all__ = [
     "conv_output_length",
     "hidden_size_of",
     "convs_output_length",
+    "DEFAULT_SAMPLE_WINDOW",
     "PROJECTOR_TYPES",
     "WHISPER_CONVS",
+    "window_settings",
+    "windowed_output_length",
 ]

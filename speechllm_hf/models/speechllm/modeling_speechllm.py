@@ -22,7 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .compat_speechllm import CACHE_KWARGS, cached_length
-from .configuration_speechllm import SpeechLlmConfig, convs_output_length
+from .configuration_speechllm import SpeechLlmConfig, convs_output_length, windowed_output_length
 from .hub_speechllm import UPLOAD_OPTIONS, forget_pipeline_entry, model_card, upload_folder, write_hub_entries
 from .loading_speechllm import (
     FULL_WEIGHTS,
@@ -382,10 +382,37 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         return self
 
     def encoder_output_lengths(self, feature_lengths: torch.Tensor) -> torch.Tensor:
-        """Valid encoder frames for each clip, from its number of feature frames (or samples)."""
-        return convs_output_length(feature_lengths, self.config.encoder_convs)
+        """Valid encoder frames for each clip, from its number of feature frames (or samples): the sum over the
+        encoder windows it fills (`config.encoder_window`)."""
+        return windowed_output_length(feature_lengths, self.config.encoder_convs, self.config.encoder_window)
 
     def _run_encoder(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T', C) encoder outputs of clips longer than one encoder window: window by window (the same window of
+        every clip in one batch), each clip's valid outputs concatenated, so memory follows the window, not the clip.
+        Clips that all fit one window take one pass, exactly as before windows existed."""
+        window = self.config.encoder_window
+        if input_features.shape[-1] <= window:
+            return self._encode_window(input_features, feature_attention_mask)
+        lengths = feature_attention_mask.sum(-1)
+        encoder_convs = self.config.encoder_convs
+        pieces = [[] for _ in range(len(lengths))]
+        for start in range(0, int(lengths.max()), window):
+            window_lengths = (lengths - start).clamp(0, window)
+            output_lengths = convs_output_length(window_lengths, encoder_convs)
+            # A clip's window too short for one encoder frame adds nothing (and could not pass the convolutions).
+            rows = output_lengths.nonzero()[:, 0]
+            if len(rows) == 0:
+                continue
+            end = start + int(window_lengths[rows].max())
+            hidden_states = self._encode_window(
+                input_features[rows, ..., start:end], feature_attention_mask[rows, start:end]
+            )
+            for row, states, count in zip(rows.tolist(), hidden_states, output_lengths[rows].tolist()):
+                pieces[row].append(states[:count])
+        no_frames = hidden_states[0, :0]  # a clip too short for any encoder frame
+        return nn.utils.rnn.pad_sequence([torch.cat(clip or [no_frames]) for clip in pieces], batch_first=True)
+
+    def _encode_window(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
         encoder = self.encoder
         features = input_features.to(dtype=encoder.dtype, device=encoder.device)
         mask = feature_attention_mask.to(encoder.device)

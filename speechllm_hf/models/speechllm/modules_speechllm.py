@@ -40,7 +40,8 @@ class SpeechLlmWhisperEncoder(WhisperEncoder):
         max_frames = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
         if num_frames > max_frames:
             raise ValueError(
-                f"Whisper encodes at most {max_frames} mel frames (30 s); got {num_frames}. Split longer audio."
+                f"Whisper encodes at most {max_frames} mel frames (30 s); got {num_frames}. "
+                "SpeechLlmForConditionalGeneration splits longer audio into windows (config.encoder_window_length)."
             )
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, num_frames, dtype=torch.long, device=input_features.device)

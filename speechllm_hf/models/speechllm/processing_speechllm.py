@@ -133,7 +133,8 @@ class SpeechLlmProcessor(ProcessorMixin):
 
     Each placeholder (`audio_token`) in the text is expanded to exactly the number of audio tokens the model emits
     for its clip, so `input_ids` have their final length. Audio is extracted clip by clip at its real length (never
-    padded to 30 s), then zero-padded to the longest clip with a `feature_attention_mask`.
+    padded to 30 s), then zero-padded to the longest clip with a `feature_attention_mask`. Clips longer than the
+    encoder's window (30 s) are fine: the model encodes them window by window.
 
     Args:
         feature_extractor (`FeatureExtractionMixin`): a `Wav2Vec2FeatureExtractor` (HuBERT, wav2vec2) or
@@ -144,6 +145,8 @@ class SpeechLlmProcessor(ProcessorMixin):
         audio_length_spec (`dict`): `SpeechLlmConfig.audio_length_spec`: how feature length maps to audio tokens.
         system_prompt (`str`, *optional*): system message that `apply_chat_template` inserts when a conversation
             has none.
+        max_audio_seconds (`float`, *optional*, defaults to 600): longest clip accepted, a guard against passing a
+            long recording by accident (see `DEFAULT_MAX_AUDIO_SECONDS`); None accepts any length.
     """
 
     attributes = ["feature_extractor", "tokenizer"]
@@ -159,6 +162,7 @@ class SpeechLlmProcessor(ProcessorMixin):
         audio_token: str = "<audio>",
         audio_length_spec: dict | None = None,
         system_prompt: str | None = None,
+        max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
         **kwargs,
     ):
         if audio_length_spec is None:
@@ -166,6 +170,7 @@ class SpeechLlmProcessor(ProcessorMixin):
         self.audio_token = audio_token
         self.audio_length_spec = audio_length_spec
         self.system_prompt = system_prompt
+        self.max_audio_seconds = max_audio_seconds
         audio_token_id = tokenizer.convert_tokens_to_ids(audio_token)
         if audio_token_id is None or audio_token_id == tokenizer.unk_token_id:
             raise ValueError(
@@ -228,9 +233,17 @@ class SpeechLlmProcessor(ProcessorMixin):
 
     def _extract(self, waveform: np.ndarray, index: int) -> np.ndarray:
         """Features of one clip at its real length, time on the last axis."""
+        seconds = len(waveform) / self.sampling_rate
+        if self.max_audio_seconds is not None and seconds > self.max_audio_seconds:
+            raise ValueError(
+                f"Audio clip {index} lasts {seconds:.2f} s, longer than max_audio_seconds={self.max_audio_seconds:g}, "
+                "a guard against passing a long recording by accident: the audio tokens, the LLM's sequence and its "
+                "memory grow with the clip. Raise the limit (`processor.max_audio_seconds = SECONDS`, "
+                "`speechllm-hf generate --max_audio_seconds SECONDS`) or split the recording."
+            )
         # Extracting clip by clip keeps each clip's features independent of the batch (Whisper's STFT edges and
         # wav2vec2's per-clip normalisation would otherwise see the padding). `truncation=False`: Whisper's extractor
-        # would otherwise cut clips at 30 s without a word; too-long clips are refused below instead.
+        # would otherwise cut clips at 30 s without a word; the model encodes longer clips in windows.
         try:
             extracted = self.feature_extractor(
                 waveform, sampling_rate=self.sampling_rate, padding="longest", truncation=False, return_tensors="np"
@@ -240,15 +253,6 @@ class SpeechLlmProcessor(ProcessorMixin):
                 f"Audio clip {index} is too short ({len(waveform)} samples) for the feature extractor: {err}"
             ) from err
         features = extracted[self.feature_extractor.model_input_names[0]][0]
-        max_length = self.audio_length_spec.get("max_feature_length")
-        if max_length is not None and features.shape[-1] > max_length:
-            seconds = len(waveform) / self.sampling_rate
-            hop = seconds / features.shape[-1]  # seconds per feature frame (Whisper: 10 ms)
-            raise ValueError(
-                f"Audio clip {index} lasts {seconds:.2f} s, longer than the encoder accepts ({max_length} feature "
-                f"frames, {max_length * hop:.0f} s); split it into shorter clips (`speechllm-hf prepare` drops them "
-                "as too_long)."
-            )
         if self.num_audio_tokens(features.shape[-1]) < 1:
             raise ValueError(
                 f"Audio clip {index} is too short ({len(waveform)} samples at {self.sampling_rate} Hz) "
@@ -391,6 +395,7 @@ def _is_clip_list(audio) -> bool:
 
 
 __all__ = [
+    "DEFAULT_MAX_AUDIO_SECONDS",
     "SpeechLlmProcessor",
     "add_special_token",
     "ensure_pad_token",
