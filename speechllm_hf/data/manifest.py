@@ -10,6 +10,7 @@ written by `datasets.Dataset.save_to_disk` or the output folder of `speechllm-hf
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -39,6 +40,43 @@ def _resolve(audio: str | None, base: str, column: str) -> dict[str, str | None]
     return {column: audio if audio is None or os.path.isabs(audio) else os.path.normpath(os.path.join(base, audio))}
 
 
+def _read_json(path: Path) -> datasets.Dataset:
+    """A JSON-lines (or JSON array) file; where `datasets` fails with no sentence (StopIteration for an empty file,
+    "An error occurred while generating the dataset" for a broken line), a `ValueError` says which line is wrong."""
+    try:
+        return datasets.Dataset.from_json(str(path))
+    except Exception as err:
+        raise ValueError(_json_problem(path, err)) from err
+
+
+def _json_problem(path: Path, err: Exception) -> str:
+    """What is wrong with a JSON manifest that `datasets` could not read: no rows, or the first line that is not a
+    JSON object; `err` when every line is one."""
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as bad:
+        return f"Manifest {name!r} is not UTF-8 text ({bad.reason} at byte {bad.start}): is it a JSON-lines file?"
+    try:
+        if json.loads(text) == []:
+            return f"Manifest {name!r} holds no rows: it is an empty JSON array."
+    except json.JSONDecodeError:
+        pass  # JSON lines, read one by one below
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        return f"Manifest {name!r} holds no rows: it is empty."
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as bad:
+            return (
+                f"Manifest {name!r} line {number} is not valid JSON ({bad.msg}, column {bad.colno}): fix or remove it."
+            )
+        if not isinstance(row, dict):
+            return f"Manifest {name!r} line {number} holds {line.strip()[:40]}, not a JSON object with an audio field."
+    return f"Cannot read manifest {name!r}: {type(err).__name__}: {err}"
+
+
 def _read_files(path: Path) -> tuple[datasets.Dataset, Path]:
     """Reads a jsonl/parquet file or a folder of parquet files; returns the dataset and the folder paths are under."""
     if not path.exists():
@@ -56,7 +94,7 @@ def _read_files(path: Path) -> tuple[datasets.Dataset, Path]:
         return datasets.Dataset.from_parquet(files), path
     suffix = path.suffix.lower()
     if suffix in JSON_SUFFIXES:
-        return datasets.Dataset.from_json(str(path)), path.parent
+        return _read_json(path), path.parent
     if suffix == PARQUET_SUFFIX:
         return datasets.Dataset.from_parquet(str(path)), path.parent
     raise ValueError(
