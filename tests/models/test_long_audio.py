@@ -2,12 +2,13 @@
 processor expands placeholders to what the model emits; `max_audio_seconds` guards against accidents."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import FIXTURES, clip, tiny
+from conftest import FIXTURES, clip, run_loader, save_expected_outputs, tiny
 from transformers import pipeline
 
 from speechllm_hf import SpeechLlmConfig, SpeechLlmProcessor, from_preset
@@ -189,3 +190,20 @@ def test_encoder_window_length_is_checked():
     for window in (3001, 0):
         with pytest.raises(ValueError, match=f"encoder_window_length is {window}; it must be"):
             SpeechLlmConfig(**{**config.to_dict(), "encoder_window_length": window})
+
+
+@pytest.mark.parametrize("transformers_major", ["this", "4.57"])
+def test_the_hub_copy_answers_a_long_clip_as_the_package_does(transformers_major, local_backbones, tmp_path, request):
+    python = sys.executable if transformers_major == "this" else request.getfixturevalue("compat_python")
+    torch.manual_seed(0)
+    model, processor = from_preset(
+        "tiny",
+        encoder_type="whisper",
+        encoder_name_or_path=str(local_backbones / "whisper"),
+        text_name_or_path=str(local_backbones / "llm"),
+    )
+    model.save_pretrained(tmp_path / "saved", processor=processor)
+    texts = ["<|user|><audio> hi<|end|><|assistant|>", "<|user|>x <audio><|end|><|assistant|>"]
+    save_expected_outputs(tmp_path / "expected.npz", model.eval(), processor, texts, [clip(35.0), clip(2.0, 1)])
+    # Placeholder counts, logits, generation and the shipped pipeline agree without the package (two windows).
+    run_loader(python, tmp_path / "saved", tmp_path / "expected.npz")
