@@ -14,13 +14,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num_proc", type=int, default=1, help="processes validating rows in parallel")
     parser.add_argument("--min_duration", type=float, default=0.0, help="shortest clip kept, in seconds")
     parser.add_argument("--max_duration", type=float, default=30.0, help="longest clip kept, in seconds")
-    parser.add_argument("--target_rate", type=int, default=16000, help="sampling rate the model reads")
+    parser.add_argument(
+        "--model",
+        help="a saved model folder or Hub id: its processor drops clips too short for the encoder "
+        "(too_short_for_encoder), sets the rate and checks texts for its audio token and special tokens",
+    )
+    parser.add_argument(
+        "--target_rate", type=int, help="sampling rate the model reads (default: the --model's, else 16000)"
+    )
     parser.add_argument("--audio_column", default="audio")
     parser.add_argument("--text_column", default="text", help="transcript column of ASR rows")
     parser.add_argument("--task", default="asr", help="task of rows without a `task` column: asr, st, sqa, ...")
     parser.add_argument("--prompt_file", help="prompt YAML whose instruction fields rows must fill in")
     parser.add_argument(
-        "--audio_token", default="<audio>", help="the model's audio placeholder, which row texts must not hold"
+        "--audio_token",
+        help="the model's audio placeholder, which row texts must not hold (default: the --model's, else <audio>)",
     )
     parser.add_argument(
         "--no_require_text",
@@ -32,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from speechllm_hf.data.collators import special_token_strings
     from speechllm_hf.data.tasks import PromptConfig
     from speechllm_hf.preprocessing import prepare_dataset
 
@@ -47,13 +56,27 @@ def run(args: argparse.Namespace) -> int:
         "text_column",
         "task",
         "require_text",
-        "audio_token",
     )
 
     def prepare() -> dict:
-        # The prompt file is read inside the reported call: a bad one is a message, as a bad manifest is.
+        # The prompt file and the processor are read inside the reported call: a bad one is a message, as a bad
+        # manifest is.
         prompts = PromptConfig.from_file(args.prompt_file)
-        return prepare_dataset(args.manifest, args.output_dir, prompts=prompts, **flags)[1]
+        processor, special_tokens = None, ()
+        if args.model:
+            from speechllm_hf import SpeechLlmProcessor
+
+            processor = SpeechLlmProcessor.from_pretrained(args.model)
+            special_tokens = special_token_strings(processor.tokenizer)
+        return prepare_dataset(
+            args.manifest,
+            args.output_dir,
+            prompts=prompts,
+            processor=processor,
+            audio_token=args.audio_token or (processor.audio_token if processor else "<audio>"),
+            special_tokens=special_tokens,
+            **flags,
+        )[1]
 
     return print_report("prepare", prepare)
 

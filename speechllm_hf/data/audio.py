@@ -8,12 +8,14 @@ never decodes audio here (its `Audio` feature needs torchcodec + FFmpeg from dat
 from __future__ import annotations
 
 import io
+import numbers
 import os
 from typing import Any
 
 import numpy as np
 
 from speechllm_hf.models.speechllm.audio_speechllm import (
+    check_audio_file,
     check_sampling_rate,
     load_audio_file,
     prepare_waveform,
@@ -24,13 +26,24 @@ AudioSource = Any  # str | os.PathLike | bytes | np.ndarray | torch.Tensor | lis
 
 
 def _normalise(source: AudioSource) -> AudioSource:
-    """Path-likes become str and byte buffers become bytes, the forms `prepare_waveform` dispatches on."""
+    """Path-likes become str and byte buffers become bytes, the forms `prepare_waveform` dispatches on; no clip at
+    all (a row's null audio) or a number is a `ValueError` saying so, rather than an array without a sampling rate."""
+    if source is None:
+        raise ValueError("No audio: the clip is null (a row without audio?); give a file path, bytes or samples.")
+    if isinstance(source, numbers.Number):  # e.g. a duration or an id in the audio column
+        raise ValueError(
+            f"A clip is a file path, encoded bytes, samples or an audio dict; got the {type(source).__name__} "
+            f"{source!r}: is the audio column the right one (--audio_column)?"
+        )
     if isinstance(source, os.PathLike):
         return os.fspath(source)
     if isinstance(source, (bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, dict):
-        return {key: _normalise(value) if key in ("path", "bytes") else value for key, value in source.items()}
+        return {
+            key: _normalise(value) if key in ("path", "bytes") and value is not None else value
+            for key, value in source.items()
+        }
     return source
 
 
@@ -121,6 +134,8 @@ def audio_duration(source: AudioSource, sampling_rate: int | None = None) -> flo
     if isinstance(source, (bytes, str)):
         import soundfile
 
+        if isinstance(source, str):
+            check_audio_file(source)
         try:
             info = soundfile.info(io.BytesIO(source) if isinstance(source, bytes) else source)
         except Exception as err:  # soundfile raises LibsndfileError, RuntimeError or OSError depending on the case
@@ -131,6 +146,38 @@ def audio_duration(source: AudioSource, sampling_rate: int | None = None) -> flo
     shape = np.shape(source)
     # 2-D arrays are (samples, channels) or (channels, samples): the longer axis is time, as in to_mono_float32.
     return (max(shape) if len(shape) == 2 else shape[0] if shape else 0) / sampling_rate
+
+
+def wav_shortfall(source: AudioSource) -> tuple[int, int] | None:
+    """`(declared, present)`: the bytes of samples a WAV file's header declares and those the file holds, when it
+    holds fewer (a copy or download cut short); None for any other file, or a complete one.
+
+    libsndfile reads such a file without a word, as the part that is there, so its duration looks like a clip's; only
+    the header's data chunk size tells. Other formats are not checked: a cut FLAC fails to decode, while Ogg and MP3
+    headers declare no length.
+
+    Args:
+        source: Any input `load_audio` accepts; only paths and encoded bytes are read (their first chunk headers).
+    """
+    source, _ = unwrap_audio(source)
+    if not isinstance(source, (bytes, str)):
+        return None
+    with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as file:
+        header = file.read(12)
+        if len(header) < 12 or header[:4] != b"RIFF" or header[8:] != b"WAVE":
+            return None
+        size = file.seek(0, io.SEEK_END)
+        position = 12
+        while position + 8 <= size:  # RIFF chunks: 4-byte id, 4-byte little-endian length, data padded to even
+            file.seek(position)
+            chunk = file.read(8)
+            length = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                present = size - position - 8
+                # 0xFFFFFFFF: a length left unknown by a streaming writer, not a claim.
+                return (length, present) if length != 0xFFFFFFFF and present < length else None
+            position += 8 + length + length % 2
+    return None
 
 
 def audio_ref(audio: Any) -> str:
@@ -144,4 +191,4 @@ def audio_ref(audio: Any) -> str:
     return "<bytes>" if isinstance(audio, (bytes, bytearray, memoryview)) else "<array>"
 
 
-__all__ = ["AudioSource", "load_audio", "decode_audio", "audio_duration", "unwrap_audio", "audio_ref"]
+__all__ = ["AudioSource", "load_audio", "decode_audio", "audio_duration", "unwrap_audio", "audio_ref", "wav_shortfall"]

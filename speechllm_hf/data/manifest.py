@@ -77,6 +77,19 @@ def _json_problem(path: Path, err: Exception) -> str:
     return f"Cannot read manifest {name!r}: {type(err).__name__}: {err}"
 
 
+def _read_parquet(files: list[str], path: Path) -> datasets.Dataset:
+    """Parquet files; where they hold no rows at all, a `ValueError` that says so, for datasets' 'Instruction "train"
+    corresponds to no data!'."""
+    try:
+        return datasets.Dataset.from_parquet(files)
+    except ValueError:
+        import pyarrow.parquet as pq
+
+        if sum(pq.ParquetFile(file).metadata.num_rows for file in files) == 0:
+            raise ValueError(f"Manifest {str(path)!r} holds no rows: its parquet data is empty.") from None
+        raise
+
+
 def _read_files(path: Path) -> tuple[datasets.Dataset, Path]:
     """Reads a jsonl/parquet file or a folder of parquet files; returns the dataset and the folder paths are under."""
     if not path.exists():
@@ -91,12 +104,12 @@ def _read_files(path: Path) -> tuple[datasets.Dataset, Path]:
                 f"Manifest folder {str(path)!r} holds no {PARQUET_SUFFIX} files and no saved dataset "
                 "(Dataset.save_to_disk, or the output folder of speechllm-hf prepare / align)."
             )
-        return datasets.Dataset.from_parquet(files), path
+        return _read_parquet(files, path), path
     suffix = path.suffix.lower()
     if suffix in JSON_SUFFIXES:
         return _read_json(path), path.parent
     if suffix == PARQUET_SUFFIX:
-        return datasets.Dataset.from_parquet(str(path)), path.parent
+        return _read_parquet([str(path)], path), path.parent
     raise ValueError(
         f"Unknown manifest type {suffix or '(no extension)'!r} for {str(path)!r}: expected "
         f"{', '.join(JSON_SUFFIXES)}, {PARQUET_SUFFIX}, a folder of {PARQUET_SUFFIX} files or a datasets.Dataset."

@@ -85,7 +85,7 @@ def _partition_records(
     task, fields = TASKS[entry.task], language_fields(language)
     records, requests = [], []
     for index in indices:
-        row = light[index]
+        row = light[index] if light.column_names else {}  # audio alone: no columns left, and so no rows
         duration = row.get("duration")
         duration = float(duration) if duration is not None else _header_duration(dataset[index]["audio"])
         record = {"index": index, **({"id": row["id"]} if "id" in row else {}), "duration": duration}

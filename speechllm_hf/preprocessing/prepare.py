@@ -18,7 +18,7 @@ import numpy as np
 
 from speechllm_hf.models.speechllm.audio_speechllm import resample
 
-from ..data.audio import audio_duration, audio_ref, decode_audio
+from ..data.audio import audio_duration, audio_ref, decode_audio, wav_shortfall
 from ..data.manifest import SAVED_DATASET_DIR, cast_audio_undecoded, load_manifest
 from ..data.tasks import (
     TASKS,
@@ -32,23 +32,31 @@ from ..data.tasks import (
 
 logger = logging.getLogger(__name__)
 
-# One reason per row, the first check that fails: the header (unreadable, empty, too_short, too_long) before the
-# samples, so that an over-long file is never decoded; then decoding (unreadable), non_finite, and the row's fields
-# last: its task (unknown_task), its response text (missing_text), the fields its instruction reads (missing_field),
-# text that holds the audio token (audio_token_in_text), which would be read as a second audio placeholder, and text
-# that holds another of the tokenizer's special tokens (special_token_in_text), which would be read as a control token.
+# One reason per row, the first check that fails: the header (unreadable, truncated, empty, too_short, too_long)
+# before the samples, so that an over-long file is never decoded; then decoding (unreadable), non_finite, a clip too
+# short for the model's encoder to give one audio token (too_short_for_encoder), and the row's fields: its task
+# (unknown_task), a response or instruction field given as a number or other non-string (non_string_text), its
+# response text (missing_text), the fields its instruction reads (missing_field), text that holds the audio token
+# (audio_token_in_text), which would be read as a second audio placeholder, and text that holds another of the
+# tokenizer's special tokens (special_token_in_text), which would be read as a control token. Last, across rows: an
+# `id` already taken by an earlier kept row (duplicate_id).
 REASONS: tuple[str, ...] = (
     "unreadable",
+    "truncated",
     "empty",
     "too_short",
     "too_long",
     "non_finite",
+    "too_short_for_encoder",
     "unknown_task",
+    "non_string_text",
     "missing_text",
     "missing_field",
     "audio_token_in_text",
     "special_token_in_text",
+    "duplicate_id",
 )
+ID_COLUMN = "id"  # row ids (generation outputs, evaluation records) must name one row each
 REPORT_FILE = "report.json"
 DROPPED_FILE = "dropped.jsonl"
 # Per-row outputs of the validation map; removed from the kept rows.
@@ -66,13 +74,22 @@ def _duration_reason(duration: float, min_duration: float, max_duration: float) 
 
 
 def _check_audio(
-    audio: Any, min_duration: float, max_duration: float, target_rate: int
+    audio: Any, min_duration: float, max_duration: float, target_rate: int, min_samples: int
 ) -> tuple[str | None, float | None, str]:
     """(reason or None, duration in seconds or None when unknown, detail) for one clip."""
     try:
         duration = audio_duration(audio)
+        shortfall = wav_shortfall(audio)
     except Exception as err:  # any failure is this row's problem, never the run's
         return "unreadable", None, f"{type(err).__name__}: {err}"
+    if shortfall is not None:
+        declared, present = shortfall
+        return (
+            "truncated",
+            duration,
+            f"the WAV header declares {declared} bytes of samples but the file holds {present} ({duration:.3f} s): "
+            "the copy was cut short; copy or export it again",
+        )
     reason = _duration_reason(duration, min_duration, max_duration)
     if reason is not None:
         return reason, duration, f"{duration:.3f} s from the header"
@@ -88,9 +105,24 @@ def _check_audio(
     if not np.isfinite(waveform).all():
         return "non_finite", duration, f"{int((~np.isfinite(waveform)).sum())} NaN/inf samples"
     # A clip of a few samples can vanish when resampled: check what the model will actually receive.
-    if resample(waveform, rate, target_rate).size == 0:
+    samples = resample(waveform, rate, target_rate).size
+    if samples == 0:
         return "empty", duration, f"0 samples at {target_rate} Hz"
+    if samples < min_samples:
+        return (
+            "too_short_for_encoder",
+            duration,
+            f"{samples} samples at {target_rate} Hz; the encoder needs {min_samples} for one audio token",
+        )
     return None, duration, ""
+
+
+def _non_string(value: Any) -> bool:
+    """A value given, but not as text (`"text": 123`, `true`, an object); a list counts by its first item, the one
+    a task reads (Spoken-SQuAD lists several gold answers)."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return value is not None and not isinstance(value, str)
 
 
 def _check_fields(
@@ -106,6 +138,9 @@ def _check_fields(
     if task not in TASKS:
         return "unknown_task", f"task {task!r}"
     missing = missing_fields(row, task, prompts, text_column)
+    wrong = [name for name in missing if _non_string(row.get(name))]
+    if wrong:
+        return "non_string_text", ", ".join(f"{name} {row.get(name)!r} is not a string" for name in wrong)
     if missing:
         column = response_column(task, text_column)
         reason = "missing_text" if column in missing else "missing_field"
@@ -130,11 +165,12 @@ def _check_row(
     min_duration: float,
     max_duration: float,
     target_rate: int,
+    min_samples: int,
     audio_token: str,
     special_tokens: list[str],
 ) -> dict[str, Any]:
     audio = row[audio_column]
-    reason, duration, detail = _check_audio(audio, min_duration, max_duration, target_rate)
+    reason, duration, detail = _check_audio(audio, min_duration, max_duration, target_rate, min_samples)
     if reason is None and prompts is not None:
         reason, detail = _check_fields(row, task, prompts, text_column, audio_token, special_tokens)
     return {"duration": duration, _REASON: reason or "", _DETAIL: detail, _REF: audio_ref(audio)}
@@ -145,6 +181,55 @@ def describe_source(source: Any) -> str:
     if isinstance(source, datasets.Dataset):
         return f"datasets.Dataset(num_rows={source.num_rows}, columns={source.column_names})"
     return str(Path(source).resolve())
+
+
+def shortest_clip_samples(processor: Any) -> int:
+    """The fewest samples, at the processor's rate, of a clip that the processor turns into at least one audio token.
+
+    The encoder's convolutions (and the projector's) need a whole receptive field for one output step, and Whisper's
+    STFT needs more than its window; anything shorter passes decoding but fails in the processor, which in training
+    stops the run. Found by bisection with the processor's own feature extraction on silent clips (a few calls).
+
+    Args:
+        processor: The model's `SpeechLlmProcessor`.
+
+    Returns:
+        The shortest clip length accepted, in samples at `processor.sampling_rate`.
+
+    Raises:
+        ValueError: If the processor accepts no clip of up to 30 s.
+    """
+    rate = processor.sampling_rate
+
+    def accepted(samples: int) -> bool:
+        try:
+            processor([processor.audio_token], audio=[np.zeros(samples, dtype=np.float32)], sampling_rate=rate)
+        except ValueError:  # too short for the feature extractor, or for one audio token
+            return False
+        return True
+
+    low, high = 0, 1  # low: refused (none at all is empty), high: the candidate
+    while not accepted(high):
+        low, high = high, 2 * high
+        if high > 30 * rate:
+            raise ValueError(f"The processor accepts no clip of up to 30 s at {rate} Hz: check its audio_length_spec.")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if accepted(middle) else (middle, high)
+    return high
+
+
+def _duplicate_ids(ids: list[Any], reasons: list[str], details: list[str]) -> None:
+    """Drops (in place, as duplicate_id) every otherwise kept row whose id an earlier kept row has."""
+    first: dict[Any, int] = {}
+    for index, (row_id, reason) in enumerate(zip(ids, reasons)):
+        if reason or row_id is None:
+            continue
+        if row_id in first:
+            reasons[index] = "duplicate_id"
+            details[index] = f"{ID_COLUMN} {row_id!r} is row {first[row_id]}'s too, which is kept"
+        else:
+            first[row_id] = index
 
 
 def _hours(durations: list[float | None]) -> float:
@@ -158,7 +243,8 @@ def prepare_dataset(
     num_proc: int = 1,
     min_duration: float = 0.0,
     max_duration: float = 30.0,
-    target_rate: int = 16000,
+    target_rate: int | None = None,
+    processor: Any = None,
     audio_column: str = "audio",
     text_column: str = "text",
     task: str = "asr",
@@ -170,16 +256,19 @@ def prepare_dataset(
     """Validates every row of a manifest and keeps the good ones.
 
     Each row is checked once, in parallel over `num_proc` processes. A row is dropped with the first reason of
-    `REASONS` that applies: `unreadable` (missing file, undecodable data), `empty` (0 samples, also after resampling
-    to `target_rate`), `too_short` / `too_long` (outside `[min_duration, max_duration]` seconds), `non_finite`
-    (NaN/inf samples); then, when `require_text`, against the row's own task (its `task` column, else `task`):
-    `unknown_task`, `missing_text` (no response text: transcript, translation, answer, continuation or response),
+    `REASONS` that applies: `unreadable` (missing file, directory, link loop, undecodable data), `truncated` (a WAV
+    file holding fewer samples than its header declares), `empty` (0 samples, also after resampling to
+    `target_rate`), `too_short` / `too_long` (outside `[min_duration, max_duration]` seconds), `non_finite` (NaN/inf
+    samples), `too_short_for_encoder` (with `processor`: too short for one audio token); then, when `require_text`,
+    against the row's own task (its `task` column, else `task`): `unknown_task`, `non_string_text` (a field it reads
+    given as a number or other non-string), `missing_text` (no response text: transcript, translation, answer,
+    continuation or response),
     `missing_field` (a field the task's instruction reads, such as `target_language` or `question`) or
     `audio_token_in_text` (one of those fields holds `audio_token`, which the model would read as audio) or
     `special_token_in_text` (one holds another of `special_tokens`, which the tokenizer would read as a control
     token, such as an end of turn inside a transcript). Every row is
-    checked against the fields its own task needs, so multi-task manifests keep their ST and QA rows. A bad row never
-    stops the run.
+    checked against the fields its own task needs, so multi-task manifests keep their ST and QA rows. Last, a row
+    whose `id` an earlier kept row has is dropped as `duplicate_id`. A bad row never stops the run.
 
     Args:
         source: Anything `load_manifest` accepts: a jsonl file, a parquet file or folder, or a `datasets.Dataset`.
@@ -189,7 +278,11 @@ def prepare_dataset(
         num_proc: Processes for `Dataset.map`.
         min_duration: Shortest clip kept, in seconds.
         max_duration: Longest clip kept, in seconds.
-        target_rate: The rate the model's feature extractor reads; clips must survive resampling to it.
+        target_rate: The rate the model's feature extractor reads; clips must survive resampling to it. Default: the
+            processor's, else 16000.
+        processor: The model's `SpeechLlmProcessor`: clips too short for its encoder to give one audio token are
+            dropped as `too_short_for_encoder` (`shortest_clip_samples`). Without it, only `min_duration` bounds
+            the shortest clip.
         audio_column: The audio column (path, `{"bytes", "path"}` or `{"array", "sampling_rate"}`).
         text_column: The transcript column of ASR rows.
         task: The task of rows without a `task` column (see `speechllm_hf.data.tasks`).
@@ -207,15 +300,27 @@ def prepare_dataset(
         duration could be read).
 
     Raises:
-        ValueError: If the manifest cannot be loaded (see `load_manifest`), the duration bounds are inconsistent,
-            `task` is unknown, or (without a `task` column) the manifest lacks a column `task` needs.
+        ValueError: If the manifest cannot be loaded (see `load_manifest`) or holds no rows, the duration bounds are
+            inconsistent, `target_rate` is not the processor's, `task` is unknown, or (without a `task` column) the
+            manifest lacks a column `task` needs.
     """
     if not 0 <= min_duration <= max_duration:
         raise ValueError(f"Need 0 <= min_duration <= max_duration; got {min_duration} and {max_duration}.")
+    min_samples = 0
+    if processor is not None:
+        if target_rate not in (None, processor.sampling_rate):
+            raise ValueError(
+                f"target_rate={target_rate} but the processor reads {processor.sampling_rate} Hz: leave target_rate "
+                "out with a processor."
+            )
+        target_rate, min_samples = processor.sampling_rate, shortest_clip_samples(processor)
+    target_rate = target_rate or 16000
     if require_text:
         check_task(task)
         prompts = prompts or PromptConfig.from_file()
     dataset = load_manifest(source, audio_column=audio_column, text_column=None)
+    if len(dataset) == 0:
+        raise ValueError(f"The manifest {describe_source(source)} holds no rows: there is nothing to prepare.")
     if require_text and "task" not in dataset.column_names:
         check_columns(dataset.column_names, [task], prompts, text_column)
     feature = dataset.features[audio_column]
@@ -232,6 +337,7 @@ def prepare_dataset(
             "min_duration": float(min_duration),
             "max_duration": float(max_duration),
             "target_rate": target_rate,
+            "min_samples": min_samples,
             "audio_token": audio_token,
             "special_tokens": [token for token in special_tokens if token != audio_token],
         },
@@ -242,6 +348,8 @@ def prepare_dataset(
     ).with_format(None)
     rows = checked.select_columns([_REASON, _DETAIL, _REF, "duration"]).to_dict()
     reasons, durations = rows[_REASON], rows["duration"]
+    if ID_COLUMN in dataset.column_names:
+        _duplicate_ids(dataset[ID_COLUMN], reasons, rows[_DETAIL])
     kept_indices = [i for i, reason in enumerate(reasons) if not reason]
     dropped = {reason: 0 for reason in REASONS}
     for reason in reasons:
@@ -309,4 +417,4 @@ def load_prepared(output_dir: str | os.PathLike) -> datasets.Dataset:
     return cast_audio_undecoded(datasets.load_from_disk(str(path)))
 
 
-__all__ = ["REASONS", "REPORT_FILE", "describe_source", "prepare_dataset", "load_prepared"]
+__all__ = ["REASONS", "REPORT_FILE", "describe_source", "load_prepared", "prepare_dataset", "shortest_clip_samples"]

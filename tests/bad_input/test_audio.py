@@ -5,7 +5,11 @@ beside it are kept; then property tests over the processor."""
 from __future__ import annotations
 
 import copy
+import io
+import json
+import os
 import re
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -28,9 +32,11 @@ from bad_input.conftest import (
     make_clip,
     write_manifest,
 )
+from speechllm_hf.cli import main
 from speechllm_hf.data import audio_duration, load_audio
 from speechllm_hf.data.collators import SpeechLlmCollator
 from speechllm_hf.preprocessing import prepare_dataset
+from speechllm_hf.preprocessing.prepare import shortest_clip_samples
 
 
 def test_unreadable_file(tmp_path, hubert, pipe):
@@ -295,3 +301,215 @@ def test_processor_properties(model_type, clips, data):
     for text, row in zip(texts, ids):
         expected = sum(next(per_clip) for _ in range(text.count("<audio>")))
         assert int((row == processor.audio_token_id).sum()) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Clips that decode but cannot be trained on, and paths that are not audio files: each is dropped by `prepare` with its
+# own reason and a detail that says what is wrong, and refused by `load_audio` and the processor in the same words.
+
+
+def test_clip_too_short_for_the_encoder(tmp_path, hubert, capsys):
+    """300 samples decode and pass every duration bound, then the processor refuses them (HuBERT's convolutions need
+    400 for one frame): in training that stopped the run. Given the model's processor, prepare drops them."""
+    model, processor = hubert
+    assert shortest_clip_samples(processor) == 400
+    assert shortest_clip_samples(tiny("whisper", "cnn")[1]) == 201  # Whisper's STFT needs over 200
+    with pytest.raises(ValueError, match="too short"):
+        processor(["<audio>"], audio=[clip(1.0)[:399]], sampling_rate=RATE)
+    processor(["<audio>"], audio=[clip(1.0)[:400]], sampling_rate=RATE)
+
+    sf.write(tmp_path / "good.wav", clip(1.0), RATE)
+    sf.write(tmp_path / "blip.wav", clip(1.0)[:300], RATE)
+    sf.write(tmp_path / "blip48k.wav", clip(1.0, rate=48000)[:1000], 48000)  # 333 samples once at 16 kHz
+    sf.write(tmp_path / "edge.wav", clip(1.0)[:400], RATE)
+    names = ("good.wav", "blip.wav", "blip48k.wav", "edge.wav")
+    manifest = write_manifest(tmp_path, [{"audio": str(tmp_path / n), "text": "hi"} for n in names])
+    assert dropped(prepare_dataset(manifest)[1]) == {}  # without the model, nothing tells the encoder's field
+    kept, report = prepare_dataset(manifest, tmp_path / "out", processor=processor)
+    assert dropped(report) == {"too_short_for_encoder": 2}
+    assert [Path(a).name for a in kept["audio"]] == ["good.wav", "edge.wav"]
+    details = [json.loads(line) for line in (tmp_path / "out" / "dropped.jsonl").read_text().splitlines()]
+    assert [(d["index"], d["reason"]) for d in details] == [(1, "too_short_for_encoder"), (2, "too_short_for_encoder")]
+    assert details[0]["detail"] == "300 samples at 16000 Hz; the encoder needs 400 for one audio token"
+    assert SpeechLlmCollator(processor)(kept.to_list())["input_ids"].shape[0] == 2  # what training reads: no error
+
+    with pytest.raises(ValueError, match="target_rate=8000 but the processor reads 16000 Hz"):
+        prepare_dataset(manifest, processor=processor, target_rate=8000)
+
+    # The command reads the processor of a saved model (no weights needed).
+    processor.save_pretrained(tmp_path / "model")
+    assert (
+        main(
+            [
+                "prepare",
+                "--manifest",
+                str(manifest),
+                "--output_dir",
+                str(tmp_path / "cli"),
+                "--model",
+                str(tmp_path / "model"),
+            ]
+        )
+        == 0
+    )
+    assert dropped(json.loads(capsys.readouterr().out)) == {"too_short_for_encoder": 2}
+
+
+def wav_bytes(samples: np.ndarray, subtype: str = "PCM_16") -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, RATE, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+def test_truncated_wav(tmp_path):
+    """A copy cut short: libsndfile reads the part that is there without a word, so the clip looked like a shorter
+    one, whose transcript no longer matches. Only the header's data size tells."""
+    whole = wav_bytes(clip(1.0))
+    (tmp_path / "good.wav").write_bytes(whole)
+    (tmp_path / "cut.wav").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "cut_float.wav").write_bytes(wav_bytes(clip(2.0), "FLOAT")[:-1000])
+    assert sf.info(tmp_path / "cut.wav").frames == len(
+        load_audio(tmp_path / "cut.wav")
+    )  # libsndfile agrees with itself
+    # A header that leaves the length open (0xFFFFFFFF, as streaming writers do) is no claim.
+    streamed = bytearray(whole)
+    streamed[40:44] = (0xFFFFFFFF).to_bytes(4, "little")
+    (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+
+    names = ("cut.wav", "good.wav", "cut_float.wav", "streamed.wav")
+    rows = [{"audio": str(tmp_path / n), "text": "hi"} for n in names]
+    kept, report = prepare_dataset(datasets.Dataset.from_list(rows[:4]), tmp_path / "out")
+    assert dropped(report) == {"truncated": 2} and [Path(a).name for a in kept["audio"]] == [
+        "good.wav",
+        "streamed.wav",
+    ]
+    detail = json.loads((tmp_path / "out" / "dropped.jsonl").read_text().splitlines()[0])["detail"]
+    assert detail == (
+        "the WAV header declares 32000 bytes of samples but the file holds 15978 (0.499 s): the copy was cut short; "
+        "copy or export it again"
+    )
+    # Parquet's {bytes, path} clips are checked the same way.
+    clips = [{"audio": {"bytes": b, "path": "lost.wav"}, "text": t} for b, t in ((whole, "a"), (whole[:-99], "b"))]
+    kept, report = prepare_dataset(datasets.Dataset.from_list(clips))
+    assert dropped(report) == {"truncated": 1} and kept["text"] == ["a"]
+
+
+def test_directory_given_as_audio(tmp_path, hubert, pipe):
+    """A folder (a path column pointing at the clips' folder, or an empty path resolved against the manifest's
+    folder) was 'Format not recognised'."""
+    _, processor = hubert
+    (tmp_path / "clips").mkdir()
+    sf.write(tmp_path / "good.wav", clip(1.0), RATE)
+    message = r"Audio path '.*clips' is a directory, not an audio file\."
+    with pytest.raises(ValueError, match=message):
+        load_audio(tmp_path / "clips")
+    with pytest.raises(ValueError, match=message):
+        processor(["<audio>"], audio=[str(tmp_path / "clips")])
+    with pytest.raises(ValueError, match=message):
+        pipe(str(tmp_path / "clips"))
+    with pytest.raises(ValueError, match=r"Batch row 1 .* is a directory"):
+        SpeechLlmCollator(processor)([{"audio": str(tmp_path / p), "text": "hi"} for p in ("good.wav", "clips")])
+    rows = [{"audio": a, "text": "hi"} for a in ("good.wav", "clips", "")]  # "" is the manifest's own folder
+    kept, report = prepare_dataset(write_manifest(tmp_path, rows), tmp_path / "out")
+    assert dropped(report) == {"unreadable": 2} and [Path(a).name for a in kept["audio"]] == ["good.wav"]
+    details = [json.loads(line)["detail"] for line in (tmp_path / "out" / "dropped.jsonl").read_text().splitlines()]
+    assert all("is a directory, not an audio file" in detail for detail in details), details
+    # An empty path in a dataset (nothing resolves it) says so.
+    with pytest.raises(ValueError, match="The audio path is empty"):
+        load_audio("")
+    kept, report = prepare_dataset(
+        datasets.Dataset.from_list([{"audio": "", "text": "a"}, rows[0] | {"audio": str(tmp_path / "good.wav")}]),
+        tmp_path / "out2",
+    )
+    assert dropped(report) == {"unreadable": 1} and kept.num_rows == 1
+    assert "The audio path is empty" in (tmp_path / "out2" / "dropped.jsonl").read_text()
+
+
+def test_symbolic_link_loop_and_broken_link(tmp_path, hubert):
+    """Both were reported as a missing file ('does not exist'), which sends the user looking for a file that is
+    there, as a link."""
+    _, processor = hubert
+    sf.write(tmp_path / "good.wav", clip(1.0), RATE)
+    (tmp_path / "loop_a.wav").symlink_to(tmp_path / "loop_b.wav")
+    (tmp_path / "loop_b.wav").symlink_to(tmp_path / "loop_a.wav")
+    (tmp_path / "moved.wav").symlink_to(tmp_path / "gone" / "clip.wav")
+    (tmp_path / "linked.wav").symlink_to(tmp_path / "good.wav")  # a working link is a file like any other
+    loop = r"Audio file '.*loop_a\.wav' is a symbolic link loop: it never reaches a file\."
+    broken = r"Audio file '.*moved\.wav' is a broken symbolic link to '.*gone/clip\.wav', which does not exist\."
+    for path, message in ((tmp_path / "loop_a.wav", loop), (tmp_path / "moved.wav", broken)):
+        with pytest.raises(ValueError, match=message):
+            load_audio(path)
+        with pytest.raises(ValueError, match=message):
+            processor(["<audio>"], audio=[str(path)])
+    names = ("loop_a.wav", "good.wav", "moved.wav", "linked.wav")
+    kept, report = prepare_dataset(
+        write_manifest(tmp_path, [{"audio": n, "text": "hi"} for n in names]), tmp_path / "o"
+    )
+    assert dropped(report) == {"unreadable": 2}
+    assert [Path(a).name for a in kept["audio"]] == ["good.wav", "linked.wav"]
+    details = [json.loads(line)["detail"] for line in (tmp_path / "o" / "dropped.jsonl").read_text().splitlines()]
+    assert re.search(loop, details[0]) and re.search(broken, details[1]), details
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file whatever its mode: no permission error to test")
+def test_audio_file_without_read_permission(tmp_path, hubert):
+    """Reported as 'Cannot decode ... System error' (prepare's header read) instead of a permission problem."""
+    _, processor = hubert
+    sf.write(tmp_path / "good.wav", clip(1.0), RATE)
+    sf.write(tmp_path / "locked.wav", clip(1.0), RATE)
+    (tmp_path / "locked.wav").chmod(0)
+    message = r"Audio file '.*locked\.wav' cannot be read: Permission denied\. Make it readable by this user"
+    with pytest.raises(ValueError, match=message):
+        load_audio(tmp_path / "locked.wav")
+    with pytest.raises(ValueError, match=message):
+        processor(["<audio>"], audio=[str(tmp_path / "locked.wav")])
+    rows = [{"audio": n, "text": "hi"} for n in ("good.wav", "locked.wav")]
+    kept, report = prepare_dataset(write_manifest(tmp_path, rows), tmp_path / "out")
+    assert dropped(report) == {"unreadable": 1} and [Path(a).name for a in kept["audio"]] == ["good.wav"]
+    assert re.search(message, (tmp_path / "out" / "dropped.jsonl").read_text())
+
+
+def test_pipe_given_as_audio(tmp_path, hubert):
+    """A named pipe (or a device) as a clip's path: reading it blocked prepare for ever, waiting for a writer."""
+    _, processor = hubert
+    sf.write(tmp_path / "good.wav", clip(1.0), RATE)
+    os.mkfifo(tmp_path / "fifo.wav")
+    message = r"Audio path '.*fifo\.wav' is not a regular file \(a pipe, socket or device\)"
+    with pytest.raises(ValueError, match=message):
+        load_audio(tmp_path / "fifo.wav")
+    with pytest.raises(ValueError, match=r"Audio path '/dev/zero' is not a regular file"):
+        processor(["<audio>"], audio=["/dev/zero"])
+    rows = [{"audio": n, "text": "hi"} for n in ("fifo.wav", "good.wav", "/dev/zero")]
+    kept, report = prepare_dataset(write_manifest(tmp_path, rows))
+    assert dropped(report) == {"unreadable": 2} and [Path(a).name for a in kept["audio"]] == ["good.wav"]
+
+
+def test_row_without_audio(tmp_path, hubert):
+    """`"audio": null` was reported as 'An audio array has no sampling rate'."""
+    _, processor = hubert
+    sf.write(tmp_path / "good.wav", clip(1.0), RATE)
+    message = r"No audio: the clip is null \(a row without audio\?\)"
+    with pytest.raises(ValueError, match=message):
+        load_audio(None)
+    with pytest.raises(ValueError, match=r"Batch row 1 \(no audio\): The row has no audio"):  # as it was
+        SpeechLlmCollator(processor)(
+            [{"audio": str(tmp_path / "good.wav"), "text": "a"}, {"audio": None, "text": "b"}]
+        )
+    rows = [{"audio": None, "text": "a"}, {"audio": "good.wav", "text": "b"}]
+    kept, report = prepare_dataset(write_manifest(tmp_path, rows), tmp_path / "out")
+    assert dropped(report) == {"unreadable": 1} and kept["text"] == ["b"]
+    assert re.search(message, (tmp_path / "out" / "dropped.jsonl").read_text())
+
+
+def test_number_given_as_audio(tmp_path):
+    """An audio column holding numbers (durations, ids: the wrong column) was 'An audio array has no sampling rate'."""
+    sf.write(tmp_path / "good.wav", clip(1.0), RATE)
+    message = r"A clip is a file path, encoded bytes, samples or an audio dict; got the int 3: is the audio column"
+    with pytest.raises(ValueError, match=message):
+        load_audio(3)
+    with pytest.raises(ValueError, match="got the float 2.5"):
+        audio_duration(2.5)
+    rows = [{"audio": 3, "text": "a"}, {"audio": str(tmp_path / "good.wav"), "text": "b"}]
+    kept, report = prepare_dataset(write_manifest(tmp_path, rows), tmp_path / "out")
+    assert dropped(report) == {"unreadable": 1} and kept["text"] == ["b"]
+    assert re.search(message, (tmp_path / "out" / "dropped.jsonl").read_text())

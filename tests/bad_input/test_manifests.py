@@ -8,9 +8,11 @@ import json
 import logging
 import re
 
+import datasets
 import pytest
 import soundfile as sf
 import torch
+import yaml
 from conftest import clip, tiny
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -27,10 +29,12 @@ from bad_input.conftest import (
     make_clip,
     write_manifest,
 )
+from speechllm_hf.cli import main
 from speechllm_hf.data.collators import IGNORE_INDEX, SpeechLlmCollator, special_token_strings
+from speechllm_hf.evaluation.runner import evaluate
 from speechllm_hf.inference import generate_responses
 from speechllm_hf.inference.generate import default_prompts
-from speechllm_hf.preprocessing import prepare_dataset
+from speechllm_hf.preprocessing import load_prepared, prepare_dataset
 
 
 def test_text_with_no_or_too_many_audio_tokens(tmp_path, hubert, pipe):
@@ -193,3 +197,162 @@ def test_collator_properties(rows, tainted, max_length):
     assert collator.num_truncated == truncated
     with torch.no_grad():
         assert torch.isfinite(model(**batch).loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Manifests that cannot be read, and rows whose fields are wrong in a way the report must name. A manifest-level error
+# stops before anything is written: an earlier prepare's output stays as it was.
+
+
+def earlier_output(tmp_path):
+    """An output folder from an earlier, successful prepare run, and its report's text."""
+    sf.write(tmp_path / "good.wav", clip(1.0), RATE)
+    manifest = write_manifest(tmp_path, [{"audio": "good.wav", "text": "kept"}])
+    prepare_dataset(manifest, tmp_path / "out")
+    return tmp_path / "out", (tmp_path / "out" / "report.json").read_text()
+
+
+def test_empty_manifest(tmp_path, capsys):
+    """An empty jsonl raised a bare StopIteration (datasets' split inference), a blank one 'Instruction "train"
+    corresponds to no data!'; an empty parquet file or dataset was prepared into an empty training set."""
+    out, report = earlier_output(tmp_path)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n  \n\n")
+    (tmp_path / "array.json").write_text("[]")
+    empty = datasets.Dataset.from_dict(
+        {"audio": [], "text": []},
+        features=datasets.Features({"audio": datasets.Value("string"), "text": datasets.Value("string")}),
+    )
+    empty.to_parquet(tmp_path / "empty.parquet")
+    for source, message in (
+        (tmp_path / "empty.jsonl", r"Manifest '.*empty\.jsonl' holds no rows: it is empty\."),
+        (tmp_path / "blank.jsonl", r"Manifest '.*blank\.jsonl' holds no rows: it is empty\."),
+        (tmp_path / "array.json", r"Manifest '.*array\.json' holds no rows: it is an empty JSON array\."),
+        (tmp_path / "empty.parquet", r"Manifest '.*empty\.parquet' holds no rows: its parquet data is empty\."),
+        (empty, r"The manifest datasets\.Dataset\(num_rows=0, .* holds no rows"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            prepare_dataset(source, out)
+        assert (out / "report.json").read_text() == report and load_prepared(out)["text"] == ["kept"]
+    assert main(["prepare", "--manifest", str(tmp_path / "empty.jsonl"), "--output_dir", str(out)]) == 2
+    assert re.search(r"speechllm-hf prepare: error: Manifest '.*empty\.jsonl' holds no rows", capsys.readouterr().err)
+
+
+def test_jsonl_with_a_broken_line(tmp_path, capsys):
+    """A broken line (a hand edit, or a writer killed mid-line) was 'An error occurred while generating the dataset',
+    without saying where."""
+    out, report = earlier_output(tmp_path)
+    good = json.dumps({"audio": "good.wav", "text": "fine"})
+    for lines, message in (
+        ([good, "{'audio': 'good.wav'}", good], r"line 2 is not valid JSON \(Expecting property name enclosed in "),
+        ([good, good, '{"audio": "good.wav", "te'], r"line 3 is not valid JSON \(Unterminated string"),
+        ([good, "", '"good.wav"'], r"line 3 holds \"good\.wav\", not a JSON object with an audio field"),
+    ):
+        (tmp_path / "broken.jsonl").write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError, match=r"Manifest '.*broken\.jsonl' " + message):
+            prepare_dataset(tmp_path / "broken.jsonl", out)
+        assert (out / "report.json").read_text() == report
+    assert main(["prepare", "--manifest", str(tmp_path / "broken.jsonl"), "--output_dir", str(out)]) == 2
+    assert "line 3 holds" in capsys.readouterr().err
+    (tmp_path / "broken.jsonl").write_text(good + "\n" + good + "\n")  # mended: every row is there
+    assert prepare_dataset(tmp_path / "broken.jsonl")[1]["kept"] == 2
+
+
+def test_manifest_that_is_not_utf8(tmp_path):
+    """A manifest saved as UTF-16 (Windows editors' 'Unicode') was 'An error occurred while generating the dataset';
+    UTF-8 with a byte-order mark reads as it is."""
+    out, report = earlier_output(tmp_path)
+    row = json.dumps({"audio": "good.wav", "text": "fine"}) + "\n"
+    (tmp_path / "utf16.jsonl").write_text(row, encoding="utf-16")
+    with pytest.raises(
+        ValueError, match=r"Manifest '.*utf16\.jsonl' is not UTF-8 text \(invalid start byte at byte 0\)"
+    ):
+        prepare_dataset(tmp_path / "utf16.jsonl", out)
+    assert (out / "report.json").read_text() == report
+    (tmp_path / "bom.jsonl").write_text(row, encoding="utf-8-sig")
+    assert prepare_dataset(tmp_path / "bom.jsonl")[0]["text"] == ["fine"]
+
+
+def test_duplicate_ids(tmp_path):
+    """Two rows with one id were both kept without a word: generation resumes and evaluation records by id, so one of
+    them would be answered for the other. The first kept row keeps the id; a row whose earlier namesake was dropped is
+    kept."""
+    sf.write(tmp_path / "a.wav", clip(1.0), RATE)
+    rows = [
+        {"id": "utt-1", "audio": "a.wav", "text": "one"},
+        {"id": "utt-2", "audio": "missing.wav", "text": "two"},
+        {"id": "utt-1", "audio": "a.wav", "text": "one again"},
+        {"id": "utt-2", "audio": "a.wav", "text": "two, readable"},
+        {"id": "utt-3", "audio": "a.wav", "text": "three"},
+        {"id": None, "audio": "a.wav", "text": "no id"},
+        {"id": None, "audio": "a.wav", "text": "no id either"},
+        {"id": "utt-1", "audio": "a.wav", "text": "one thrice"},
+    ]
+    kept, report = prepare_dataset(write_manifest(tmp_path, rows), tmp_path / "out")
+    assert dropped(report) == {"unreadable": 1, "duplicate_id": 2}
+    assert kept["text"] == ["one", "two, readable", "three", "no id", "no id either"]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "dropped.jsonl").read_text().splitlines()]
+    assert [(d["index"], d["reason"], d["detail"]) for d in lines[1:]] == [
+        (2, "duplicate_id", "id 'utt-1' is row 0's too, which is kept"),
+        (7, "duplicate_id", "id 'utt-1' is row 0's too, which is kept"),
+    ]
+
+
+def test_text_that_is_not_a_string(tmp_path):
+    """`"text": 123` was dropped as missing_text ('asr row without text 123'): the text is there, in the wrong type."""
+    sf.write(tmp_path / "a.wav", clip(1.0), RATE)
+    rows = [
+        {"audio": "a.wav", "text": 123},
+        {"audio": "a.wav", "text": "words"},
+        {"audio": "a.wav", "text": True},
+        {"audio": "a.wav", "text": None},
+        {"audio": "a.wav", "task": "st", "translation": "Wörter", "target_language": 7},
+        {"audio": "a.wav", "task": "sqa", "question": "Which?", "answer": ["words", "the words"]},  # gold answers
+    ]
+    kept, report = prepare_dataset(write_manifest(tmp_path, rows), tmp_path / "out")
+    assert dropped(report) == {"non_string_text": 3, "missing_text": 1}
+    assert [row["text"] or row["answer"][0] for row in kept] == ["words", "words"]
+    details = [json.loads(line)["detail"] for line in (tmp_path / "out" / "dropped.jsonl").read_text().splitlines()]
+    assert details == [
+        "text 123 is not a string",
+        "text True is not a string",
+        "asr row without text None",
+        "target_language 7 is not a string",
+    ]
+
+
+def test_audio_only_rows(tmp_path, hubert):
+    """Rows with audio and nothing else: `prepare` and the collator say what is missing; an evaluation split of them
+    raised IndexError (its rows without the audio column had no columns, so no rows), and an empty split
+    StopIteration. Every row is now counted as skipped, the other splits scored."""
+    model, processor = hubert
+    sf.write(tmp_path / "a.wav", clip(1.0), RATE)
+    write_manifest(tmp_path, [{"audio": "a.wav"}, {"audio": "a.wav"}])
+    with pytest.raises(ValueError, match=r"asr rows need the column\(s\) \['text'\], which the dataset lacks"):
+        prepare_dataset(tmp_path / "manifest.jsonl")
+    assert prepare_dataset(tmp_path / "manifest.jsonl", require_text=False)[1]["kept"] == 2
+    with pytest.raises(ValueError, match=r"Batch row 0 .* needs non-empty \['text'\]"):
+        SpeechLlmCollator(processor)([{"audio": str(tmp_path / "a.wav")}])
+
+    (tmp_path / "audio_only").mkdir()
+    (tmp_path / "manifest.jsonl").rename(tmp_path / "audio_only" / "test.jsonl")
+    (tmp_path / "a.wav").rename(tmp_path / "audio_only" / "a.wav")
+    (tmp_path / "transcribed").mkdir()
+    sf.write(tmp_path / "transcribed" / "a.wav", clip(1.0), RATE)
+    write_manifest(tmp_path / "transcribed", [{"audio": "a.wav", "text": "hello"}]).rename(
+        tmp_path / "transcribed" / "test.jsonl"
+    )
+    entries = [
+        {name: {"datapath": name, "task": "ASR", "languages": ["en"], "partitions": {"test": {}}}}
+        for name in ("audio_only", "transcribed")
+    ]
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"DATA": entries}))
+    scores = evaluate(model, processor, tmp_path / "cfg.yaml", tmp_path / "results", max_new_tokens=TOKENS)
+    results = scores["results"]["ASR"]["en"]
+    assert results["audio_only/test"]["num_scored"] == 0
+    assert results["audio_only/test"]["skipped"]["missing_fields"] == 2
+    assert results["transcribed/test"]["num_scored"] == 1
+
+    (tmp_path / "audio_only" / "test.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"Manifest '.*audio_only/test\.jsonl' holds no rows"):
+        evaluate(model, processor, tmp_path / "cfg.yaml", tmp_path / "results", max_new_tokens=TOKENS)

@@ -115,15 +115,19 @@ def bad_manifest(tmp_path: Path, make_clip) -> Path:
 
 EXPECTED_DROPPED = {
     "unreadable": 2,
+    "truncated": 0,
     "empty": 1,
     "too_short": 0,
     "too_long": 1,
     "non_finite": 1,
+    "too_short_for_encoder": 0,
     "unknown_task": 0,
+    "non_string_text": 0,
     "missing_text": 1,
     "missing_field": 0,
     "audio_token_in_text": 0,
     "special_token_in_text": 0,
+    "duplicate_id": 0,
 }
 
 

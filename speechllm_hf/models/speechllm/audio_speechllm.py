@@ -6,8 +6,10 @@ the standard library; soxr and soundfile are imported only when resampling or re
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 
@@ -21,13 +23,42 @@ def load_audio_file(path: str | os.PathLike | io.BytesIO) -> tuple[np.ndarray, i
         import soundfile
     except ImportError as err:
         raise ImportError("Reading audio files needs soundfile: `pip install soundfile`.") from err
-    if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
-        raise ValueError(f"Audio file {str(path)!r} does not exist.")
+    if isinstance(path, (str, os.PathLike)):
+        check_audio_file(path)
     try:
         samples, sampling_rate = soundfile.read(path, always_2d=False)
     except Exception as err:  # soundfile raises LibsndfileError, RuntimeError or OSError depending on the case
         raise ValueError(f"Cannot decode audio file {path!r}: {err}") from err
     return samples, sampling_rate
+
+
+def check_audio_file(path: str | os.PathLike) -> None:
+    """Raises a `ValueError` that says why `path` cannot be read as an audio file: an empty path, a missing file, a
+    broken or looping symbolic link, a directory, something other than a regular file (reading a pipe or a device
+    would block or never end) or a file this user may not read."""
+    name = os.fspath(path)
+    if not name:
+        raise ValueError("The audio path is empty: give the clip's file path.")
+    try:
+        mode = os.stat(name).st_mode
+        if stat.S_ISREG(mode):
+            open(name, "rb").close()  # permissions: the stat of a file this user may not read succeeds
+    except FileNotFoundError:
+        if os.path.islink(name):
+            target = os.readlink(name)
+            raise ValueError(
+                f"Audio file {name!r} is a broken symbolic link to {target!r}, which does not exist."
+            ) from None
+        raise ValueError(f"Audio file {name!r} does not exist.") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ValueError(f"Audio file {name!r} is a symbolic link loop: it never reaches a file.") from None
+        hint = " Make it readable by this user (`chmod a+r`)." if isinstance(err, PermissionError) else ""
+        raise ValueError(f"Audio file {name!r} cannot be read: {err.strerror}.{hint}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"Audio path {name!r} is a directory, not an audio file.")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"Audio path {name!r} is not a regular file (a pipe, socket or device): give an audio file.")
 
 
 def resample(waveform: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
@@ -146,4 +177,11 @@ def prepare_waveform(audio, sampling_rate: int | None, target_rate: int, index: 
     return waveform
 
 
-__all__ = ["check_sampling_rate", "load_audio_file", "prepare_waveform", "resample", "to_mono_float32"]
+__all__ = [
+    "check_audio_file",
+    "check_sampling_rate",
+    "load_audio_file",
+    "prepare_waveform",
+    "resample",
+    "to_mono_float32",
+]
