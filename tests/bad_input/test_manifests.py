@@ -323,8 +323,8 @@ def test_text_that_is_not_a_string(tmp_path):
 
 def test_audio_only_rows(tmp_path, hubert):
     """Rows with audio and nothing else: `prepare` and the collator say what is missing; an evaluation split of them
-    raised IndexError (its rows without the audio column had no columns, so no rows), and an empty split
-    StopIteration. Every row is now counted as skipped, the other splits scored."""
+    raised IndexError (its rows without the audio column had no columns, so no rows). Every row is now counted as
+    skipped, the other splits scored."""
     model, processor = hubert
     sf.write(tmp_path / "a.wav", clip(1.0), RATE)
     write_manifest(tmp_path, [{"audio": "a.wav"}, {"audio": "a.wav"}])
@@ -353,6 +353,22 @@ def test_audio_only_rows(tmp_path, hubert):
     assert results["audio_only/test"]["skipped"]["missing_fields"] == 2
     assert results["transcribed/test"]["num_scored"] == 1
 
-    (tmp_path / "audio_only" / "test.jsonl").write_text("")
-    with pytest.raises(ValueError, match=r"Manifest '.*audio_only/test\.jsonl' holds no rows"):
+
+def test_empty_evaluation_split(tmp_path, hubert):
+    """An empty split file raised StopIteration from inside datasets; it is now named, before anything is written."""
+    model, processor = hubert
+    for name, rows in (("empty", []), ("transcribed", [{"audio": "a.wav", "text": "hello"}])):
+        (tmp_path / name).mkdir()
+        sf.write(tmp_path / name / "a.wav", clip(1.0), RATE)
+        (tmp_path / name / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    entries = [
+        {name: {"datapath": name, "task": "ASR", "languages": ["en"], "partitions": {"test": {}}}}
+        for name in ("transcribed", "empty")
+    ]
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"DATA": entries}))
+    with pytest.raises(ValueError, match=r"Manifest '.*empty/test\.jsonl' holds no rows: it is empty\."):
         evaluate(model, processor, tmp_path / "cfg.yaml", tmp_path / "results", max_new_tokens=TOKENS)
+    assert not (tmp_path / "results").exists()
+    (tmp_path / "empty" / "test.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "hi"}) + "\n")
+    scores = evaluate(model, processor, tmp_path / "cfg.yaml", tmp_path / "results", max_new_tokens=TOKENS)
+    assert [group["num_scored"] for group in scores["results"]["ASR"]["en"].values()] == [1, 1]
