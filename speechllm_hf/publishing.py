@@ -67,6 +67,10 @@ def publishable_files(
             holds any other file (a `.env`, a key, a pickled `pytorch_model.bin`, a symbolic link): each is named,
             and none is uploaded unless named in `extra_files`.
     """
+    if not os.path.isdir(folder):
+        raise ValueError(
+            f"{folder} is not a folder: give the folder that save_pretrained (or a training checkpoint) wrote."
+        )
     names = sorted(
         n
         for n in os.listdir(folder)
@@ -83,22 +87,50 @@ def publishable_files(
             f"{folder} holds full model weights ({', '.join(full)}), encoder and LLM included. Publish a "
             "projector-only save instead, or allow full weights explicitly (allow_full_model / --allow_full_model)."
         )
-    refused = {
-        name: "a symbolic link" if os.path.islink(os.path.join(folder, name)) else "not a file this library writes"
-        for name in names
-        if name not in extra_files
-        and (os.path.islink(os.path.join(folder, name)) or not (name in PUBLISHED_FILES or name in full))
-    }
+    refused = {name: why for name in names if (why := _refusal(folder, name, name in extra_files or name in full))}
     if refused:
         listed = "; ".join(f"{name} ({why})" for name, why in refused.items())
         raise ValueError(
             f"{folder} holds files that are not published without being named: {listed}. Nothing was uploaded. "
-            "Move them out of the folder, or name each one to upload (extra_files= / --extra_file NAME)."
+            "Move them out of the folder, or name each one to upload (extra_files= / --extra_file NAME); a link "
+            "or a special file is never uploaded: copy the file itself into the folder."
         )
     missing = [name for name in extra_files if name not in names]
     if missing:
         raise ValueError(f"extra_files names files that {folder} does not hold: {', '.join(missing)}.")
+    _check_readable(folder, [name for name in names if name.endswith(".safetensors")])
     return names
+
+
+def _refusal(folder: str | os.PathLike, name: str, named: bool) -> str | None:
+    """Why `name` may not be uploaded, or None: a link (it may point anywhere, even when named) or a special file
+    (a FIFO would block the upload) never is; another file only when this library writes it or the caller names it."""
+    path = os.path.join(folder, name)
+    if os.path.islink(path):
+        return "a symbolic link"
+    if not os.path.isfile(path):
+        return "not a regular file"
+    return None if named or name in PUBLISHED_FILES else "not a file this library writes"
+
+
+def _check_readable(folder: str | os.PathLike, weights: list[str]) -> None:
+    """A broken weight file would be published and fail every load: its safetensors header must read, and
+    config.json must be a JSON object."""
+    for name in weights:
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt") as file:
+                file.keys()
+        except Exception as err:  # safetensors raises SafetensorError, OSError or ValueError depending on the damage
+            raise ValueError(
+                f"{name} in {folder} cannot be read as safetensors ({err}): save the model again."
+            ) from err
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as file:
+            config = json.load(file)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"config.json in {folder} is not valid JSON ({err}): save the model again.") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json in {folder} holds a {type(config).__name__}, not a config object.")
 
 
 def upload_saved_folder(

@@ -270,3 +270,52 @@ def multi_task_rows(n=4):
             }
         )
     return datasets.Dataset.from_list(rows)
+
+
+def copy_saved(folder: Path, target: Path) -> Path:
+    """A copy of the files of a saved folder, to change without touching the original."""
+    target.mkdir(exist_ok=True)
+    for name in os.listdir(folder):
+        (target / name).write_bytes((folder / name).read_bytes())
+    return target
+
+
+@pytest.fixture
+def hub_commits(monkeypatch):
+    """No network here: HfApi.create_repo and HfApi.create_commit (the one call that uploads) are intercepted and
+    each commit's files are recorded."""
+    from huggingface_hub import HfApi, RepoUrl
+
+    commits = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        commits.append({"repo_id": repo_id, "files": {op.path_in_repo for op in operations}})
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return commits
+
+
+HUB_IDS = {"encoder_name_or_path": "someone/hubert-tiny", "text_name_or_path": "someone/llama-tiny"}
+
+
+def with_hub_ids(folder: Path) -> Path:
+    """The saved backbones are local folders; a folder to publish must name them by Hub ids."""
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **HUB_IDS}))
+    return folder
+
+
+def trainer_of(model, processor, output_dir, **overrides):
+    """A one-step SpeechLlmTrainer on two quickstart clips, saving nothing unless `overrides` say so."""
+    from speechllm_hf.quickstart.corpus import load_split
+    from speechllm_hf.training import SpeechLlmTrainer, SpeechLlmTrainingArguments
+
+    settings = dict(output_dir=str(output_dir), max_steps=1, save_strategy="no", use_cpu=True, report_to="none")
+    return SpeechLlmTrainer(
+        model=model,
+        args=SpeechLlmTrainingArguments(**{**settings, **overrides}),
+        train_dataset=datasets.Dataset.from_list(load_split("train")[:2]),
+        processing_class=processor,
+    )

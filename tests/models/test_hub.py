@@ -4,26 +4,27 @@ import ast
 import json
 import os
 import pickle
-import re
 import shutil
 import sys
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pytest
 import torch
 from conftest import (
     COMPAT_TRANSFORMERS,
+    HUB_IDS,
     REPO,
     SCRIPTS,
     TRANSFORMERS_5,
     clip,
+    copy_saved,
     only_on_transformers_5,
     run_loader,
     run_without_package,
     save_expected_outputs,
     trained_tiny,
+    trainer_of,
 )
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -235,13 +236,6 @@ def test_trainable_backbone_refuses_a_projector_only_save(local_backbones, tmp_p
         model.save_pretrained(tmp_path)
 
 
-def copy_saved(folder: Path, target: Path) -> Path:
-    target.mkdir(exist_ok=True)
-    for name in os.listdir(folder):
-        (target / name).write_bytes((folder / name).read_bytes())
-    return target
-
-
 def test_projector_shape_mismatch_is_explained(saved, tmp_path):
     folder = copy_saved(saved[0], tmp_path / "mismatch")
     config = json.loads((folder / "config.json").read_text())
@@ -335,33 +329,6 @@ def test_lora_adapter_loads_frozen_and_from_safetensors_only(local_backbones, tm
         AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
 
 
-@pytest.fixture
-def hub_commits(monkeypatch):
-    """No network here: HfApi.create_repo and HfApi.create_commit (the one call that uploads) are intercepted and
-    each commit's files are recorded."""
-    from huggingface_hub import HfApi, RepoUrl
-
-    commits = []
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        commits.append({"repo_id": repo_id, "files": {op.path_in_repo for op in operations}})
-        return "commit"
-
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    return commits
-
-
-HUB_IDS = {"encoder_name_or_path": "someone/hubert-tiny", "text_name_or_path": "someone/llama-tiny"}
-
-
-def with_hub_ids(folder: Path) -> Path:
-    """The saved backbones are local folders; a folder to publish must name them by Hub ids."""
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **HUB_IDS}))
-    return folder
-
-
 def test_push_to_hub_sends_exactly_the_saved_files(saved, hub_commits, monkeypatch):
     import yaml
 
@@ -372,90 +339,6 @@ def test_push_to_hub_sends_exactly_the_saved_files(saved, hub_commits, monkeypat
     assert hub_commits == [{"repo_id": "me/tiny-speechllm", "files": set(os.listdir(folder))}]
     card = (folder / "README.md").read_text()
     assert yaml.safe_load(card.split("---")[1])["tags"] == ["speechllm_hf", "speech-llm"]  # valid card metadata
-
-
-def test_publishing_refuses_backbones_named_by_local_folders(saved, hub_commits, tmp_path):
-    from speechllm_hf.cli import main
-
-    folder, _, model, processor = saved
-    with pytest.raises(ValueError, match=r"names the encoder_name_or_path '.*hubert', a local folder.*Hub id"):
-        model.push_to_hub("me/tiny-speechllm", processor=processor)
-    copy = copy_saved(folder, tmp_path / "copy")
-    config = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**config, "encoder_name_or_path": HUB_IDS["encoder_name_or_path"]}))
-    with pytest.raises(ValueError, match=r"names the text_name_or_path '.*llm', a local folder"):
-        main(["push", "--model", str(copy), "--repo_id", "me/ckpt"])
-    assert hub_commits == []
-
-
-def test_pushing_backbones_without_an_id_needs_save_full_model(hub_commits):
-    model, processor = from_preset("tiny")
-    with pytest.raises(ValueError, match="no Hub id to be loaded from .* save_full_model=True"):
-        model.push_to_hub("me/tiny", processor=processor)
-    assert hub_commits == []
-    model.push_to_hub("me/tiny", processor=processor, save_full_model=True)
-    assert "model.safetensors" in hub_commits[0]["files"] and "projector.safetensors" not in hub_commits[0]["files"]
-
-
-def test_cli_push_leaves_training_state_out_and_refuses_full_weights(saved, hub_commits, tmp_path):
-    from speechllm_hf.cli import main
-
-    checkpoint = with_hub_ids(copy_saved(saved[0], tmp_path / "checkpoint-10"))
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "checkpoint_complete.json"):
-        (checkpoint / name).write_bytes(b"state")
-    assert main(["push", "--model", str(checkpoint), "--repo_id", "me/ckpt"]) == 0
-    assert hub_commits[-1]["files"] == set(os.listdir(saved[0]))
-
-    (checkpoint / "model.safetensors").write_bytes(b"weights")
-    with pytest.raises(ValueError, match="holds full model weights"):
-        main(["push", "--model", str(checkpoint), "--repo_id", "me/ckpt"])
-    assert main(["push", "--model", str(checkpoint), "--repo_id", "me/ckpt", "--allow_full_model"]) == 0
-    assert "model.safetensors" in hub_commits[-1]["files"]
-
-
-def test_push_uploads_only_what_the_library_writes(saved, hub_commits, tmp_path):
-    """Issue 18, item 1. The Hub is stood in for by `hub_commits` (HfApi.create_repo / create_commit intercepted,
-    each commit's file list recorded): secrets, a pickled full model, stray adapter files and a symbolic link that
-    leaves the folder are refused by name and nothing is uploaded; a file the user names explicitly goes up."""
-    from speechllm_hf.cli import main
-
-    outside = tmp_path / "outside.txt"
-    outside.write_text("private notes")
-    strays = {
-        ".env": "HF_TOKEN=hf_secret",
-        "id_rsa": "-----BEGIN OPENSSH PRIVATE KEY-----",
-        "pytorch_model.bin": "pickle",
-        "lora/notes.txt": "scratch",
-    }
-    for name, text in strays.items():
-        folder = with_hub_ids(copy_saved(saved[0], tmp_path / name.replace("/", "-")))
-        (folder / name).parent.mkdir(exist_ok=True)
-        (folder / name).write_text(text)
-        with pytest.raises(ValueError, match=rf"{re.escape(name)} \(not a file this library writes\).*Nothing was"):
-            main(["push", "--model", str(folder), "--repo_id", "me/model"])
-    folder = with_hub_ids(copy_saved(saved[0], tmp_path / "link"))
-    (folder / "notes.txt").symlink_to(outside)
-    with pytest.raises(ValueError, match=r"notes.txt \(a symbolic link\)"):
-        main(["push", "--model", str(folder), "--repo_id", "me/model"])
-    assert hub_commits == []  # nothing left this machine
-
-    folder = with_hub_ids(copy_saved(saved[0], tmp_path / "named"))
-    (folder / "LICENSE").write_text("Apache-2.0")
-    assert main(["push", "--model", str(folder), "--repo_id", "me/model", "--extra_file", "LICENSE"]) == 0
-    assert hub_commits[-1]["files"] == set(os.listdir(saved[0])) | {"LICENSE"}
-
-
-def trainer_of(model, processor, output_dir, **overrides):
-    from speechllm_hf.quickstart.corpus import load_split
-    from speechllm_hf.training import SpeechLlmTrainer, SpeechLlmTrainingArguments
-
-    settings = dict(output_dir=str(output_dir), max_steps=1, save_strategy="no", use_cpu=True, report_to="none")
-    return SpeechLlmTrainer(
-        model=model,
-        args=SpeechLlmTrainingArguments(**{**settings, **overrides}),
-        train_dataset=datasets.Dataset.from_list(load_split("train")[:2]),
-        processing_class=processor,
-    )
 
 
 def test_trainer_push_uploads_the_projector_only_and_no_training_state(hub_commits, monkeypatch, tmp_path):
@@ -476,12 +359,6 @@ def test_trainer_push_uploads_the_projector_only_and_no_training_state(hub_commi
     saved = set(os.listdir(tmp_path / "projector-only"))
     assert "projector.safetensors" in saved and "model.safetensors" not in saved
     assert hub_commits[-1]["files"] == saved - {"training_args.bin"}
-
-
-def test_trainer_push_to_hub_argument_is_refused(tmp_path):
-    model, processor = from_preset("tiny")
-    with pytest.raises(ValueError, match=r"push_to_hub=True uploads the output folder as it is.*speechllm-hf push"):
-        trainer_of(model, processor, tmp_path, push_to_hub=True, hub_model_id="me/run")
 
 
 def test_hub_folder_imports_only_torch_transformers_and_stdlib():
