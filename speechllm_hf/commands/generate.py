@@ -2,11 +2,14 @@
 
 BLSP's jsonl format: each input line holds `audio` (a path; relative paths resolve against the input file's folder)
 and optionally `instruction` (else `--instruction`, else the prompt file's ASR instruction) and `reference`; every
-field is kept and `response` is added (null, with an `error` field, for a row whose audio is unusable).
+field is kept and `response` is added. A row that cannot be answered (unusable audio or instruction, a prompt too long
+for the model's context, a generation that fails for that row alone) gets `response: null`, an `error` field with the
+reason and its `row` number (from 0), and the others are answered; the summary at the end counts both.
 
 Output rows are written in input order and flushed as soon as the rows before them are done. Rerunning with the same
 files resumes: the rows already in the output file are skipped (a line cut off by a kill is dropped and redone),
-so the finished file equals one uninterrupted run, without duplicates.
+so the finished file equals one uninterrupted run, without duplicates. Error rows count as done: a rerun does not try
+them again (docs/reliability.md says how to retry them).
 """
 
 from __future__ import annotations
@@ -124,11 +127,35 @@ def _instruction(row: dict, default: str | None) -> str | None:
     return row["instruction"] if row.get("instruction") is not None else default
 
 
+def _request(row: dict, base: Path, default_instruction: str | None) -> dict:
+    """The generation request of an input row; a row without audio keeps its own fields, which its error names."""
+    request = {**row, "instruction": _instruction(row, default_instruction)}
+    if row.get("audio") is not None:
+        request["audio"] = _resolve_audio(row["audio"], base)
+    return request
+
+
+def output_problem(input_path: Path, output_path: Path) -> str | None:
+    """Why `output_path` cannot receive the output of `input_path` (None when it can); creates its folder."""
+    if output_path.resolve() == input_path.resolve() or (output_path.exists() and output_path.samefile(input_path)):
+        return (
+            f"--output_file {output_path} is the input file: the output rows would replace the rows being read. "
+            "Choose another --output_file."
+        )
+    if output_path.is_dir():
+        return f"--output_file {output_path} is a folder: give a file path, e.g. {output_path / 'output.jsonl'}."
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"cannot create the folder of --output_file {output_path}: {err}."
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from speechllm_hf.data.tasks import PromptConfig
-    from speechllm_hf.inference.generate import iter_generate
+    from speechllm_hf.inference.generate import GenerationFailedError, iter_generate
 
     input_path, output_path = Path(args.input_file), Path(args.output_file)
     try:
@@ -136,6 +163,12 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, json.JSONDecodeError) as err:
         print(f"speechllm-hf generate: error: cannot read {input_path}: {err}", file=sys.stderr)
         return 2
+    problem = output_problem(input_path, output_path)
+    if problem:
+        print(f"speechllm-hf generate: error: {problem}", file=sys.stderr)
+        return 2
+    # A line that is not a JSON object is a bad row like any other: its error row keeps it under `input`.
+    rows = [row if isinstance(row, dict) else {"input": row} for row in rows]
     done = completed_rows(output_path)
     mismatch = len(done) > len(rows) or any(d.get("audio") != r.get("audio") for d, r in zip(done, rows))
     if mismatch:
@@ -148,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if done:
         logger.info("%s already holds %d of %d rows; generating the rest.", output_path, len(done), len(rows))
     if len(done) == len(rows):
+        print(summary(output_path, done, 0), file=sys.stderr)
         return 0
 
     model, processor = load_model_and_processor(args)
@@ -156,10 +190,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = PromptConfig.from_file(args.prompts)
     base = input_path.resolve().parent
     start = len(done)
-    requests = (
-        {"audio": _resolve_audio(row.get("audio"), base), "instruction": _instruction(row, args.instruction)}
-        for row in rows[start:]
-    )
+    requests = (_request(row, base, args.instruction) for row in rows[start:])
     results = iter_generate(
         model,
         processor,
@@ -170,24 +201,37 @@ def run(args: argparse.Namespace) -> int:
         stop_at_newline=args.stop_at_newline,
         **generation_settings(args),
     )
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    pending, written, errors = {}, start, 0
+    pending, written, new_rows = {}, start, []
     with open(output_path, "a", encoding="utf-8") as out, tqdm(total=len(rows), initial=start, unit="row") as bar:
-        for index, result in results:
-            pending[start + index] = result
-            bar.update()
-            # Rows finish out of order (length sorting): write the done prefix, so a rerun knows where to go on.
-            while written in pending:
-                result = pending.pop(written)
-                row = {**rows[written], "response": result.response}
-                if result.error is not None:
-                    row["error"] = result.error
-                    errors += 1
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                written += 1
-            out.flush()
-    logger.info("%s: %d rows written, %d with unusable audio.", output_path, written - start, errors)
+        try:
+            for index, result in results:
+                pending[start + index] = result
+                bar.update()
+                # Rows finish out of order (length sorting): write the done prefix, so a rerun knows where to go on.
+                while written in pending:
+                    result = pending.pop(written)
+                    row = {**rows[written], "response": result.response}
+                    if result.error is not None:
+                        row.update(error=result.error, row=written)
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    new_rows.append(row)
+                    written += 1
+                out.flush()
+        except (ValueError, GenerationFailedError) as err:  # settings no row can run with, or a failing model
+            print(summary(output_path, done + new_rows, len(new_rows)), file=sys.stderr)
+            print(f"speechllm-hf generate: error: {err}", file=sys.stderr)
+            return 2 if isinstance(err, ValueError) else 1
+    print(summary(output_path, done + new_rows, len(new_rows)), file=sys.stderr)
     return 0
+
+
+def summary(output_path: Path, rows: list[dict], new: int) -> str:
+    """The closing line: rows answered and error rows in the whole output file, and how many this run wrote."""
+    errors = sum("error" in row for row in rows)
+    return (
+        f"speechllm-hf generate: {output_path}: {len(rows) - errors} rows answered, {errors} error rows "
+        f"({new} written by this run; error rows say why in their `error` field)."
+    )
 
 
 __all__ = [

@@ -1,10 +1,12 @@
 """Batched generation: (audio, instruction) requests -> response texts, robust to unusable audio.
 
 Each request's audio is loaded and checked on its own first (unreadable, empty, NaN/inf, too short or too long for
-the encoder), and so is its instruction (which must not hold the audio token): a bad row gets an `error` and never
-reaches a batch. Usable rows are sorted by duration within a window of `sort_window` requests (similar lengths share
-a batch, so little padding is computed), left-padded, generated together, and returned in input order. Greedy
-decoding by default; only the new tokens are decoded.
+the encoder), and so is its instruction (which must not hold the audio token), and its prompt must leave room for
+`max_new_tokens` in the LLM's context: a bad row gets an `error` and never reaches a batch. Usable rows are sorted by
+duration within a window of `sort_window` requests (similar lengths share a batch, so little padding is computed),
+left-padded, generated together, and returned in input order. A batch whose generation fails is generated again row
+by row, so that a row the model cannot answer costs only itself. Greedy decoding by default; only the new tokens are
+decoded.
 
 `stream_generate` yields the text of one request piece by piece with transformers' `TextIteratorStreamer`.
 """
@@ -68,6 +70,60 @@ def _as_request(request: GenerationRequest | dict) -> GenerationRequest:
     if request.get("audio") is None:
         raise ValueError(f"A request needs an 'audio' field; got the fields {sorted(request)}.")
     return GenerationRequest(request["audio"], request.get("instruction"), request.get("sampling_rate"))
+
+
+class GenerationFailedError(RuntimeError):
+    """Every row of a batch failed when generated alone as well: the cause is not one bad row (the model, the device,
+    the settings), so going on would only turn every remaining row into an error."""
+
+
+def context_length(model) -> int | None:
+    """The LLM's context in tokens (`max_position_embeddings`), or None when its config does not say."""
+    return getattr(model.language_model.config, "max_position_embeddings", None)
+
+
+def check_settings(model, config, batch_size: int, sort_window: int | None) -> None:
+    """Refuses batching and generation settings that no row could run with, before any row is read.
+
+    Raises:
+        ValueError: for a `batch_size` or `sort_window` that is not a positive integer, or a `max_new_tokens` that
+            leaves no room for a prompt in the LLM's context.
+    """
+    for name, value in (("batch_size", batch_size), ("sort_window", sort_window)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    context = context_length(model)
+    if context is not None and config.max_new_tokens is not None and config.max_new_tokens >= context:
+        raise ValueError(
+            f"max_new_tokens={config.max_new_tokens} leaves no room for the prompt: the LLM's context is {context} "
+            "tokens (prompt and response together). Ask for fewer new tokens."
+        )
+
+
+def check_prompt_length(model, processor, prompt: str, waveform: np.ndarray, max_new_tokens: int | None) -> None:
+    """Refuses a request whose prompt (instruction and audio tokens) and `max_new_tokens` overflow the LLM's context:
+    the model never saw positions beyond it, and a huge prompt would exhaust memory for the whole batch.
+
+    Raises:
+        ValueError: naming the prompt's length, `max_new_tokens` and the context.
+    """
+    context = context_length(model)
+    if context is None:
+        return
+    inputs = processor(
+        text=prompt,
+        audio=waveform,
+        sampling_rate=processor.sampling_rate,
+        add_special_tokens=False,
+        return_tensors=None,
+    )
+    length = len(inputs["input_ids"][0])
+    if length + (max_new_tokens or 0) > context:
+        raise ValueError(
+            f"The prompt is {length} tokens (instruction, chat template and audio) and max_new_tokens is "
+            f"{max_new_tokens}: together more than the LLM's context of {context} tokens. Shorten the instruction "
+            "or the clip, or ask for fewer new tokens."
+        )
 
 
 @functools.cache
@@ -134,11 +190,16 @@ def iter_generate(
         **generate_kwargs: Generation settings (`max_new_tokens=128`, greedy by default).
 
     Yields:
-        `(index, GenerationResult)` for every request, each exactly once.
+        `(index, GenerationResult)` for every request, each exactly once. A request that cannot be answered (unusable
+        audio or instruction, a prompt too long for the context, a generation that fails for this row alone) gets
+        an `error`, and the others are answered.
+
+    Raises:
+        ValueError: for settings no row could run with (see `check_settings`), before any row is read.
+        GenerationFailedError: when every row of a batch of several also fails alone.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
     config = build_generation_config(model, processor, stop_at_newline=stop_at_newline, **generate_kwargs)
+    check_settings(model, config, batch_size, sort_window)
     prompts = prompts or default_prompts()
     window = sort_window or 32 * batch_size
     numbered = enumerate(requests)
@@ -149,6 +210,7 @@ def iter_generate(
                 request = _as_request(request)
                 waveform = load_request_audio(processor, request)
                 prompt = build_prompt(processor, request.instruction, prompts)
+                check_prompt_length(model, processor, prompt, waveform, config.max_new_tokens)
             except ValueError as err:
                 logger.warning("Request %d skipped: %s", index, err)
                 yield index, GenerationResult(error=str(err))
@@ -157,9 +219,37 @@ def iter_generate(
         ready.sort(key=lambda item: -len(item[2]))  # stable: equal lengths keep their input order
         for start in range(0, len(ready), batch_size):
             batch = ready[start : start + batch_size]
-            texts = generate_texts(model, processor, [p for _, p, _ in batch], [w for _, _, w in batch], config)
-            for (index, _, _), text in zip(batch, texts):
-                yield index, GenerationResult(response=finish_text(text, stop_at_newline))
+            for index, result in _generate_batch(model, processor, batch, config):
+                if result.response is not None:
+                    result.response = finish_text(result.response, stop_at_newline)
+                yield index, result
+
+
+def _generate_batch(model, processor, batch: list, config) -> list[tuple[int, GenerationResult]]:
+    """`(index, result)` of each `(index, prompt, waveform)` in `batch`, the responses untrimmed; when the batch fails,
+    each row is generated alone and a row that fails alone gets the error.
+
+    Raises:
+        GenerationFailedError: when the batch has several rows and each of them fails alone too.
+    """
+    try:
+        texts = generate_texts(model, processor, [p for _, p, _ in batch], [w for _, _, w in batch], config)
+        return [(index, GenerationResult(response=text)) for (index, _, _), text in zip(batch, texts)]
+    except Exception as err:  # noqa: BLE001 - any failure: the rows alone tell whether one of them caused it
+        if len(batch) == 1:
+            logger.warning("Request %d failed: %s: %s", batch[0][0], type(err).__name__, err)
+            return [(batch[0][0], GenerationResult(error=f"generation failed: {type(err).__name__}: {err}"))]
+        logger.warning(
+            "A batch of %d rows failed (%s: %s); generating its rows one by one.", len(batch), type(err).__name__, err
+        )
+        batch_error = err
+    results = [item for row in batch for item in _generate_batch(model, processor, [row], config)]
+    if all(result.error is not None for _, result in results):
+        raise GenerationFailedError(
+            f"A batch of {len(batch)} rows failed, and so did each row alone ({type(batch_error).__name__}: "
+            f"{batch_error}): the cause is not one bad row. Check the model, the device and the generation settings."
+        ) from batch_error
+    return results
 
 
 def generate_responses(
@@ -277,10 +367,14 @@ def stream_generate(
 
 __all__ = [
     "DEFAULT_GENERATE_KWARGS",
+    "GenerationFailedError",
     "GenerationRequest",
     "GenerationResult",
     "build_generation_config",
     "build_prompt",
+    "check_prompt_length",
+    "check_settings",
+    "context_length",
     "default_prompts",
     "finish_text",
     "generate_responses",

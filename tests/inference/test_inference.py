@@ -198,8 +198,8 @@ def test_generate_cli_end_to_end(input_file, tmp_path, model_and_processor):
     rows, out = read_jsonl(input_file), read_jsonl(output_file)
     assert len(out) == len(rows)
     for row, written in zip(rows, out):
-        assert {k: v for k, v in written.items() if k not in ("response", "error")} == row  # all fields kept
-    assert out[6]["response"] is None and "does not exist" in out[6]["error"]
+        assert {k: v for k, v in written.items() if k not in ("response", "error", "row")} == row  # all fields kept
+    assert out[6]["response"] is None and "does not exist" in out[6]["error"] and out[6]["row"] == 6
     assert all("error" not in row and row["response"] for i, row in enumerate(out) if i != 6)
     model, processor = model_and_processor
     requests = [
