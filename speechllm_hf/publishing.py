@@ -26,6 +26,8 @@ from safetensors import safe_open
 from .models.speechllm.hub_speechllm import upload_folder
 from .models.speechllm.loading_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_NAME
 from .training.checkpoints import COMPLETE_MARKER
+from .training.run_lock import LOCK_FILE
+from .training.run_record import RUN_RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ TRAINING_STATE = (
     "trainer_state.json",
     "training_args.bin",
     COMPLETE_MARKER,
+    RUN_RECORD,
+    LOCK_FILE,
 )
 # The files a save of this library writes (model, processor, card) and so publishes. Code files are those of the
 # model folder; tokenizer files those the tokenizers of transformers write, whichever kind the LLM has.

@@ -319,3 +319,62 @@ def trainer_of(model, processor, output_dir, **overrides):
         train_dataset=datasets.Dataset.from_list(load_split("train")[:2]),
         processing_class=processor,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainers of the tiny model, for the training-safety and bad-input tests.
+
+from speechllm_hf.quickstart.corpus import load_split  # noqa: E402
+from speechllm_hf.training import (  # noqa: E402
+    ContinuationTrainer,
+    ContinuationTrainingArguments,
+    ContrastiveTrainer,
+    ContrastiveTrainingArguments,
+    SpeechLlmTrainer,
+    SpeechLlmTrainingArguments,
+)
+
+TRAINERS = {
+    "asr": (SpeechLlmTrainer, SpeechLlmTrainingArguments),
+    "contrastive": (ContrastiveTrainer, ContrastiveTrainingArguments),
+    "continuation": (ContinuationTrainer, ContinuationTrainingArguments),
+}
+
+
+def training_rows(n=16):
+    rows = load_split("train")[:n]
+    for row in rows:
+        row["continuation"] = "and then they go home."  # read by the continuation trainer only
+    return datasets.Dataset.from_list(rows)
+
+
+@pytest.fixture
+def make_trainer(local_backbones):
+    """A trainer of the tiny model with backbones named by folders (so checkpoints hold the projector only), one
+    checkpoint per step, on 16 corpus clips."""
+
+    def make(output_dir, method="asr", trainer_class=None, projector_type="mlp", **overrides):
+        default_class, arguments_class = TRAINERS[method]
+        settings = dict(
+            output_dir=str(output_dir),
+            max_steps=4,
+            per_device_train_batch_size=2,
+            learning_rate=1e-3,
+            **{**CPU_TRAINING, "save_strategy": "steps"},
+            save_steps=1,
+        )
+        torch.manual_seed(0)
+        model, processor = from_preset(
+            "tiny",
+            projector_type=projector_type,
+            encoder_name_or_path=str(local_backbones / "hubert"),
+            text_name_or_path=str(local_backbones / "llm"),
+        )
+        return (trainer_class or default_class)(
+            model=model,
+            args=arguments_class(**{**settings, **overrides}),
+            train_dataset=training_rows(),
+            processing_class=processor,
+        )
+
+    return make

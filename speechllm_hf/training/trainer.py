@@ -11,6 +11,7 @@ weights are not finite (`DivergenceGuard`), checkpoints marked complete once ful
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import defaultdict
@@ -40,6 +41,8 @@ from ..models.speechllm.loading_speechllm import LORA_FOLDER, PROJECTOR_WEIGHTS_
 from .arguments import MIXED_TASK, SpeechLlmTrainingArguments
 from .checkpoints import mark_complete, resolve_resume, unmark
 from .divergence import DivergenceGuard
+from .run_lock import RunLock, check_output_dir
+from .run_record import check_resume, run_record, write_run_record
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +117,7 @@ class SpeechLlmTrainer(Trainer):
     def _check_arguments(self, args) -> None:
         if not isinstance(args, self.arguments_class):
             raise ValueError(f"{type(self).__name__} needs {self.arguments_class.__name__} (at least an output_dir).")
+        check_output_dir(args.output_dir)  # before the Trainer creates it
 
     def default_collator(self, args, processor, llm_attention: str | None, with_task_ids: bool):
         """The collator used when none is given (`collator_from_args`): mixed speech-text sequences for task "mixed",
@@ -161,10 +165,20 @@ class SpeechLlmTrainer(Trainer):
         """`Trainer.train`; `resume_from_checkpoint=True` takes the newest *complete* checkpoint of `output_dir`
         (newer ones whose writing was interrupted are skipped with a warning), and a path must be complete.
 
+        The main process holds `output_dir`'s lock for the run (`run_lock`); a resume must have the arguments that
+        define the run as the checkpoint recorded them (`run_record`).
+
         Raises:
-            ValueError: for a checkpoint path that is incomplete, or `True` when no checkpoint is complete.
+            ValueError: for a checkpoint path that is incomplete, `True` when no checkpoint is complete, or a
+                checkpoint written by a run with other defining arguments (each change named).
+            RuntimeError: when another training run holds `output_dir`.
         """
-        return super().train(resolve_resume(resume_from_checkpoint, self.args.output_dir), *args, **kwargs)
+        with RunLock(self.args.output_dir) if self.args.should_save else contextlib.nullcontext():
+            resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+            self.run_definition = run_record(self)
+            if resume is not None:
+                check_resume(resume, self.run_definition)
+            return super().train(resume, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)
@@ -187,6 +201,7 @@ class SpeechLlmTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # each process has written its RNG state (and shards)
         if not self.args.should_save:
             return
+        write_run_record(folder, getattr(self, "run_definition", None) or run_record(self))
         mark_complete(folder)
         rotate_checkpoints(self, os.path.dirname(folder), limit)
 

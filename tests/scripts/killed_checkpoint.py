@@ -1,7 +1,8 @@
 """Trains the tiny model with a checkpoint every 2 steps and kills itself with SIGKILL (nothing cleans up) half-way
-through writing checkpoint-4: after its projector and optimizer state, before its RNG and trainer state.
+through writing checkpoint-4: after its projector and optimizer state, before its RNG and trainer state. The run is
+the one the tests' `make_trainer` builds (backbones in BACKBONES, no warmup), so that they may resume it.
 
-    python killed_checkpoint.py OUTPUT_DIR
+    python killed_checkpoint.py OUTPUT_DIR BACKBONES
 """
 
 import os
@@ -13,6 +14,7 @@ import torch
 from transformers import Trainer
 
 from speechllm_hf import from_preset
+from speechllm_hf.compat import WARMUP_RATIO_FIELD
 from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training import SpeechLlmTrainer, SpeechLlmTrainingArguments
 
@@ -27,7 +29,12 @@ def killed_at_step_4(self, output_dir):
 
 Trainer._save_rng_state = killed_at_step_4
 torch.manual_seed(0)
-model, processor = from_preset("tiny", projector_type="mlp")
+model, processor = from_preset(
+    "tiny",
+    projector_type="mlp",
+    encoder_name_or_path=os.path.join(sys.argv[2], "hubert"),
+    text_name_or_path=os.path.join(sys.argv[2], "llm"),
+)
 args = SpeechLlmTrainingArguments(
     output_dir=sys.argv[1],
     max_steps=6,
@@ -39,6 +46,8 @@ args = SpeechLlmTrainingArguments(
     disable_tqdm=True,
     report_to="none",
     seed=0,
+    warmup_steps=0,
+    **({"warmup_ratio": 0.0} if WARMUP_RATIO_FIELD else {}),
 )
 trainer = SpeechLlmTrainer(
     model=model,

@@ -12,73 +12,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 import transformers
-from conftest import CPU_TRAINING, SCRIPTS, TRANSFORMERS_5
+from conftest import SCRIPTS, TRAINERS, TRANSFORMERS_5
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
 import speechllm_hf.training.arguments as arguments_module
-from speechllm_hf import from_preset
 from speechllm_hf.commands.train import parse_arguments, resume_argument
-from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training import (
-    ContinuationTrainer,
-    ContinuationTrainingArguments,
-    ContrastiveTrainer,
-    ContrastiveTrainingArguments,
     SpeechLlmTrainer,
     SpeechLlmTrainingArguments,
 )
 from speechllm_hf.training.checkpoints import COMPLETE_MARKER, incomplete_reason, last_complete_checkpoint
 from speechllm_hf.training.divergence import TrainingDivergedError
-
-TRAINERS = {
-    "asr": (SpeechLlmTrainer, SpeechLlmTrainingArguments),
-    "contrastive": (ContrastiveTrainer, ContrastiveTrainingArguments),
-    "continuation": (ContinuationTrainer, ContinuationTrainingArguments),
-}
-
-
-def rows(n=16):
-    rows = load_split("train")[:n]
-    for row in rows:
-        row["continuation"] = "and then they go home."  # read by the continuation trainer only
-    return datasets.Dataset.from_list(rows)
-
-
-@pytest.fixture
-def make_trainer(local_backbones):
-    """A trainer of the tiny model with backbones named by folders (so checkpoints hold the projector only), one
-    checkpoint per step, on 16 corpus clips."""
-
-    def make(output_dir, method="asr", trainer_class=None, **overrides):
-        default_class, arguments_class = TRAINERS[method]
-        settings = dict(
-            output_dir=str(output_dir),
-            max_steps=4,
-            per_device_train_batch_size=2,
-            learning_rate=1e-3,
-            **{**CPU_TRAINING, "save_strategy": "steps"},
-            save_steps=1,
-        )
-        torch.manual_seed(0)
-        model, processor = from_preset(
-            "tiny",
-            projector_type="mlp",
-            encoder_name_or_path=str(local_backbones / "hubert"),
-            text_name_or_path=str(local_backbones / "llm"),
-        )
-        return (trainer_class or default_class)(
-            model=model,
-            args=arguments_class(**{**settings, **overrides}),
-            train_dataset=rows(),
-            processing_class=processor,
-        )
-
-    return make
 
 
 def nan_at_micro_batch(trainer_class, poisoned: int):
@@ -268,9 +216,9 @@ def test_a_truncated_or_unmarked_checkpoint_is_incomplete(tmp_path, make_trainer
     assert last_complete_checkpoint(tmp_path) is None
 
 
-def test_a_checkpoint_killed_half_way_is_never_resumed(tmp_path, monkeypatch, caplog, make_trainer):
+def test_a_checkpoint_killed_half_way_is_never_resumed(tmp_path, monkeypatch, caplog, make_trainer, local_backbones):
     result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "killed_checkpoint.py"), str(tmp_path)],
+        [sys.executable, str(SCRIPTS / "killed_checkpoint.py"), str(tmp_path), str(local_backbones)],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
@@ -278,7 +226,7 @@ def test_a_checkpoint_killed_half_way_is_never_resumed(tmp_path, monkeypatch, ca
     )
     assert result.returncode == -9, result.stderr[-3000:]
     killed = tmp_path / "checkpoint-4"
-    assert {"model.safetensors", "optimizer.pt"} <= set(os.listdir(killed))  # written before the kill
+    assert {"projector.safetensors", "optimizer.pt"} <= set(os.listdir(killed))  # written before the kill
     assert get_last_checkpoint(str(tmp_path)) == str(killed)  # what transformers alone would resume from
     assert incomplete_reason(tmp_path / "checkpoint-2") is None and incomplete_reason(killed) is not None
 
