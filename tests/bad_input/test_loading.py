@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import clip
+from conftest import SCRIPTS, clip, copy_saved, only_on_transformers_5, run_without_package, trained_tiny
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, HubertModel, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, HubertModel, PreTrainedTokenizerFast
 
 from bad_input.conftest import RATE, array_row
 from speechllm_hf import SpeechLlmConfig, SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
@@ -99,3 +101,63 @@ def test_tokenizer_without_a_pad_token(tmp_path, hubert):
     )
     built.save_pretrained(tmp_path / "saved")
     assert AutoTokenizer.from_pretrained(tmp_path / "saved").pad_token == "<unk>"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A processor folder that names code of its own for the tokenizer or the feature extractor (issue 18 item 2).
+
+# Where a tampered folder can name a module for a sub-processor, and the entry that names it.
+PLANTED_ENTRIES = {
+    "tokenizer_config.json": {"AutoTokenizer": ["planted.PlantedTokenizer", None]},
+    "preprocessor_config.json": {"AutoFeatureExtractor": "planted.PlantedFeatureExtractor"},
+    "config.json": {"AutoTokenizer": ["planted.PlantedTokenizer", None]},
+}
+
+
+def plant_code(folder: Path, file_name: str, marker: Path) -> None:
+    """Adds a module to `folder` that writes `marker` when imported, and names it in `file_name`'s auto_map."""
+    (folder / "planted.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PreTrainedTokenizerFast, Wav2Vec2FeatureExtractor\n"
+        "class PlantedTokenizer(PreTrainedTokenizerFast): pass\n"
+        "class PlantedFeatureExtractor(Wav2Vec2FeatureExtractor): pass\n"
+    )
+    saved = json.loads((folder / file_name).read_text())
+    saved["auto_map"] = {**saved.get("auto_map", {}), **PLANTED_ENTRIES[file_name]}
+    (folder / file_name).write_text(json.dumps(saved))
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory, local_backbones):
+    model, processor = trained_tiny(local_backbones)
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    model.save_pretrained(folder, processor=processor)
+    return folder
+
+
+@pytest.mark.parametrize("file_name", PLANTED_ENTRIES)
+def test_the_package_never_runs_sub_processor_code_a_folder_names(saved_folder, tmp_path, file_name):
+    folder = copy_saved(saved_folder, tmp_path / "tampered")
+    plant_code(folder, file_name, tmp_path / "ran")
+    expected = rf"maps its tokenizer or feature extractor to code of its own \({file_name}: .*planted\."
+    with pytest.raises(ValueError, match=expected):
+        SpeechLlmProcessor.from_pretrained(folder)
+    with pytest.raises(ValueError, match=expected):
+        AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert not (tmp_path / "ran").exists()
+    assert isinstance(AutoProcessor.from_pretrained(saved_folder, trust_remote_code=True), SpeechLlmProcessor)
+
+
+@pytest.mark.parametrize("major", [pytest.param("5.x", marks=only_on_transformers_5), "4.57"])
+def test_the_hub_copy_never_runs_sub_processor_code_a_folder_names(saved_folder, tmp_path, major, request):
+    """Without the package, `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` runs the folder's
+    processing_speechllm.py (that is what the flag is for) and nothing else: transformers alone would also import a
+    module that tokenizer_config.json names."""
+    python = sys.executable if major == "5.x" else request.getfixturevalue("compat_python")
+    script = str(SCRIPTS / "foreign_processor_code.py")
+    folder = copy_saved(saved_folder, tmp_path / "tampered")
+    plant_code(folder, "tokenizer_config.json", tmp_path / "ran")
+    report = run_without_package(python, [script, str(folder), str(tmp_path / "ran")], tmp_path)
+    assert not report["ran"] and "maps its tokenizer or feature extractor to code of its own" in report["error"]
+    clean = run_without_package(python, [script, str(saved_folder), str(tmp_path / "ran")], tmp_path)
+    assert clean["error"] is None and not clean["ran"]
