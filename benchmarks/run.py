@@ -84,6 +84,13 @@ BENCHMARKS = (
         smoke={"num_clips": 4, "batch_size": 2, "max_new_tokens": 4},
     ),
     Benchmark(
+        "long_audio_memory",
+        "long_audio",
+        "run",
+        quick={"minutes": [1.0, 3.0]},
+        smoke={"minutes": [0.25, 0.75], "max_new_tokens": 2},
+    ),
+    Benchmark(
         "gpu_training",
         "gpu_training",
         "run",

@@ -70,3 +70,16 @@ def test_goals_are_judged_in_their_direction_and_a_gpu_goal_measured_on_cpu_says
     measured_on_cpu = {"ratio": 6.0, "goal": 5, "higher_is_better": True, "goal_device": "cuda", "device": "cpu"}
     assert runner.verdict(measured_on_cpu) == "pass (goal set for cuda; measured on cpu)"
     assert runner.verdict({"ratio": 9.0, "goal": None, "higher_is_better": True}) == "reported (no goal)"
+
+
+def test_long_audio_benchmark_measures_each_length_in_its_windows(tmp_path):
+    out = tmp_path / "results.json"
+    command = [sys.executable, str(BENCHMARKS / "run.py"), "--smoke", "--only", "long_audio_memory"]
+    completed = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(out.read_text())["long_audio_memory"]
+    assert math.isfinite(result["ratio"]) and result["goal"] == 1.2
+    short, long = result["lengths"]
+    assert (short["minutes"], long["minutes"]) == (0.25, 0.75)
+    assert (short["encoder_windows"], long["encoder_windows"]) == (1, 2)  # 15 s in one window, 45 s in two
+    assert long["audio_tokens"] > 2 * short["audio_tokens"]

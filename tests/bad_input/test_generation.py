@@ -16,8 +16,8 @@ from speechllm_hf.quickstart.corpus import load_split
 
 CLI_MODEL = ["--preset", "tiny", "--projector_type", "cnn", "--seed", "0"]
 TOKENS = 4
-# The tiny LLM's context is 2048 tokens: this instruction alone is longer.
-OVERSIZED = "word " * 3000
+# The tiny LLM's context is 8192 tokens: this instruction alone is longer.
+OVERSIZED = "word " * 9000
 # A row the model fails on in the middle of generation (as an out-of-memory row would): see `failing_on_poison`.
 POISON = "Poisoned instruction."
 
@@ -68,15 +68,15 @@ def test_an_instruction_longer_than_the_context_is_an_error_row(model_and_proces
     results = answers(model, processor, requests, batch_size=3)
     assert results[2].response is None
     assert "tokens (instruction, chat template and audio) and max_new_tokens is 4" in results[2].error
-    assert "more than the LLM's context of 2048 tokens" in results[2].error
+    assert "more than the LLM's context of 8192 tokens" in results[2].error
     assert [r for i, r in enumerate(results) if i != 2] == answers(model, processor, good, batch_size=3)
 
 
 def test_a_prompt_that_fits_only_without_its_new_tokens_is_an_error_row(model_and_processor, dev):
     model, processor = model_and_processor
-    instruction = "word " * 1000  # fits the 2048-token context, but not with 1500 new tokens after it
-    results = answers(model, processor, [{"audio": dev[0]["audio"], "instruction": instruction}], max_new_tokens=1500)
-    assert results[0].response is None and "max_new_tokens is 1500" in results[0].error
+    instruction = "word " * 1000  # fits the 8192-token context, but not with 7500 new tokens after it
+    results = answers(model, processor, [{"audio": dev[0]["audio"], "instruction": instruction}], max_new_tokens=7500)
+    assert results[0].response is None and "max_new_tokens is 7500" in results[0].error
 
 
 def test_max_new_tokens_beyond_the_context_is_refused_before_any_row(model_and_processor, dev, monkeypatch):
@@ -86,7 +86,7 @@ def test_max_new_tokens_beyond_the_context_is_refused_before_any_row(model_and_p
         raise AssertionError("generated with max_new_tokens beyond the context")
 
     monkeypatch.setattr(core, "generate_texts", never)
-    with pytest.raises(ValueError, match=r"max_new_tokens=1000000000 leaves no room .* context is 2048 tokens"):
+    with pytest.raises(ValueError, match=r"max_new_tokens=1000000000 leaves no room .* context is 8192 tokens"):
         generate_responses(model, processor, [{"audio": dev[0]["audio"]}], max_new_tokens=10**9)
 
 
@@ -168,7 +168,7 @@ def bad_rows_file(tmp_path, dev):
 
 BAD = {
     1: "does not exist",
-    3: "more than the LLM's context of 2048 tokens",
+    3: "more than the LLM's context of 8192 tokens",
     5: "A request needs an 'audio' field; got the fields ['id', 'instruction', 'text']",
     7: "A request needs an 'audio' field; got the fields ['input', 'instruction']",
     9: "generation failed: RuntimeError: CUDA out of memory (simulated)",
