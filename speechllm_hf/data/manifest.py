@@ -36,8 +36,28 @@ def cast_audio_undecoded(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset
 
 
-def _resolve(audio: str | None, base: str, column: str) -> dict[str, str | None]:
-    return {column: audio if audio is None or os.path.isabs(audio) else os.path.normpath(os.path.join(base, audio))}
+def _resolve_path(path: str | None, base: str) -> str | None:
+    """`path` against the manifest's folder `base`; absolute paths, URLs and empty paths (reported when read) stay."""
+    if not path or os.path.isabs(path) or "://" in path:
+        return path
+    return os.path.normpath(os.path.join(base, path))
+
+
+def _resolve(audio, base: str, column: str) -> dict:
+    """The row's audio with a relative file path resolved: a path string, or the `path` of an audio dict (a
+    `datasets.Audio` value, a parquet struct) without bytes or samples of its own (those are read instead)."""
+    if isinstance(audio, dict):
+        if audio.get("bytes") is None and audio.get("array") is None and isinstance(audio.get("path"), str):
+            audio = {**audio, "path": _resolve_path(audio["path"], base)}
+        return {column: audio}
+    return {column: _resolve_path(audio, base) if isinstance(audio, str) else audio}
+
+
+def _holds_paths(feature) -> bool:
+    """Whether an audio column's feature can hold file paths: strings, `datasets.Audio`, or structs with a `path`."""
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("string", "large_string")
+    return isinstance(feature, datasets.Audio) or (isinstance(feature, dict) and "path" in feature)
 
 
 def _read_json(path: Path) -> datasets.Dataset:
@@ -130,7 +150,8 @@ def load_manifest(
         text_column: The transcript column, which must exist; `None` when the rows need no text.
 
     Returns:
-        The dataset with every column kept; path strings in the audio column are absolute for file manifests.
+        The dataset with every column kept; for file manifests, relative audio paths (strings, or the `path` of audio
+        dicts and parquet structs without bytes) are resolved against the manifest's folder.
 
     Raises:
         ValueError: If the file does not exist, its type is unknown or the audio or text column is missing.
@@ -149,7 +170,7 @@ def load_manifest(
             )
     dataset = cast_audio_undecoded(dataset)
     feature = dataset.features[audio_column]
-    if base is not None and isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+    if base is not None and _holds_paths(feature):
         dataset = dataset.map(
             _resolve,
             input_columns=audio_column,

@@ -9,6 +9,7 @@ import logging
 import re
 
 import datasets
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import torch
@@ -372,3 +373,36 @@ def test_empty_evaluation_split(tmp_path, hubert):
     (tmp_path / "empty" / "test.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "hi"}) + "\n")
     scores = evaluate(model, processor, tmp_path / "cfg.yaml", tmp_path / "results", max_new_tokens=TOKENS)
     assert [group["num_scored"] for group in scores["results"]["ASR"]["en"].values()] == [1, 1]
+
+
+@pytest.mark.parametrize("layout", ["jsonl_dict", "parquet_struct", "audio_feature"])
+def test_relative_paths_inside_audio_dicts_resolve_against_the_manifest_folder(tmp_path, monkeypatch, layout):
+    """Path strings always did; the `path` of an audio dict, a parquet struct or a `datasets.Audio` value resolved
+    against the working directory instead (issue 18 item 4). Rows holding bytes keep their path as a name."""
+    data = tmp_path / "corpus"
+    (data / "clips").mkdir(parents=True)
+    sf.write(data / "clips" / "a.wav", clip(1.0, seed=1), RATE)
+    flac = data / "clips" / "b.flac"
+    sf.write(flac, clip(1.0, seed=2), RATE)
+    rows = [
+        {"id": "a", "text": "one", "audio": {"path": "clips/a.wav", "bytes": None}},
+        {"id": "b", "text": "two", "audio": {"path": "b.flac", "bytes": flac.read_bytes()}},  # a name only
+        {"id": "c", "text": "three", "audio": {"path": "clips/missing.wav", "bytes": None}},
+    ]
+    if layout == "jsonl_dict":
+        (data / "m.jsonl").write_text(
+            "".join(json.dumps({**r, "audio": {"path": r["audio"]["path"]}}) + "\n" for r in rows[::2])
+        )
+        manifest = data / "m.jsonl"
+    else:
+        dataset = datasets.Dataset.from_list(rows)
+        if layout == "audio_feature":
+            dataset = dataset.cast_column("audio", datasets.Audio(decode=False))
+        # Written with pyarrow: datasets' to_parquet would itself look for the files from the working directory.
+        pq.write_table(dataset.data.table, data / "m.parquet")
+        manifest = data / "m.parquet"
+    monkeypatch.chdir(tmp_path)  # a working directory where clips/a.wav does not exist
+    kept, report = prepare_dataset(str(manifest))
+    assert report["dropped"]["unreadable"] == 1  # the missing clip, whatever the working directory holds
+    assert [row["id"] for row in kept] == (["a"] if layout == "jsonl_dict" else ["a", "b"])
+    assert kept[0]["audio"]["path"] == str(data / "clips" / "a.wav")
