@@ -395,8 +395,8 @@ def test_truncated_wav(tmp_path):
 
 
 def test_directory_given_as_audio(tmp_path, hubert, pipe):
-    """A folder (a path column pointing at the clips' folder, or an empty path resolved against the manifest's
-    folder) was 'Format not recognised'."""
+    """A folder (a path column pointing at the clips' folder) was 'Format not recognised'; an empty path in a
+    manifest was resolved to the manifest's own folder and is now reported as empty."""
     _, processor = hubert
     (tmp_path / "clips").mkdir()
     sf.write(tmp_path / "good.wav", clip(1.0), RATE)
@@ -409,12 +409,12 @@ def test_directory_given_as_audio(tmp_path, hubert, pipe):
         pipe(str(tmp_path / "clips"))
     with pytest.raises(ValueError, match=r"Batch row 1 .* is a directory"):
         SpeechLlmCollator(processor)([{"audio": str(tmp_path / p), "text": "hi"} for p in ("good.wav", "clips")])
-    rows = [{"audio": a, "text": "hi"} for a in ("good.wav", "clips", "")]  # "" is the manifest's own folder
+    rows = [{"audio": a, "text": "hi"} for a in ("good.wav", "clips", "")]
     kept, report = prepare_dataset(write_manifest(tmp_path, rows), tmp_path / "out")
     assert dropped(report) == {"unreadable": 2} and [Path(a).name for a in kept["audio"]] == ["good.wav"]
     details = [json.loads(line)["detail"] for line in (tmp_path / "out" / "dropped.jsonl").read_text().splitlines()]
-    assert all("is a directory, not an audio file" in detail for detail in details), details
-    # An empty path in a dataset (nothing resolves it) says so.
+    assert "is a directory, not an audio file" in details[0] and "The audio path is empty" in details[1], details
+    # An empty path in a dataset says so too.
     with pytest.raises(ValueError, match="The audio path is empty"):
         load_audio("")
     kept, report = prepare_dataset(

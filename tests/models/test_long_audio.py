@@ -68,6 +68,28 @@ def test_75_second_whisper_clip_is_three_windows_with_the_right_audio_token_coun
     assert output.shape[0] == 2
 
 
+@pytest.mark.parametrize("seconds", [75.0, 60.0 + 100 / RATE])  # the second one ends in a 100-sample tail
+def test_whisper_features_of_a_long_clip_are_extracted_window_by_window(seconds, monkeypatch):
+    """The extractor never sees more than one window (its float64 STFT of a whole 10-minute clip took 340 MB), each
+    window's features are those of the window as a clip of its own, and the frames add up to the whole clip's."""
+    _, processor = tiny("whisper", "qformer")
+    extractor, seen = processor.feature_extractor, []
+    extract = type(extractor).__call__
+
+    def recording(self, waveform, *args, **kwargs):
+        seen.append(len(waveform))
+        return extract(self, waveform, *args, **kwargs)
+
+    audio = clip(seconds)
+    monkeypatch.setattr(type(extractor), "__call__", recording)
+    features = processor(["<audio>"], audio=[audio], sampling_rate=RATE, return_tensors="np")["input_features"][0]
+    monkeypatch.undo()
+    assert max(seen) == 30 * RATE and features.shape[-1] == len(audio) // 160
+    for start in range(0, 2 * 30 * RATE, 30 * RATE):
+        window = extractor(audio[start : start + 30 * RATE], sampling_rate=RATE, truncation=False, return_tensors="np")
+        np.testing.assert_allclose(features[:, start // 160 : start // 160 + 3000], window["input_features"][0])
+
+
 @pytest.mark.parametrize("seconds, windows", [(30.0, [3000]), (30.01, [3000, 1])])
 def test_30_and_30_01_second_whisper_clips_both_work(seconds, windows):
     model, processor = tiny("whisper", "cnn")

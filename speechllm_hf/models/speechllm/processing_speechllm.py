@@ -23,7 +23,7 @@ from .compat_speechllm import (
     make_tokenizer_config_portable,
     save_feature_extractor_for_4x,
 )
-from .configuration_speechllm import audio_token_count
+from .configuration_speechllm import audio_token_count, window_settings
 
 logger = logging.get_logger(__name__)
 
@@ -241,6 +241,27 @@ class SpeechLlmProcessor(ProcessorMixin):
                 "memory grow with the clip. Raise the limit (`processor.max_audio_seconds = SECONDS`, "
                 "`speechllm-hf generate --max_audio_seconds SECONDS`) or split the recording."
             )
+        # A spectrogram extractor (Whisper's) works on the whole clip in float64, about 35 MB per minute of audio
+        # for the frames and as much for their spectrum: clips longer than the encoder's window are extracted window
+        # by window, as the model encodes them (and as Whisper's training clips were: each window gets its own
+        # log-mel dynamic range), so that the extractor's memory stays that of one window.
+        hop = getattr(self.feature_extractor, "hop_length", None)
+        window = window_settings(self.audio_length_spec)[0] * hop if hop else len(waveform)
+        if len(waveform) <= window:
+            features = self._extract_window(waveform, index)
+        else:
+            starts = range(0, len(waveform), window)
+            pieces = [self._extract_window(waveform[start : start + window], index) for start in starts[:-1]]
+            features = np.concatenate([*pieces, self._extract_tail(waveform[starts[-1] :], index)], axis=-1)
+        if self.num_audio_tokens(features.shape[-1]) < 1:
+            raise ValueError(
+                f"Audio clip {index} is too short ({len(waveform)} samples at {self.sampling_rate} Hz) "
+                "for the encoder to produce one audio token."
+            )
+        return features
+
+    def _extract_window(self, waveform: np.ndarray, index: int) -> np.ndarray:
+        """Features of one clip, or one window of a long clip, at its real length."""
         # Extracting clip by clip keeps each clip's features independent of the batch (Whisper's STFT edges and
         # wav2vec2's per-clip normalisation would otherwise see the padding). `truncation=False`: Whisper's extractor
         # would otherwise cut clips at 30 s without a word; the model encodes longer clips in windows.
@@ -252,13 +273,14 @@ class SpeechLlmProcessor(ProcessorMixin):
             raise ValueError(
                 f"Audio clip {index} is too short ({len(waveform)} samples) for the feature extractor: {err}"
             ) from err
-        features = extracted[self.feature_extractor.model_input_names[0]][0]
-        if self.num_audio_tokens(features.shape[-1]) < 1:
-            raise ValueError(
-                f"Audio clip {index} is too short ({len(waveform)} samples at {self.sampling_rate} Hz) "
-                "for the encoder to produce one audio token."
-            )
-        return features
+        return extracted[self.feature_extractor.model_input_names[0]][0]
+
+    def _extract_tail(self, waveform: np.ndarray, index: int) -> np.ndarray:
+        """The last window of a long clip, which may be shorter than the extractor's FFT: zero-padded to it, then cut
+        back to the frames its own samples make (the hop divides the window, so the frames add up to the clip's)."""
+        frames = len(waveform) // self.feature_extractor.hop_length
+        padded = np.pad(waveform, (0, max(0, self.feature_extractor.n_fft - len(waveform))))
+        return self._extract_window(padded, index)[..., :frames]
 
     def __call__(
         self,
