@@ -10,8 +10,9 @@
 Batches are right-padded (the mixed ones as the processor pads), and the model derives position ids from the
 attention mask, so the padding side never changes a result. With `padding_free=True` a collator returns the same
 sequences packed into one row instead (`pack_sequences`), as transformers' `DataCollatorWithFlattening` and trl's
-padding-free collators do; the LLM keeps them apart if its attention can (`padding_free_unsupported`).
-`collator_from_args` builds any of them from training arguments.
+padding-free collators do; the LLM keeps them apart if its attention can (`padding_free_unsupported`). With an
+`augmentation` (`data.augmentation.Augmenter`; off by default) a collator perturbs each clip's waveform before feature
+extraction and masks its features after. `collator_from_args` builds any of them from training arguments.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from transformers.utils import is_torch_greater_or_equal
 
 from .audio import audio_ref, load_audio
+from .augmentation import Augmenter, row_key
 from .mixed import cut_audio, mixed_sequence_layout, sample_spans
 from .prompts import continuation_request
 from .tasks import TASKS, PromptConfig, build_turns, fields_holding
@@ -162,10 +164,14 @@ class _Collator:
         padding_free: return packed batches (see `pack_sequences`).
         return_flash_attn_kwargs: with `padding_free`, add the flash-attention sequence boundaries (for an LLM loaded
             with flash attention; its kernels would otherwise derive them from the position ids).
+        augmentation: augment each clip (speed, noise, gain, feature masks), with draws seeded by the row
+            (`row_key`) and the augmenter's epoch; None (the default) leaves the audio as it is. Training batches only:
+            `SpeechLlmTrainer` evaluates with a copy of the collator without it.
     """
 
     padding_free: bool = field(default=False, kw_only=True)
     return_flash_attn_kwargs: bool = field(default=False, kw_only=True)
+    augmentation: Augmenter | None = field(default=None, kw_only=True)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.padded_batch(rows)
@@ -209,6 +215,11 @@ class SpeechLlmCollator(_Collator):
     num_truncated: int = field(default=0, init=False)
 
     def __post_init__(self):
+        if self.use_cached_features and self.augmentation is not None:
+            raise ValueError(
+                "Augmentation changes the encoder's input at every step, so cached encoder features (computed once "
+                "from the clean audio) cannot serve it: drop use_cached_features (feature_cache_dir) or augmentation."
+            )
         self.prompts = self.prompts or PromptConfig.from_file()
         audio_token = self.processor.audio_token
         self.special_tokens = [t for t in special_token_strings(self.processor.tokenizer) if t != audio_token]
@@ -280,6 +291,9 @@ class SpeechLlmCollator(_Collator):
         else:
             rate = self.processor.sampling_rate
             clips = self.each_row(rows, self.load_clip)
+            if self.augmentation is not None:
+                rngs = [self.augmentation.rng(row_key(row, self.audio_column)) for row in rows]
+                clips = self.augmentation.waveforms(clips, rngs)
             try:
                 batch = self.processor(
                     list(prompts),
@@ -296,6 +310,8 @@ class SpeechLlmCollator(_Collator):
                 "input_features": torch.as_tensor(np.asarray(batch["input_features"])),
                 "feature_attention_mask": torch.as_tensor(np.asarray(batch["feature_attention_mask"])),
             }
+            if self.augmentation is not None:
+                audio["input_features"] = self.augmentation.mask_features(**audio, rngs=rngs)
         response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
         sequences, labels = [], []
         for index, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
@@ -354,14 +370,23 @@ class MixedSpeechTextCollator(_Collator):
     def padded_batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         processor, tokenizer = self.processor, self.processor.tokenizer
         rate = processor.sampling_rate
-        texts, clips = [], []
+        texts, clips, rngs = [], [], []
         for row in rows:
             spans = self.spans(row)
             text, _ = mixed_sequence_layout(spans, tokenizer, processor.audio_token)
             waveform = load_audio(row[self.audio_column], target_rate=rate)
-            clips += [cut_audio(waveform, rate, s["start"], s["end"]) for s in spans if s["kind"] == "speech"]
+            row_clips = [cut_audio(waveform, rate, s["start"], s["end"]) for s in spans if s["kind"] == "speech"]
+            if self.augmentation is not None:  # each span its own clip, drawn in turn from the row's generator
+                rngs += [self.augmentation.rng(row_key(row, self.audio_column))] * len(row_clips)
+            clips += row_clips
             texts.append(text)
+        if self.augmentation is not None:
+            clips = self.augmentation.waveforms(clips, rngs)
         batch = dict(processor(texts, audio=clips or None, sampling_rate=rate, add_special_tokens=False))
+        if self.augmentation is not None and clips:
+            batch["input_features"] = self.augmentation.mask_features(
+                batch["input_features"], batch["feature_attention_mask"], rngs
+            )
         batch["labels"] = mixed_labels(batch["input_ids"], batch["attention_mask"], processor.audio_token_id)
         tokens = tokenizer([row[self.text_column] for row in rows], add_special_tokens=False)["input_ids"]
         batch["text_input_ids"], batch["text_attention_mask"] = pad_token_lists(tokens, tokenizer.pad_token_id)
@@ -466,7 +491,8 @@ def collator_from_args(collator_class: type, args, processor, llm_attention: str
     Args:
         collator_class: one of this module's collators.
         args: `SpeechLlmTrainingArguments` (or a subclass): the columns, and for the speech collators the task, prompt
-            file, `max_length` and whether a feature cache is read; `padding_free` for all.
+            file, `max_length` and whether a feature cache is read; `padding_free` and the `augment_*` settings for
+            all.
         processor: the model's `SpeechLlmProcessor`.
         llm_attention: the LLM's attention implementation; a flash attention gets the sequence boundaries of packed
             batches.
@@ -477,6 +503,7 @@ def collator_from_args(collator_class: type, args, processor, llm_attention: str
         "text_column": args.text_column,
         "padding_free": args.padding_free,
         "return_flash_attn_kwargs": args.padding_free and str(llm_attention).startswith("flash_attention_"),
+        "augmentation": Augmenter.from_args(args, processor),
     }
     if issubclass(collator_class, MixedSpeechTextCollator):
         settings["seed"] = args.seed

@@ -10,6 +10,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..compat import WARMUP_RATIO_FIELD
+from ..data.augmentation import AugmentationConfig
 from ..data.tasks import TASKS
 from .lora import LORA_TARGET_MODULES
 
@@ -91,6 +92,46 @@ class SpeechLlmTrainingArguments(TrainingArguments):
             "unchanged, so a fine-tune from its checkpoints does not augment. Excludes a feature cache."
         },
     )
+    # Augmentation of the training clips (data.augmentation), all off by default; draws are seeded by `seed`.
+    augment_speeds: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Speed perturbation: one factor drawn per clip and epoch, e.g. 0.9 1.0 1.1 (resampled with soxr: "
+            "a clip lasts 1/factor as long, tempo and pitch change together)."
+        },
+    )
+    augment_gain_db: list[float] | None = field(
+        default=None, metadata={"help": "Gain: LOW HIGH in dB, one drawn uniformly per clip, e.g. -6 6."}
+    )
+    augment_noise_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Additive noise: a folder of audio files (searched recursively), a random stretch per clip."
+        },
+    )
+    augment_noise_snr_db: list[float] = field(
+        default_factory=lambda: [5.0, 20.0],
+        metadata={"help": "LOW HIGH signal-to-noise ratio in dB of the added noise, drawn uniformly per clip."},
+    )
+    augment_noise_prob: float = field(
+        default=1.0, metadata={"help": "Probability that a clip gets noise (with augment_noise_dir)."}
+    )
+    augment_mask_time_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "SpecAugment time masks on log-mel input features (Whisper encoders): about this share of each "
+            "clip's frames set to 0, in spans of augment_mask_time_length, at least 2 spans (as transformers' "
+            "mask_time_prob)."
+        },
+    )
+    augment_mask_time_length: int = field(default=10, metadata={"help": "Frames per time mask span."})
+    augment_mask_feature_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "SpecAugment frequency masks: about this share of mel bins set to 0 (as mask_feature_prob)."
+        },
+    )
+    augment_mask_feature_length: int = field(default=10, metadata={"help": "Mel bins per frequency mask span."})
     data_subset: float | None = field(
         default=None, metadata={"help": "Train on a random fraction of the data (seeded by `data_seed` or `seed`)."}
     )
@@ -112,6 +153,11 @@ class SpeechLlmTrainingArguments(TrainingArguments):
             )
         if self.encoder_train_mode_augment and self.feature_cache_dir is not None:
             raise ValueError("encoder_train_mode_augment changes the encoder outputs: it excludes a feature cache.")
+        if AugmentationConfig.from_args(self) is not None and self.feature_cache_dir is not None:
+            raise ValueError(
+                "augment_* changes the encoder's input at every step, so it excludes a feature cache (encoded once "
+                "from the clean audio): drop feature_cache_dir or the augment_* flags."
+            )
         if self.data_subset is not None and not 0 < self.data_subset <= 1:
             raise ValueError(f"data_subset must be in (0, 1]; got {self.data_subset}.")
         if self.lora_r < 0:

@@ -58,7 +58,8 @@ def _jsonable(value):
 
 def run_record(trainer) -> dict:
     """The values that define `trainer`'s run: its class, the defining arguments its `args` has, the model's
-    projector and backbones, the instructions its collator prompts with, and the number of training rows."""
+    projector and backbones, the instructions its collator prompts with, its augmentation, and the number of training
+    rows."""
     from dataclasses import asdict
 
     config = trainer.model.config
@@ -73,6 +74,9 @@ def run_record(trainer) -> dict:
     prompts = getattr(trainer.data_collator, "prompts", None)
     if prompts is not None:
         record["prompts"] = asdict(prompts)
+    augmentation = getattr(trainer.data_collator, "augmentation", None)
+    if augmentation is not None:  # only when on, so that records written before augmentation existed still match
+        record["augmentation"] = asdict(augmentation.config)
     dataset = trainer.train_dataset
     record["train_rows"] = len(dataset) if hasattr(dataset, "__len__") else None
     return _jsonable(record)

@@ -6,12 +6,14 @@ length-grouped batches, the encoder-feature cache, projector-only checkpoints th
 scheduler and RNG state are the Trainer's own) and that `load_best_model_at_end` reloads, per-task losses on
 multi-task data, per-loss metrics that subclasses record with `record_metric`, a stop at the first step whose loss or
 weights are not finite (`DivergenceGuard`), checkpoints marked complete once fully written and resumed only then
-(`checkpoints`), and a push of the projector only (`push_to_hub`).
+(`checkpoints`), a push of the projector only (`push_to_hub`), and augmentation of the training clips only, its
+draws following the epoch (`data.augmentation`, off by default).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from collections import defaultdict
@@ -25,6 +27,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from ..compat import TRAINER_ALIGNS_SPECIAL_TOKENS, dataloader_settings, requested_sampling, rotate_checkpoints
+from ..data.augmentation import AugmentationEpoch
 from ..data.collators import (
     IGNORE_INDEX,
     TASK_IDS,
@@ -43,6 +46,7 @@ from .checkpoints import mark_complete, resolve_resume, unmark
 from .divergence import DivergenceGuard
 from .run_lock import RunLock, check_output_dir
 from .run_record import check_resume, run_record, write_run_record
+from .streaming import check_stream
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +59,9 @@ class SpeechLlmTrainer(Trainer):
         args: `SpeechLlmTrainingArguments` (`arguments_class`).
         train_dataset, eval_dataset: `datasets.Dataset`s of rows (audio, text, ...), e.g. from `prepare_dataset`;
             `eval_dataset` may be a dict of them. With `args.feature_cache_dir`, both are encoded once and read from
-            the cache (the evaluation sets under `<feature_cache_dir>/eval` or `eval_<name>`).
+            the cache (the evaluation sets under `<feature_cache_dir>/eval` or `eval_<name>`). `train_dataset` may
+            be a stream (`datasets.IterableDataset`), with `max_steps` and without the options that need map-style
+            data (`training.streaming.check_stream`).
         processing_class: the model's `SpeechLlmProcessor` (saved with every checkpoint).
         data_collator: defaults to `default_collator(...)`, configured from `args` (a `SpeechLlmCollator` adds
             `task_ids` when a dataset has a `task` column, and the trainer then logs `loss_<task>` beside `loss`).
@@ -84,6 +90,7 @@ class SpeechLlmTrainer(Trainer):
         **kwargs,
     ):
         self._check_arguments(args)
+        check_stream(args, train_dataset)
         if args.data_subset is not None and train_dataset is not None:
             train_dataset = subset(train_dataset, args.data_subset, _data_seed(args))
         datasets_by_name = _named_datasets(train_dataset, eval_dataset)
@@ -107,6 +114,8 @@ class SpeechLlmTrainer(Trainer):
         )
         self.divergence_guard = DivergenceGuard(self.accelerator, args.max_skipped_steps)
         self.add_callback(self.divergence_guard)
+        if getattr(data_collator, "augmentation", None) is not None:
+            self.add_callback(AugmentationEpoch(data_collator.augmentation))
 
     if TRAINER_ALIGNS_SPECIAL_TOKENS:
 
@@ -158,6 +167,29 @@ class SpeechLlmTrainer(Trainer):
             "worker_init_fn": partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
         }
         return self.accelerator.prepare(DataLoader(dataset, **params, **dataloader_settings(args)))
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        """The Trainer's evaluation loader, with the collator's augmentation left out (`unaugmented_collator`)."""
+        with self.unaugmented_collator():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset) -> DataLoader:
+        """The Trainer's prediction loader, with the collator's augmentation left out (`unaugmented_collator`)."""
+        with self.unaugmented_collator():
+            return super().get_test_dataloader(test_dataset)
+
+    @contextlib.contextmanager
+    def unaugmented_collator(self):
+        """`data_collator` without its augmentation while a loader is built: evaluation and prediction see the clips
+        as they are, while training batches are augmented."""
+        collator = self.data_collator
+        if getattr(collator, "augmentation", None) is not None:
+            self.data_collator = copy.copy(collator)
+            self.data_collator.augmentation = None
+        try:
+            yield
+        finally:
+            self.data_collator = collator
 
     # ---------------------------------------------------------------------------------------------------------------
 
