@@ -75,13 +75,14 @@ def _duration_reason(duration: float, min_duration: float, max_duration: float) 
 
 def _check_audio(
     audio: Any, min_duration: float, max_duration: float, target_rate: int, min_samples: int
-) -> tuple[str | None, float | None, str]:
-    """(reason or None, duration in seconds or None when unknown, detail) for one clip."""
+) -> tuple[str | None, float | None, str, np.ndarray | None]:
+    """(reason or None, duration in seconds or None when unknown, detail, the clip at `target_rate` when it is
+    kept) for one clip."""
     try:
         duration = audio_duration(audio)
         shortfall = wav_shortfall(audio)
     except Exception as err:  # any failure is this row's problem, never the run's
-        return "unreadable", None, f"{type(err).__name__}: {err}"
+        return "unreadable", None, f"{type(err).__name__}: {err}", None
     if shortfall is not None:
         declared, present = shortfall
         return (
@@ -89,32 +90,35 @@ def _check_audio(
             duration,
             f"the WAV header declares {declared} bytes of samples but the file holds {present} ({duration:.3f} s): "
             "the copy was cut short; copy or export it again",
+            None,
         )
     reason = _duration_reason(duration, min_duration, max_duration)
     if reason is not None:
-        return reason, duration, f"{duration:.3f} s from the header"
+        return reason, duration, f"{duration:.3f} s from the header", None
     try:
         waveform, rate = decode_audio(audio)
     except Exception as err:
-        return "unreadable", duration, f"{type(err).__name__}: {err}"
+        return "unreadable", duration, f"{type(err).__name__}: {err}", None
     # Headers can disagree with the data (truncated files): the decoded length is the one recorded and checked.
     duration = waveform.size / rate
     reason = _duration_reason(duration, min_duration, max_duration)
     if reason is not None:
-        return reason, duration, f"{duration:.3f} s decoded"
+        return reason, duration, f"{duration:.3f} s decoded", None
     if not np.isfinite(waveform).all():
-        return "non_finite", duration, f"{int((~np.isfinite(waveform)).sum())} NaN/inf samples"
+        return "non_finite", duration, f"{int((~np.isfinite(waveform)).sum())} NaN/inf samples", None
     # A clip of a few samples can vanish when resampled: check what the model will actually receive.
-    samples = resample(waveform, rate, target_rate).size
+    resampled = resample(waveform, rate, target_rate)
+    samples = resampled.size
     if samples == 0:
-        return "empty", duration, f"0 samples at {target_rate} Hz"
+        return "empty", duration, f"0 samples at {target_rate} Hz", None
     if samples < min_samples:
         return (
             "too_short_for_encoder",
             duration,
             f"{samples} samples at {target_rate} Hz; the encoder needs {min_samples} for one audio token",
+            None,
         )
-    return None, duration, ""
+    return None, duration, "", resampled
 
 
 def _non_string(value: Any) -> bool:
@@ -168,12 +172,19 @@ def _check_row(
     min_samples: int,
     audio_token: str,
     special_tokens: list[str],
+    keep_decoded: bool = False,
 ) -> dict[str, Any]:
+    """The verdict on one row: its measured `duration`, the reason it is dropped ("" when kept), the detail and how
+    its audio is named; with `keep_decoded`, a kept row's audio becomes the decoded clip at `target_rate` (a stream's
+    rows are checked as they are read, and the collator then decodes nothing twice)."""
     audio = row[audio_column]
-    reason, duration, detail = _check_audio(audio, min_duration, max_duration, target_rate, min_samples)
+    reason, duration, detail, waveform = _check_audio(audio, min_duration, max_duration, target_rate, min_samples)
     if reason is None and prompts is not None:
         reason, detail = _check_fields(row, task, prompts, text_column, audio_token, special_tokens)
-    return {"duration": duration, _REASON: reason or "", _DETAIL: detail, _REF: audio_ref(audio)}
+    checked = {"duration": duration, _REASON: reason or "", _DETAIL: detail, _REF: audio_ref(audio)}
+    if keep_decoded and not reason:
+        checked[audio_column] = {"array": waveform, "sampling_rate": target_rate}
+    return checked
 
 
 def describe_source(source: Any) -> str:
@@ -234,6 +245,52 @@ def _duplicate_ids(ids: list[Any], reasons: list[str], details: list[str]) -> No
 
 def _hours(durations: list[float | None]) -> float:
     return round(sum(d for d in durations if d is not None) / 3600, 6)
+
+
+def row_checks(
+    *,
+    min_duration: float = 0.0,
+    max_duration: float = 30.0,
+    target_rate: int | None = None,
+    processor: Any = None,
+    audio_column: str = "audio",
+    text_column: str = "text",
+    task: str = "asr",
+    prompts: PromptConfig | None = None,
+    require_text: bool = True,
+    audio_token: str = "<audio>",
+    special_tokens: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The settings of the per-row check (`_check_row`'s keywords) from `prepare_dataset`'s arguments of the same
+    names, which it documents.
+
+    Raises:
+        ValueError: If the duration bounds are inconsistent, `target_rate` is not the processor's or `task` is unknown.
+    """
+    if not 0 <= min_duration <= max_duration:
+        raise ValueError(f"Need 0 <= min_duration <= max_duration; got {min_duration} and {max_duration}.")
+    min_samples = 0
+    if processor is not None:
+        if target_rate not in (None, processor.sampling_rate):
+            raise ValueError(
+                f"target_rate={target_rate} but the processor reads {processor.sampling_rate} Hz: leave target_rate "
+                "out with a processor."
+            )
+        target_rate, min_samples = processor.sampling_rate, shortest_clip_samples(processor)
+    if require_text:
+        check_task(task)
+    return {
+        "audio_column": audio_column,
+        "text_column": text_column,
+        "task": task,
+        "prompts": (prompts or PromptConfig.from_file()) if require_text else None,
+        "min_duration": float(min_duration),
+        "max_duration": float(max_duration),
+        "target_rate": target_rate or 16000,
+        "min_samples": min_samples,
+        "audio_token": audio_token,
+        "special_tokens": [token for token in special_tokens if token != audio_token],
+    }
 
 
 def prepare_dataset(
@@ -304,43 +361,31 @@ def prepare_dataset(
             inconsistent, `target_rate` is not the processor's, `task` is unknown, or (without a `task` column) the
             manifest lacks a column `task` needs.
     """
-    if not 0 <= min_duration <= max_duration:
-        raise ValueError(f"Need 0 <= min_duration <= max_duration; got {min_duration} and {max_duration}.")
-    min_samples = 0
-    if processor is not None:
-        if target_rate not in (None, processor.sampling_rate):
-            raise ValueError(
-                f"target_rate={target_rate} but the processor reads {processor.sampling_rate} Hz: leave target_rate "
-                "out with a processor."
-            )
-        target_rate, min_samples = processor.sampling_rate, shortest_clip_samples(processor)
-    target_rate = target_rate or 16000
-    if require_text:
-        check_task(task)
-        prompts = prompts or PromptConfig.from_file()
+    checks = row_checks(
+        min_duration=min_duration,
+        max_duration=max_duration,
+        target_rate=target_rate,
+        processor=processor,
+        audio_column=audio_column,
+        text_column=text_column,
+        task=task,
+        prompts=prompts,
+        require_text=require_text,
+        audio_token=audio_token,
+        special_tokens=special_tokens,
+    )
     dataset = load_manifest(source, audio_column=audio_column, text_column=None)
     if len(dataset) == 0:
         raise ValueError(f"The manifest {describe_source(source)} holds no rows: there is nothing to prepare.")
     if require_text and "task" not in dataset.column_names:
-        check_columns(dataset.column_names, [task], prompts, text_column)
+        check_columns(dataset.column_names, [task], checks["prompts"], text_column)
     feature = dataset.features[audio_column]
     if isinstance(feature, dict) and "array" in feature:
         # Sample arrays read as numpy, not as Python lists of floats: validation runs several times faster.
         dataset = dataset.with_format("numpy", columns=[audio_column], output_all_columns=True)
     checked = dataset.map(
         _check_row,
-        fn_kwargs={
-            "audio_column": audio_column,
-            "text_column": text_column,
-            "task": task,
-            "prompts": prompts if require_text else None,
-            "min_duration": float(min_duration),
-            "max_duration": float(max_duration),
-            "target_rate": target_rate,
-            "min_samples": min_samples,
-            "audio_token": audio_token,
-            "special_tokens": [token for token in special_tokens if token != audio_token],
-        },
+        fn_kwargs=checks,
         num_proc=num_proc if num_proc > 1 else None,
         # Audio files can change behind an unchanged manifest: never reuse an earlier verdict.
         load_from_cache_file=False,
@@ -417,4 +462,12 @@ def load_prepared(output_dir: str | os.PathLike) -> datasets.Dataset:
     return cast_audio_undecoded(datasets.load_from_disk(str(path)))
 
 
-__all__ = ["REASONS", "REPORT_FILE", "describe_source", "load_prepared", "prepare_dataset", "shortest_clip_samples"]
+__all__ = [
+    "row_checks",
+    "REASONS",
+    "REPORT_FILE",
+    "describe_source",
+    "load_prepared",
+    "prepare_dataset",
+    "shortest_clip_samples",
+]

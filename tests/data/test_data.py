@@ -244,7 +244,7 @@ def test_manifest_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no text column 'sentence'"):
         load_manifest(tmp_path / "rows.jsonl", audio_column="path", text_column="sentence")
     (tmp_path / "empty_folder").mkdir()
-    with pytest.raises(ValueError, match="holds no .parquet files"):
+    with pytest.raises(ValueError, match="holds no .parquet or .arrow files, no saved dataset"):
         load_manifest(tmp_path / "empty_folder")
     with pytest.raises(ValueError, match="min_duration <= max_duration"):
         prepare_dataset(tmp_path / "rows.jsonl", min_duration=5, max_duration=1)
