@@ -91,6 +91,13 @@ BENCHMARKS = (
         smoke={"minutes": [0.25, 0.75], "max_new_tokens": 2},
     ),
     Benchmark(
+        "datasets_streaming",
+        "datasets_streaming",
+        "run",
+        quick={"steps": 10},
+        smoke={"rows": 8, "steps": 2, "batch_size": 2, "repeats": 1},
+    ),
+    Benchmark(
         "gpu_training",
         "gpu_training",
         "run",

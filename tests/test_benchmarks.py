@@ -1,5 +1,6 @@
 """benchmarks/run.py: the JSON it writes and its table, on the tiniest sizes (no timing is checked)."""
 
+import argparse
 import json
 import math
 import subprocess
@@ -83,3 +84,14 @@ def test_long_audio_benchmark_measures_each_length_in_its_windows(tmp_path):
     assert (short["minutes"], long["minutes"]) == (0.25, 0.75)
     assert (short["encoder_windows"], long["encoder_windows"]) == (1, 2)  # 15 s in one window, 45 s in two
     assert long["audio_tokens"] > 2 * short["audio_tokens"]
+
+
+def test_datasets_streaming_runs_both_sources_on_the_same_clips(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import datasets_streaming
+
+    args = argparse.Namespace(rows=4, steps=2, batch_size=2, repeats=1, threads=None)
+    result = datasets_streaming.run(args)
+    assert result["goal"] == 0.8 and result["manifest_steps_per_s"] > 0 and result["streaming_steps_per_s"] > 0
+    # 2 steps of 2 rows, read from the 4 streamed rows, all of them kept
+    assert result["stream_report"]["total"] == result["stream_report"]["kept"] >= 4
