@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_source_arguments
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "prepare", help="validate a manifest (decode every clip), drop bad rows with a reason, save dataset + report"
     )
-    parser.add_argument("--manifest", required=True, help="jsonl file, parquet file or folder of parquet files")
+    parser.add_argument(
+        "--manifest", required=True, help="jsonl or parquet file, folder of parquet files, or a datasets source"
+    )
+    add_source_arguments(parser)
     parser.add_argument("--output_dir", required=True, help="gets dataset/, report.json and dropped.jsonl")
     parser.add_argument("--num_proc", type=int, default=1, help="processes validating rows in parallel")
     parser.add_argument("--min_duration", type=float, default=0.0, help="shortest clip kept, in seconds")
@@ -56,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         "text_column",
         "task",
         "require_text",
+        "dataset_config",
+        "split",
     )
 
     def prepare() -> dict:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import add_source_arguments
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from speechllm_hf.presets import PRESETS
@@ -18,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--preset", choices=sorted(PRESETS), help="build a preset instead (tiny: random, offline)")
     # No prompt flags: retrieval feeds the LLM the transcript and the audio tokens alone, without a chat prompt.
     add_arguments(parser, BackboneArguments)
-    parser.add_argument("--manifest", required=True, help="held-out jsonl/parquet manifest with audio and text")
+    parser.add_argument("--manifest", required=True, help="held-out manifest or datasets source, audio and text")
+    add_source_arguments(parser)
     parser.add_argument("--output_dir", required=True, help="where retrieval.json and the heat maps go")
     parser.add_argument("--layers", default="all", help="'all', one index or a comma-separated list")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     import_pyplot()  # the heat maps need the `plots` extra: say so before the model is loaded
     model, processor = load_model_and_processor(args)
-    rows, report = prepare_dataset(args.manifest, text_column=args.text_column)
+    rows, report = prepare_dataset(args.manifest, **flag_values(args, "text_column", "dataset_config", "split"))
     flags = flag_values(args, "layers", "batch_size", "temperature", "text_column", "sink_token")
     results, similarities = evaluate_retrieval(model, processor, rows, **flags)
     write_retrieval_report(

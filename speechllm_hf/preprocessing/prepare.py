@@ -191,7 +191,7 @@ def describe_source(source: Any) -> str:
     """How a report names its input: the resolved path, or the shape of an in-memory dataset."""
     if isinstance(source, datasets.Dataset):
         return f"datasets.Dataset(num_rows={source.num_rows}, columns={source.column_names})"
-    return str(Path(source).resolve())
+    return str(Path(source).resolve()) if Path(source).exists() else str(source)  # a Hub dataset id
 
 
 def shortest_clip_samples(processor: Any) -> int:
@@ -309,6 +309,8 @@ def prepare_dataset(
     require_text: bool = True,
     audio_token: str = "<audio>",
     special_tokens: Sequence[str] = (),
+    dataset_config: str | None = None,
+    split: str | None = None,
 ) -> tuple[datasets.Dataset, dict[str, Any]]:
     """Validates every row of a manifest and keeps the good ones.
 
@@ -328,7 +330,8 @@ def prepare_dataset(
     whose `id` an earlier kept row has is dropped as `duplicate_id`. A bad row never stops the run.
 
     Args:
-        source: Anything `load_manifest` accepts: a jsonl file, a parquet file or folder, or a `datasets.Dataset`.
+        source: Anything `load_manifest` accepts: a jsonl file, a parquet file or folder, a `datasets` source (a
+            saved dataset, an audiofolder, a Hub dataset id or repo folder, ...), or a `datasets.Dataset`.
         output_dir: If given, the kept rows are saved to `output_dir/dataset` (`load_prepared` reads them back),
             the report to `output_dir/report.json` and, when rows were dropped, one line per dropped row (`index`,
             `audio` path or `"<array>"`/`"<bytes>"`, `reason`, `detail`) to `output_dir/dropped.jsonl`.
@@ -349,6 +352,8 @@ def prepare_dataset(
         audio_token: The model's audio placeholder (`SpeechLlmConfig.audio_token`), which row texts must not hold.
         special_tokens: The tokenizer's other special tokens (`special_token_strings(tokenizer)`), which row texts
             must not hold either; `speechllm-hf train` passes the model's.
+        dataset_config: The config of a Hub dataset `source` (`load_manifest`).
+        split: The split of a `source` that has splits (`load_manifest`).
 
     Returns:
         `(kept, report)`: the kept rows, with their audio as given (paths stay paths, arrays stay arrays) and a float
@@ -374,7 +379,9 @@ def prepare_dataset(
         audio_token=audio_token,
         special_tokens=special_tokens,
     )
-    dataset = load_manifest(source, audio_column=audio_column, text_column=None)
+    dataset = load_manifest(
+        source, audio_column=audio_column, text_column=None, dataset_config=dataset_config, split=split
+    )
     if len(dataset) == 0:
         raise ValueError(f"The manifest {describe_source(source)} holds no rows: there is nothing to prepare.")
     if require_text and "task" not in dataset.column_names:

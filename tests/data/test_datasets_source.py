@@ -195,3 +195,12 @@ def test_generation_from_each_source(sources, name, streaming) -> None:
     got = dict(iter_generate(model, processor, ({"audio": row["audio"]} for row in rows), max_new_tokens=3))
     assert {i: r.response for i, r in got.items()} == {i: r.response for i, r in expected.items()}
     assert all(result.error is None for result in got.values())
+
+
+def test_cli_prepare_reads_one_split_of_a_hub_style_folder(sources, tmp_path, capsys) -> None:
+    argv = ["prepare", "--manifest", str(sources["hub"]), "--split", "validation", "--output_dir", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["total"], report["kept"]) == (2, 2) and report["source"] == str(sources["hub"].resolve())
+    assert main([*argv[:3], "--split", "test", "--output_dir", str(tmp_path / "bad")]) == 2
+    assert "no split 'test'; its splits are ['train', 'validation']" in capsys.readouterr().err
