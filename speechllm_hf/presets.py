@@ -254,7 +254,8 @@ def from_preset(
             `ignore_index` go to `SpeechLlmConfig`; anything else (dtype, device_map,
             attn_implementation, quantization_config, token, cache_dir, local_files_only, ...) to
             `SpeechLlmForConditionalGeneration.from_backbones`, which honours dtype and attn_implementation for
-            random tiny backbones too and gives quantization_config to the LLM only.
+            random tiny backbones too and gives quantization_config to the LLM only (encoder_quantization_config
+            to the encoder; see `speechllm_hf.quantization`).
 
     Returns:
         `(model, processor)`.

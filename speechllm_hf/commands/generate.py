@@ -29,12 +29,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     it."""
     from speechllm_hf.presets import PRESETS
 
-    from .model_arguments import BackboneArguments, PromptArguments, add_arguments
+    from .model_arguments import BackboneArguments, PromptArguments, QuantizationArguments, add_arguments
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="saved model folder or Hub id (projector-only or full save)")
     source.add_argument("--preset", choices=sorted(PRESETS), help="build a preset instead (tiny: random, offline)")
-    add_arguments(parser, BackboneArguments, PromptArguments)
+    add_arguments(parser, BackboneArguments, PromptArguments, QuantizationArguments)
     parser.add_argument("--prompts", help="prompt file: default, blsp or a YAML path (user_template, instructions)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights' dtype")

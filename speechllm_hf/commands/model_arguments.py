@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from speechllm_hf.models.speechllm.configuration_speechllm import PROJECTOR_TYPES
 from speechllm_hf.presets import BLSP_CHAT_TEMPLATE, ENCODER_TYPES
+from speechllm_hf.quantization import QUANTIZATION_METHODS, quantization_kwargs
 
 
 @dataclass
@@ -59,11 +60,31 @@ class PromptArguments:
     )
 
 
+@dataclass
+class QuantizationArguments:
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Load the frozen LLM quantized: bnb-8bit / bnb-4bit (bitsandbytes, CUDA; pip install "
+            "bitsandbytes) or quanto-int8 / quanto-int4 (also on the CPU; pip install optimum-quanto). The projector "
+            "keeps its own dtype, and a save records no quantization.",
+            "choices": QUANTIZATION_METHODS,
+        },
+    )
+    quantize_encoder: bool = field(
+        default=False, metadata={"help": "With --quantization: quantize the speech encoder the same way."}
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser, *classes: type) -> None:
-    """Add the fields of these argument dataclasses to `parser` as `--name` flags (default None)."""
+    """Add the fields of these argument dataclasses to `parser` as `--name` flags (default None; switches for
+    booleans, default False)."""
     for cls in classes:
         for spec in dataclasses.fields(cls):
-            parser.add_argument(f"--{spec.name}", **spec.metadata)
+            if spec.type == "bool":
+                parser.add_argument(f"--{spec.name}", action="store_true", **spec.metadata)
+            else:
+                parser.add_argument(f"--{spec.name}", **spec.metadata)
 
 
 def chat_template_text(value: str) -> str:
@@ -80,13 +101,21 @@ def chat_template_text(value: str) -> str:
 
 def load_model_and_processor(args, **kwargs):
     """`(model, processor)`: the saved model `args.model`, else the preset `args.preset` with the backbone flags;
-    then the prompt flags. `kwargs` (dtype, attn_implementation, ...) go to the backbones' `from_pretrained`.
+    then the prompt flags. `kwargs` (dtype, attn_implementation, ...) and the quantization flags go to the
+    backbones' `from_pretrained`.
 
     Raises:
-        SystemExit: for backbone flags given with a saved model, which records its own backbones.
+        SystemExit: for backbone flags given with a saved model, which records its own backbones, and for
+            quantization flags that cannot apply.
     """
     from speechllm_hf import SpeechLlmForConditionalGeneration, SpeechLlmProcessor, from_preset
 
+    try:
+        kwargs.update(
+            quantization_kwargs(getattr(args, "quantization", None), getattr(args, "quantize_encoder", False))
+        )
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     backbones = {spec.name: getattr(args, spec.name, None) for spec in dataclasses.fields(BackboneArguments)}
     if getattr(args, "model", None):
         given = [f"--{name}" for name, value in backbones.items() if value is not None]
@@ -103,4 +132,11 @@ def load_model_and_processor(args, **kwargs):
     return model, processor
 
 
-__all__ = ["BackboneArguments", "PromptArguments", "add_arguments", "chat_template_text", "load_model_and_processor"]
+__all__ = [
+    "BackboneArguments",
+    "PromptArguments",
+    "QuantizationArguments",
+    "add_arguments",
+    "chat_template_text",
+    "load_model_and_processor",
+]

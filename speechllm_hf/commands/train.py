@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from speechllm_hf.presets import PRESETS
 
-from .model_arguments import BackboneArguments, PromptArguments, load_model_and_processor
+from .model_arguments import BackboneArguments, PromptArguments, QuantizationArguments, load_model_and_processor
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ STREAM_REPORT_FILE = "stream_report.json"  # with --streaming: the rows read, ke
 
 
 @dataclass
-class ModelArguments(BackboneArguments, PromptArguments):
+class ModelArguments(BackboneArguments, PromptArguments, QuantizationArguments):
     preset: str = field(default="tiny", metadata={"help": f"Preset to build: {', '.join(PRESETS)}."})
     model: str | None = field(default=None, metadata={"help": "A saved model (folder or Hub id) to continue from."})
     attn_implementation: str | None = field(

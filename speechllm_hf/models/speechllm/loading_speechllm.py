@@ -40,6 +40,7 @@ BACKBONE_KWARGS = (
     "offload_folder",
     "attn_implementation",
     "quantization_config",
+    "encoder_quantization_config",
     "low_cpu_mem_usage",
     "token",
     "cache_dir",
@@ -47,6 +48,11 @@ BACKBONE_KWARGS = (
     "force_download",
     "proxies",
 )
+
+
+def quantized_backbones(model) -> list[str]:
+    """The names of the backbones (`encoder`, `language_model`) that were loaded with a `quantization_config`."""
+    return [name for name in ("encoder", "language_model") if getattr(getattr(model, name), "is_quantized", False)]
 
 
 def is_projector_key(name: str) -> bool:
@@ -289,14 +295,33 @@ def load_backbones(config: SpeechLlmConfig, **kwargs) -> tuple[PreTrainedModel, 
     A Hub backbone without a revision is loaded at, and records in `config`, the commit its default branch points to
     now, which every later load of the model then asks for. `quantization_config` goes to the LLM only: quantisation
     is meant to shrink the large LLM, while the small frozen encoder keeps the precision its features were trained
-    in. Under DeepSpeed ZeRO-3 the encoder is built outside `deepspeed.zero.Init` (see `outside_zero3_init`).
+    in unless `encoder_quantization_config` asks otherwise. Under DeepSpeed ZeRO-3 the encoder is built outside
+    `deepspeed.zero.Init` (see `outside_zero3_init`).
+
+    Raises:
+        ValueError: for a quantization config of a backbone that is built randomly (no id): there are no weights
+            to quantize, and dropping the request silently would leave a full-precision model.
     """
+    kwargs = dict(kwargs)
+    encoder_quantization = kwargs.pop("encoder_quantization_config", None)
+    for name, quantization, checkpoint in (
+        ("quantization_config", kwargs.get("quantization_config"), config.text_name_or_path),
+        ("encoder_quantization_config", encoder_quantization, config.encoder_name_or_path),
+    ):
+        if quantization is not None and not checkpoint:
+            raise ValueError(
+                f"{name} was given, but that backbone has no checkpoint to load (its name_or_path is None) and is "
+                "built randomly: quantization applies to loaded weights. Name a checkpoint (encoder_name_or_path / "
+                f"text_name_or_path), or drop {name}."
+            )
     hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only", "proxies") if k in kwargs}
     if config.encoder_name_or_path and config.encoder_revision is None:
         config.encoder_revision = hub_commit(config.encoder_name_or_path, **hub_kwargs)
     if config.text_name_or_path and config.text_revision is None:
         config.text_revision = hub_commit(config.text_name_or_path, **hub_kwargs)
     encoder_kwargs = {k: v for k, v in kwargs.items() if k != "quantization_config"}
+    if encoder_quantization is not None:
+        encoder_kwargs["quantization_config"] = encoder_quantization
     with outside_zero3_init():
         if config.encoder_name_or_path:
             encoder = load_pretrained_encoder(config, **encoder_kwargs)

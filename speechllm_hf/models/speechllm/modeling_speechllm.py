@@ -33,6 +33,7 @@ from .loading_speechllm import (
     load_backbones,
     load_trained_weights,
     projector_only_arguments,
+    quantized_backbones,
     refuse_missing_weights,
     resolve_file,
     resolved_dtype,
@@ -131,7 +132,9 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         (a sub-model whose id is None is built randomly from its config) and whose projector is new, in eval mode.
 
         `kwargs` (dtype, device_map, token, cache_dir, local_files_only, ...) are passed to each backbone's
-        `from_pretrained` (see `load_backbones`; `quantization_config` goes to the LLM only).
+        `from_pretrained` (see `load_backbones`; `quantization_config` goes to the LLM only,
+        `encoder_quantization_config` to the encoder). The projector keeps the dtype asked for (float32 by
+        default) on quantized backbones; a projector-only save records neither quantization config.
         `attn_implementation` (a name for both backbones, or a dict keyed by `"encoder_config"` / `"text_config"`,
         as transformers takes it) is recorded on the config, so that backbones built from config honour it as well
         as loaded ones; a Whisper encoder keeps SDPA when flash attention is asked for (see
@@ -183,6 +186,13 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         if save_full_model and self.has_lora:
             raise ValueError("A full save of a model with a LoRA adapter: call model.merge_lora() first.")
         full_model = save_full_model or not self.references_backbones
+        if full_model and quantized_backbones(self):
+            raise ValueError(
+                f"A full save of a model whose {' and '.join(quantized_backbones(self))} is quantized: its config "
+                "records full-precision backbones, so the quantized weights would not load back. Save the projector "
+                "only (backbones named by id, save_full_model=False), or load the model without "
+                "quantization_config to save every weight."
+            )
         if full_model and not save_full_model:
             logger.warning(
                 "The encoder and/or LLM have no Hub id or folder to be loaded from (config.encoder_name_or_path / "
@@ -256,9 +266,10 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
             pretrained_model_name_or_path: Hub id or local folder.
             config: a `SpeechLlmConfig` to use instead of the saved one.
             **kwargs: `revision`, `token`, `cache_dir`, `local_files_only`, ... locate this repo's files; `dtype`,
-                `device_map`, `attn_implementation`, `quantization_config`, `token`, `cache_dir`,
-                `local_files_only` also go to the backbones (as `from_backbones` describes), which load at the
-                revisions in the config. An `attn_implementation` that `AutoConfig` recorded on `config` counts too.
+                `device_map`, `attn_implementation`, `quantization_config`, `encoder_quantization_config`, `token`,
+                `cache_dir`, `local_files_only` also go to the backbones (as `from_backbones` describes), which load
+                at the revisions in the config. An `attn_implementation` that `AutoConfig` recorded on `config` counts
+                too.
         """
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         if resolve_file(pretrained_model_name_or_path, PROJECTOR_WEIGHTS_NAME, **hub_kwargs) is None:
