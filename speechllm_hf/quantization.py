@@ -7,6 +7,8 @@ and says what to install when one is missing.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 QUANTIZATION_METHODS = ("bnb-8bit", "bnb-4bit", "quanto-int8", "quanto-int4")
@@ -18,6 +20,8 @@ def quantization_config(method: str):
 
     Raises:
         ValueError: for an unknown method, or a bitsandbytes one without CUDA.
+        ImportError: for a bitsandbytes method without bitsandbytes installed (transformers 4.57 would fail on
+            building the config with an unexplained `PackageNotFoundError`).
     """
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"Unknown quantization {method!r}; choose one of {', '.join(QUANTIZATION_METHODS)}.")
@@ -27,6 +31,8 @@ def quantization_config(method: str):
                 f"{method} (bitsandbytes) needs a CUDA GPU and none is available: use quanto-int8 or quanto-int4 on "
                 "the CPU (pip install optimum-quanto)."
             )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError(f"{method} needs bitsandbytes: pip install bitsandbytes (or speechllm_hf[bnb]).")
         from transformers import BitsAndBytesConfig
 
         if method == "bnb-8bit":

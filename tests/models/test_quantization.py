@@ -1,6 +1,7 @@
 """Quantized backbones (issue 20 item 4): optimum-quanto on the CPU stands in for bitsandbytes, which needs CUDA."""
 
 import argparse
+import importlib.util
 import json
 
 import datasets
@@ -85,15 +86,24 @@ def test_a_full_save_of_quantized_backbones_is_refused(local_backbones, tmp_path
     assert not (tmp_path / "full" / "model.safetensors").exists()
 
 
-def test_bitsandbytes_is_refused_clearly_without_cuda(monkeypatch):
+def test_bitsandbytes_is_refused_clearly_without_cuda_or_the_package(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for method in ("bnb-8bit", "bnb-4bit"):
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             quantization_config(method)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    nf4 = quantization_config("bnb-4bit")  # built without importing bitsandbytes
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else find_spec(name))
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        quantization_config("bnb-4bit")
+
+
+def test_bitsandbytes_methods_use_llm_int8_and_qlora_nf4(monkeypatch):
+    pytest.importorskip("bitsandbytes", reason="the CUDA quantization backend, not part of the dev extra")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    nf4 = quantization_config("bnb-4bit")
     assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4" and nf4.bnb_4bit_compute_dtype == torch.bfloat16
-    assert quantization_config("bnb-8bit").load_in_8bit
+    assert nf4.bnb_4bit_use_double_quant and quantization_config("bnb-8bit").load_in_8bit
 
 
 def test_train_flags_quantize_the_llm_and_on_request_the_encoder(local_backbones):
