@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 
 from speechllm_hf.presets import PRESETS
@@ -161,6 +162,7 @@ def load_rows(
     split: str | None = None,
     streaming: bool = False,
     reports: list | None = None,
+    processor=None,
 ):
     """Validate and concatenate manifests; `TASK=PATH` items get a `task` column, ST rows the languages given.
 
@@ -168,7 +170,8 @@ def load_rows(
     relying on --target_language is kept and an ST row without a translation is dropped (and counted). Rows whose
     text holds the model's `audio_token`, or another of its tokenizer's `special_tokens`, are dropped too. With
     `streaming`, the rows are an `IterableDataset` validated as they are read, and `reports` gets one
-    `StreamReport` per manifest.
+    `StreamReport` per manifest. With the model's `processor`, clips too short for its encoder are dropped too
+    (`too_short_for_encoder`): they would pass and then stop training at their batch.
     """
     import datasets
 
@@ -200,6 +203,7 @@ def load_rows(
             "require_text": args.task != MIXED_TASK,
             "audio_token": audio_token,
             "special_tokens": special_tokens,
+            "processor": processor,
         }
         if streaming:
             if data_args.shuffle_buffer_size > 0:
@@ -281,6 +285,19 @@ def resume_argument(value: str | bool | None) -> str | bool | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The command; a refusal with a sentence for the user (a bad manifest, a changed resume, a busy output_dir)
+    exits with status 2 and that sentence, its traceback shown with --log_level debug."""
+    from speechllm_hf.training.run_lock import OutputDirInUseError
+
+    try:
+        return train(args)
+    except (ValueError, OutputDirInUseError) as err:
+        logger.debug("speechllm-hf train stopped:", exc_info=True)
+        print(f"speechllm-hf train: error: {err}", file=sys.stderr)
+        return 2
+
+
+def train(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
     from speechllm_hf.data.collators import special_token_strings
@@ -322,9 +339,17 @@ def run(args: argparse.Namespace) -> int:
         split=data_args.split,
         streaming=data_args.streaming,
         reports=reports,
+        processor=processor,
     )
     eval_rows = (
-        load_rows(data_args.eval_manifest, training_args, data_args, *row_checks, split=data_args.eval_split)
+        load_rows(
+            data_args.eval_manifest,
+            training_args,
+            data_args,
+            *row_checks,
+            split=data_args.eval_split,
+            processor=processor,
+        )
         if data_args.eval_manifest
         else None
     )

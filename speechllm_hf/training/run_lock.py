@@ -36,12 +36,16 @@ def check_output_dir(output_dir: str) -> None:
         raise ValueError(f"output_dir {output_dir} {where} a file, not a folder: choose another --output_dir.")
 
 
+class OutputDirInUseError(RuntimeError):
+    """Another training run holds the output folder's lock."""
+
+
 class RunLock:
     """`with RunLock(output_dir):` holds `output_dir/train.lock` for the block.
 
     Raises:
         ValueError: on entry, when `output_dir` is a file (`check_output_dir`).
-        RuntimeError: on entry, when another process holds the lock; the message names it.
+        OutputDirInUseError: on entry, when another process holds the lock; the message names it.
     """
 
     def __init__(self, output_dir: str | os.PathLike):
@@ -63,7 +67,7 @@ class RunLock:
             file.seek(0)
             owner = file.read().strip() or "a process that has not written its name yet"
             file.close()
-            raise RuntimeError(
+            raise OutputDirInUseError(
                 f"{os.path.dirname(self.path)} is in use by another training run ({owner}): two runs on one "
                 "output_dir would interleave their checkpoints. Wait for it to end, or choose another --output_dir."
             ) from None
@@ -86,4 +90,4 @@ class RunLock:
         self.file = None
 
 
-__all__ = ["LOCK_FILE", "RunLock", "check_output_dir"]
+__all__ = ["LOCK_FILE", "OutputDirInUseError", "RunLock", "check_output_dir"]

@@ -9,8 +9,11 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import soundfile as sf
 
+from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training.checkpoints import incomplete_reason, mark_complete
 from speechllm_hf.training.run_lock import LOCK_FILE
 from speechllm_hf.training.run_record import RUN_RECORD
@@ -122,3 +125,35 @@ def test_an_output_dir_that_is_a_file_is_refused_before_training(tmp_path, make_
     with pytest.raises(ValueError, match=rf"output_dir {output_dir} {message}, not a folder"):
         make_trainer(output_dir).train()
     assert file.read_text() == "keep me"
+
+
+def cli_train(manifest, output_dir, *extra):
+    from speechllm_hf.cli import main
+
+    argv = ["train", "--train_manifest", str(manifest), "--max_steps", "1", "--use_cpu", "--report_to", "none"]
+    return main([*argv, "--save_strategy", "no", "--output_dir", str(output_dir), *extra])
+
+
+def test_cli_train_drops_clips_too_short_for_the_encoder(tmp_path, caplog):
+    """They passed `train`'s validation and stopped training at their batch (issue 18 item 5)."""
+    rows = load_split("dev")[:3]
+    sf.write(tmp_path / "blip.wav", np.zeros(200, dtype=np.float32), 16000)  # 12.5 ms: no HuBERT frame
+    rows[1]["audio"] = str(tmp_path / "blip.wav")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with caplog.at_level(logging.INFO, logger="speechllm_hf.commands.train"):
+        assert cli_train(tmp_path / "m.jsonl", tmp_path / "run") == 0
+    report = next(json.loads(r.getMessage().split(": ", 1)[1]) for r in caplog.records if "m.jsonl" in r.getMessage())
+    assert report["kept"] == 2 and report["dropped"]["too_short_for_encoder"] == 1
+
+
+def test_cli_train_refusals_are_a_sentence_and_exit_status_2(other_run, tmp_path, capsys):
+    rows = load_split("dev")[:2]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output_dir, process = other_run
+    assert cli_train(tmp_path / "m.jsonl", output_dir) == 2
+    error = capsys.readouterr().err
+    assert "\nspeechllm-hf train: error: " in error and f'"pid": {process.pid}' in error
+    assert "Traceback" not in error
+    (tmp_path / "file").write_text("")
+    assert cli_train(tmp_path / "m.jsonl", tmp_path / "file") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
