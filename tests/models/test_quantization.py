@@ -7,7 +7,7 @@ import json
 import datasets
 import pytest
 import torch
-from conftest import NO_WARMUP, trainer_of
+from conftest import NO_WARMUP, tiny, trainer_of
 from transformers import HfArgumentParser
 
 from speechllm_hf import SpeechLlmForConditionalGeneration, from_preset
@@ -84,6 +84,15 @@ def test_a_full_save_of_quantized_backbones_is_refused(local_backbones, tmp_path
     with pytest.raises(ValueError, match="language_model is quantized"):
         model.save_pretrained(tmp_path / "full", save_full_model=True)
     assert not (tmp_path / "full" / "model.safetensors").exists()
+
+
+def test_a_full_save_does_not_load_quantized(tmp_path):
+    model, processor = tiny()  # random backbones: saved in full
+    model.save_pretrained(tmp_path / "full", processor=processor)
+    with pytest.raises(ValueError, match="would quantize the projector"):
+        SpeechLlmForConditionalGeneration.from_pretrained(
+            tmp_path / "full", quantization_config=quantization_config("quanto-int8")
+        )
 
 
 def test_bitsandbytes_is_refused_clearly_without_cuda_or_the_package(monkeypatch):

@@ -279,6 +279,13 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
                     f"nor {FULL_WEIGHTS[0]} (a full save): the save or its download is incomplete. Download it "
                     "again, or save the model again."
                 )
+            quantization = [k for k in ("quantization_config", "encoder_quantization_config") if kwargs.get(k)]
+            if quantization:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} is a full save, which loads as one model: {quantization[0]} "
+                    "would quantize the projector with the backbones. Quantized backbones load under a projector-only "
+                    "save (backbones named by id); load this one in full precision, or save its projector only."
+                )
             # A full save: never fall back to a pickled pytorch_model.bin, which can run code when read.
             kwargs["use_safetensors"] = True
             wants_info = kwargs.pop("output_loading_info", False)
