@@ -171,12 +171,12 @@ def test_cli_trains_from_each_source(sources, tmp_path, name, flags) -> None:
         assert report["kept"] == report["total"] >= 4 and report["source"] == str(sources[name])
 
 
-def test_cli_maps_audio_and_text_columns(tmp_path) -> None:
+def test_cli_maps_audio_and_text_columns(tmp_path, capsys) -> None:
     # Not named "hub": datasets caches a local repo folder by its name and its files' mtimes, which can match.
     folder = hub_folder(tmp_path / "renamed_columns", audio_column="speech", text_column="sentence")
     base = [*TRAIN, "--output_dir", str(tmp_path / "run"), "--train_manifest", str(folder), "--max_steps", "1"]
-    with pytest.raises(ValueError, match=r"no audio column 'audio'; its columns are \['speech', 'sentence'\]"):
-        main(base)
+    assert main(base) == 2
+    assert "no audio column 'audio'; its columns are ['speech', 'sentence']" in capsys.readouterr().err
     assert main([*base, "--audio_column", "speech", "--text_column", "sentence", "--split", "validation"]) == 0
 
 
