@@ -111,6 +111,15 @@ def run_without_package(
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model gains nothing from intra-op threads, which oversubscribe the cores under `pytest -n 2`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_clip():
     return clip

@@ -30,13 +30,7 @@ CLI_MODEL = ["--preset", "tiny", "--projector_type", "cnn", "--seed", "0"]
 TOKENS = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model gains nothing from intra-op threads, which oversubscribe the cores under `pytest -n 2`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
