@@ -108,8 +108,10 @@ def test_wasserstein_loss_is_the_hand_written_sinkhorn_of_unit_tokens(tmp_path):
     expected = F.cross_entropy(-distances / 0.1, torch.arange(4))
     expected_grads = torch.autograd.grad(expected, list(model.projector.parameters()))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    # atol as for the loss: the two sum the Sinkhorn iterations in different orders, and one machine's float32 left
+    # one of 40,960 gradient elements 1.5e-6 apart (transformers 4.57), over the 1e-6 this allowed before.
     for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_the_text_branch_is_transcript_tokens_only():
