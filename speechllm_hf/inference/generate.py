@@ -110,14 +110,9 @@ def check_prompt_length(model, processor, prompt: str, waveform: np.ndarray, max
     context = context_length(model)
     if context is None:
         return
-    inputs = processor(
-        text=prompt,
-        audio=waveform,
-        sampling_rate=processor.sampling_rate,
-        add_special_tokens=False,
-        return_tensors=None,
-    )
-    length = len(inputs["input_ids"][0])
+    # The clip's audio tokens follow from its frame count: no need to extract all of a long clip's features here.
+    [text] = processor.expand_audio_placeholders([prompt], [processor.feature_length(waveform)])
+    length = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
     if length + (max_new_tokens or 0) > context:
         raise ValueError(
             f"The prompt is {length} tokens (instruction, chat template and audio) and max_new_tokens is "

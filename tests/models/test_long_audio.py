@@ -68,26 +68,49 @@ def test_75_second_whisper_clip_is_three_windows_with_the_right_audio_token_coun
     assert output.shape[0] == 2
 
 
-@pytest.mark.parametrize("seconds", [75.0, 60.0 + 100 / RATE])  # the second one ends in a 100-sample tail
-def test_whisper_features_of_a_long_clip_are_extracted_window_by_window(seconds, monkeypatch):
-    """The extractor never sees more than one window (its float64 STFT of a whole 10-minute clip took 340 MB), each
-    window's features are those of the window as a clip of its own, and the frames add up to the whole clip's."""
-    _, processor = tiny("whisper", "qformer")
-    extractor, seen = processor.feature_extractor, []
-    extract = type(extractor).__call__
+def extractor_calls(monkeypatch, extractor) -> list[int]:
+    """The lengths of the clips `extractor` is called on from now on (until `monkeypatch.undo()`), in a list."""
+    seen, extract = [], type(extractor).__call__
 
     def recording(self, waveform, *args, **kwargs):
         seen.append(len(waveform))
         return extract(self, waveform, *args, **kwargs)
 
-    audio = clip(seconds)
     monkeypatch.setattr(type(extractor), "__call__", recording)
+    return seen
+
+
+@pytest.mark.parametrize("encoder_type, hop", [("whisper", 160), ("hubert", 1)])
+@pytest.mark.parametrize("seconds", [75.0, 60.0 + 100 / RATE])  # the second one ends in a 100-sample tail
+def test_features_of_a_long_clip_are_extracted_window_by_window(encoder_type, hop, seconds, monkeypatch):
+    """The extractor never sees more than one window (Whisper's float64 STFT of a whole 10-minute clip took 340 MB,
+    wav2vec2's copies of it 180 MB), each window's features are those of the window as a clip of its own (its own
+    log-mel range, or its own mean and variance), and the frames add up to the whole clip's."""
+    _, processor = tiny(encoder_type, "qformer")
+    extractor = processor.feature_extractor
+    seen = extractor_calls(monkeypatch, extractor)
+    audio = clip(seconds)
     features = processor(["<audio>"], audio=[audio], sampling_rate=RATE, return_tensors="np")["input_features"][0]
     monkeypatch.undo()
-    assert max(seen) == 30 * RATE and features.shape[-1] == len(audio) // 160
-    for start in range(0, 2 * 30 * RATE, 30 * RATE):
-        window = extractor(audio[start : start + 30 * RATE], sampling_rate=RATE, truncation=False, return_tensors="np")
-        np.testing.assert_allclose(features[:, start // 160 : start // 160 + 3000], window["input_features"][0])
+    assert max(seen) == 30 * RATE and features.shape[-1] == len(audio) // hop
+    for start in range(0, len(audio), 30 * RATE):
+        piece = audio[start : start + 30 * RATE]
+        if len(piece) < hop:  # Whisper: a 100-sample tail makes no frame (and is below its FFT)
+            continue
+        window = extractor(piece, sampling_rate=RATE, padding="longest", truncation=False, return_tensors="np")
+        expected = window[extractor.model_input_names[0]][0]
+        np.testing.assert_allclose(features[..., start // hop : start // hop + expected.shape[-1]], expected)
+
+
+def test_checking_a_long_clip_before_generating_extracts_one_window(monkeypatch):
+    """`generate` checks each clip on its own before batching it; the check extracts at most one window (a longer
+    clip gives audio tokens in any case), so a long clip's features are computed once, not twice."""
+    model, processor = tiny("whisper", "mlp")
+    seen = extractor_calls(monkeypatch, processor.feature_extractor)
+    audio = clip(75.0)
+    [result] = generate_responses(model, processor, [{"audio": audio, "sampling_rate": RATE}], max_new_tokens=1)
+    assert result.error is None and max(seen) == 30 * RATE
+    assert seen.count(15 * RATE) == 1  # the clip's tail: only the features the model gets cover the whole clip
 
 
 @pytest.mark.parametrize("seconds, windows", [(30.0, [3000]), (30.01, [3000, 1])])

@@ -40,7 +40,7 @@ from .loading_speechllm import (
     save_projector_only,
     saved_generation_config,
 )
-from .modules_speechllm import PROJECTOR_CLASSES, SpeechLlmQFormerProjector, lengths_to_mask
+from .modules_speechllm import PROJECTOR_CLASSES, SpeechLlmQFormerProjector, lengths_to_mask, mask_lengths
 
 # Imported so that transformers copies the pipeline file with the model code: into its module cache when the model
 # is loaded, and into every folder it is saved to (`custom_object_save` copies the model file's relative imports).
@@ -411,7 +411,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         window = self.config.encoder_window
         if input_features.shape[-1] <= window:
             return self._encode_window(input_features, feature_attention_mask)
-        lengths = feature_attention_mask.sum(-1)
+        lengths = mask_lengths(feature_attention_mask)
         encoder_convs = self.config.encoder_convs
         pieces = [[] for _ in range(len(lengths))]
         for start in range(0, int(lengths.max()), window):
@@ -438,7 +438,7 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         # wav2vec2/HuBERT with group norm in the feature encoder (base checkpoints) normalise over time, so padding
         # changes every frame: encode those clips one by one at their true length.
         if getattr(encoder.config, "feat_extract_norm", "layer") == "group" and not bool(mask.all()):
-            lengths = mask.sum(-1)
+            lengths = mask_lengths(mask)
             outputs = [
                 encoder(**{input_name: features[i : i + 1, ..., : int(n)]}).last_hidden_state[0]
                 for i, n in enumerate(lengths)
@@ -457,7 +457,8 @@ class SpeechLlmForConditionalGeneration(SpeechLlmPreTrainedModel, GenerationMixi
         frozen = not _has_trainable(self.encoder)
         with torch.no_grad() if frozen else contextlib.nullcontext():
             hidden_states = self._run_encoder(input_features, feature_attention_mask)  # (B, T', C)
-        return hidden_states, self.encoder_output_lengths(feature_attention_mask.sum(-1).to(hidden_states.device))
+        lengths = mask_lengths(feature_attention_mask).to(hidden_states.device)
+        return hidden_states, self.encoder_output_lengths(lengths)
 
     def get_audio_features(
         self,

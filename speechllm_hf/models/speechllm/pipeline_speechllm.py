@@ -64,7 +64,7 @@ def check_clip(processor, audio, sampling_rate: int | None = None) -> np.ndarray
     """
     waveform = processor.load_waveform(audio, sampling_rate)
     # The processor alone knows the limits (too few samples for one audio token, its max_audio_seconds).
-    processor(text=processor.audio_token, audio=waveform, sampling_rate=processor.sampling_rate, return_tensors=None)
+    processor.feature_length(waveform)
     return waveform
 
 

@@ -231,8 +231,32 @@ class SpeechLlmProcessor(ProcessorMixin):
         """One clip (samples, a file path or an audio dict) as mono float32 samples at the feature extractor's rate."""
         return prepare_waveform(audio, sampling_rate, self.sampling_rate)
 
-    def _extract(self, waveform: np.ndarray, index: int) -> np.ndarray:
-        """Features of one clip at its real length, time on the last axis."""
+    @property
+    def _hop(self) -> int:
+        """Samples per feature frame: the spectrogram's hop, or 1 for extractors whose features are the samples."""
+        return getattr(self.feature_extractor, "hop_length", None) or 1
+
+    def _window_samples(self) -> int:
+        """Samples in one encoder window."""
+        return window_settings(self.audio_length_spec)[0] * self._hop
+
+    def _long_clip_frames(self, num_samples: int, window_frames: int) -> int:
+        """Feature frames of a clip longer than one window: its full windows', then its tail's (the hop divides the
+        window, so they add up to the whole clip's)."""
+        full_windows = (num_samples - 1) // self._window_samples()  # the last window, full or not, is the tail
+        return window_frames * full_windows + (num_samples - full_windows * self._window_samples()) // self._hop
+
+    def feature_length(self, waveform: np.ndarray, index: int = 0) -> int:
+        """The feature frames this clip gives, with the `ValueError` processing it would raise (too long for
+        `max_audio_seconds`, too short for one audio token or for the feature extractor), from at most one window's
+        features: a longer clip's frames follow from them, and it gives audio tokens in any case."""
+        if len(waveform) <= self._window_samples():
+            return self._extract(waveform, index).shape[-1]
+        self._check_duration(waveform, index)
+        first = self._extract_window(waveform[: self._window_samples()], index)
+        return self._long_clip_frames(len(waveform), first.shape[-1])
+
+    def _check_duration(self, waveform: np.ndarray, index: int) -> None:
         seconds = len(waveform) / self.sampling_rate
         if self.max_audio_seconds is not None and seconds > self.max_audio_seconds:
             raise ValueError(
@@ -241,18 +265,29 @@ class SpeechLlmProcessor(ProcessorMixin):
                 "memory grow with the clip. Raise the limit (`processor.max_audio_seconds = SECONDS`, "
                 "`speechllm-hf generate --max_audio_seconds SECONDS`) or split the recording."
             )
-        # A spectrogram extractor (Whisper's) works on the whole clip in float64, about 35 MB per minute of audio
-        # for the frames and as much for their spectrum: clips longer than the encoder's window are extracted window
-        # by window, as the model encodes them (and as Whisper's training clips were: each window gets its own
-        # log-mel dynamic range), so that the extractor's memory stays that of one window.
-        hop = getattr(self.feature_extractor, "hop_length", None)
-        window = window_settings(self.audio_length_spec)[0] * hop if hop else len(waveform)
+
+    def _extract(self, waveform: np.ndarray, index: int) -> np.ndarray:
+        """Features of one clip at its real length, time on the last axis."""
+        self._check_duration(waveform, index)
+        # Extractors copy the whole clip several times: Whisper's works in float64, about 35 MB per minute of audio
+        # for the frames and as much for their spectrum; wav2vec2's pads, masks and normalises in float32 copies.
+        # Clips longer than the encoder's window are extracted window by window, as the model encodes them (and as
+        # the encoders' training clips were: each window gets its own log-mel range or its own mean and variance),
+        # so that the extractor's memory stays that of one window. The windows are written into one array of the
+        # clip's frames (the hop divides the window), never held twice.
+        window = self._window_samples()
         if len(waveform) <= window:
             features = self._extract_window(waveform, index)
         else:
-            starts = range(0, len(waveform), window)
-            pieces = [self._extract_window(waveform[start : start + window], index) for start in starts[:-1]]
-            features = np.concatenate([*pieces, self._extract_tail(waveform[starts[-1] :], index)], axis=-1)
+            full_windows = (len(waveform) - 1) // window  # the last window, full or not, is the tail
+            first = self._extract_window(waveform[:window], index)
+            step = first.shape[-1]
+            features = np.empty((*first.shape[:-1], self._long_clip_frames(len(waveform), step)), dtype=first.dtype)
+            features[..., :step] = first
+            for number in range(1, full_windows):
+                piece = waveform[number * window : (number + 1) * window]
+                features[..., number * step : (number + 1) * step] = self._extract_window(piece, index)
+            features[..., full_windows * step :] = self._extract_tail(waveform[full_windows * window :], index)
         if self.num_audio_tokens(features.shape[-1]) < 1:
             raise ValueError(
                 f"Audio clip {index} is too short ({len(waveform)} samples at {self.sampling_rate} Hz) "
@@ -276,10 +311,10 @@ class SpeechLlmProcessor(ProcessorMixin):
         return extracted[self.feature_extractor.model_input_names[0]][0]
 
     def _extract_tail(self, waveform: np.ndarray, index: int) -> np.ndarray:
-        """The last window of a long clip, which may be shorter than the extractor's FFT: zero-padded to it, then cut
+        """The last window of a long clip, which may be shorter than a spectrogram's FFT: zero-padded to it, then cut
         back to the frames its own samples make (the hop divides the window, so the frames add up to the clip's)."""
-        frames = len(waveform) // self.feature_extractor.hop_length
-        padded = np.pad(waveform, (0, max(0, self.feature_extractor.n_fft - len(waveform))))
+        frames = len(waveform) // self._hop
+        padded = np.pad(waveform, (0, max(0, getattr(self.feature_extractor, "n_fft", 0) - len(waveform))))
         return self._extract_window(padded, index)[..., :frames]
 
     def __call__(
@@ -327,9 +362,14 @@ class SpeechLlmProcessor(ProcessorMixin):
         tokenizer_kwargs.setdefault("return_token_type_ids", False)  # the model takes none (4.x tokenizers add them)
         data = dict(self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **tokenizer_kwargs))
         self._check_audio_tokens(data["input_ids"], texts, lengths)
-        if features:
+        # The mask is int32, as transformers' audio feature extractors return theirs: per sample (wav2vec2-style
+        # features), an int64 mask of a 10-minute clip would take twice the memory of the clip.
+        if len(features) == 1:  # nothing to pad: no copy of a long clip's features
+            data["input_features"] = features[0][None].astype(np.float32, copy=False)
+            data["feature_attention_mask"] = np.ones((1, lengths[0]), dtype=np.int32)
+        elif features:
             padded = np.zeros((len(features), *features[0].shape[:-1], max(lengths)), dtype=np.float32)
-            mask = np.zeros((len(features), max(lengths)), dtype=np.int64)
+            mask = np.zeros((len(features), max(lengths)), dtype=np.int32)
             for i, f in enumerate(features):
                 padded[i, ..., : f.shape[-1]] = f
                 mask[i, : f.shape[-1]] = 1
