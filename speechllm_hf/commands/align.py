@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_source_arguments, flag_values, print_report
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "align", help="word-align transcripts to their audio with a CTC model (for mixed speech-text data)"
     )
-    parser.add_argument("--manifest", required=True, help="jsonl file, parquet file or folder of parquet files")
+    parser.add_argument(
+        "--manifest", required=True, help="jsonl or parquet file, folder of parquet files, or a datasets source"
+    )
+    add_source_arguments(parser)
     parser.add_argument("--output_dir", required=True, help="gets dataset/ (rows + words), report.json, failed.jsonl")
     parser.add_argument(
         "--aligner",
@@ -26,9 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from speechllm_hf.preprocessing.alignment import align_dataset
 
-    from .common import flag_values, print_report
-
-    flags = flag_values(args, "aligner", "num_proc", "audio_column", "text_column")
+    flags = flag_values(args, "aligner", "num_proc", "audio_column", "text_column", "dataset_config", "split")
     return print_report("align", lambda: align_dataset(args.manifest, args.output_dir, **flags)[1])
 
 

@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from .common import add_source_arguments
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from speechllm_hf.presets import PRESETS
@@ -32,7 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a causal LM: Hub id or local folder (e.g. the stage-1 instruction-tuned LLM); with --preset, instead "
         "of the preset's LLM",
     )
-    parser.add_argument("--manifest", required=True, help="jsonl file, parquet file or folder of parquet files")
+    parser.add_argument(
+        "--manifest", required=True, help="jsonl or parquet file, folder of parquet files, or a datasets source"
+    )
+    add_source_arguments(parser)
     parser.add_argument("--output_file", required=True, help="output .jsonl; F.report.json is written beside it")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="longest continuation, in tokens")
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per generate call on each process")
@@ -130,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
             max_input_tokens=args.max_input_tokens,
             batch_size=args.batch_size,
             normalizer=normalizer,
+            dataset_config=args.dataset_config,
+            split=args.split,
         )
     except ValueError as err:  # a bad manifest, preset or resume: a message, not a traceback
         print(f"speechllm-hf continue-writing: error: {err}", file=sys.stderr)

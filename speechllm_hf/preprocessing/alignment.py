@@ -308,11 +308,14 @@ def align_dataset(
     audio_column: str = "audio",
     text_column: str = "text",
     contiguous: bool = True,
+    dataset_config: str | None = None,
+    split: str | None = None,
 ) -> tuple[datasets.Dataset, dict[str, Any]]:
     """Word-aligns every row of a manifest with `align_words`; rows that fail are reported, never silently dropped.
 
     Args:
-        source: Anything `load_manifest` accepts: a jsonl file, a parquet file or folder, or a `datasets.Dataset`.
+        source: Anything `load_manifest` accepts: a jsonl file, a parquet file or folder, a `datasets` source (a
+            saved dataset, an audiofolder, a Hub dataset id or repo folder, ...), or a `datasets.Dataset`.
         output_dir: If given, the aligned rows are saved to `output_dir/dataset` (`load_prepared(output_dir)` reads
             them back), the report to `output_dir/report.json` and, when rows failed, one line per failed row
             (`index`, `audio`, `reason`, `detail`) to `output_dir/failed.jsonl`.
@@ -322,6 +325,8 @@ def align_dataset(
         audio_column: The audio column (path, `{"bytes", "path"}` or `{"array", "sampling_rate"}`).
         text_column: The transcript column.
         contiguous: Each word starts where the previous ended (see `align_words`).
+        dataset_config: The config of a Hub dataset `source` (`load_manifest`).
+        split: The split of a `source` that has splits (`load_manifest`).
 
     Returns:
         `(aligned, report)`: the aligned rows with every input column plus `words` (`[{"word", "start", "end"}]`,
@@ -330,10 +335,12 @@ def align_dataset(
         "source"}`, where aligned + failed = total.
 
     Raises:
-        ValueError: If the manifest cannot be loaded (see `load_manifest`).
+        ValueError: If the manifest cannot be loaded (see `load_manifest`), e.g. `split` names none of its splits.
     """
     aligner_path = DEFAULT_ALIGNER if aligner is None else os.fspath(aligner)
-    dataset = load_manifest(source, audio_column=audio_column, text_column=text_column)
+    dataset = load_manifest(
+        source, audio_column=audio_column, text_column=text_column, dataset_config=dataset_config, split=split
+    )
     feature = dataset.features[audio_column]
     if isinstance(feature, dict) and "array" in feature:
         dataset = dataset.with_format("numpy", columns=[audio_column], output_all_columns=True)

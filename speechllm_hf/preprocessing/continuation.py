@@ -151,6 +151,8 @@ def write_continuations(
     max_input_tokens: int = 192,
     batch_size: int = 16,
     normalizer: Callable[[str], str] | None = None,
+    dataset_config: str | None = None,
+    split: str | None = None,
 ) -> dict | None:
     """Writes one continuation per usable row of `source` to the JSON-lines file `output_file`.
 
@@ -159,8 +161,10 @@ def write_continuations(
     Args:
         model: The text LLM (a causal LM), on `state.device`.
         tokenizer: Its tokenizer.
-        source: A manifest (jsonl, parquet file or folder) or a `datasets.Dataset`; audio paths in file manifests
-            are written back resolved to absolute paths, so that the output can live in any folder.
+        source: Anything `load_manifest` accepts: a manifest (jsonl, parquet file or folder), a `datasets` source
+            (a saved dataset, an audiofolder, a Hub dataset id or repo folder, ...) or a `datasets.Dataset`, whose
+            rows can be written as JSON lines (audio as file paths, not bytes); audio paths in file manifests are
+            written back resolved to absolute paths, so that the output can live in any folder.
         output_file: The output `.jsonl`; the report goes to `report_path(output_file)`.
         model_name: What the model is (an id, a folder, a preset and seed), recorded to refuse a resume with another.
         state: An `accelerate.PartialState`; a new one by default.
@@ -175,6 +179,8 @@ def write_continuations(
         batch_size: Prompts per `generate` call on each process.
         normalizer: Applied to transcripts before prompting (e.g. `make_normalizer()`); the output keeps the row's
             own text.
+        dataset_config: The config of a Hub dataset `source` (`load_manifest`).
+        split: The split of a `source` that has splits (`load_manifest`).
 
     Returns:
         On the main process the report `{"total", "kept", "dropped": {reason: count}, "output_column", ...}`
@@ -190,7 +196,9 @@ def write_continuations(
     prompt = ContinuationPrompt(tokenizer, style, instruction, system_prompt)
     output_file = Path(output_file)
     with state.main_process_first():  # the main process fills the datasets cache, the others read it
-        dataset = load_manifest(source, audio_column=audio_column, text_column=text_column)
+        dataset = load_manifest(
+            source, audio_column=audio_column, text_column=text_column, dataset_config=dataset_config, split=split
+        )
     if len(dataset):
         try:
             json.dumps(dataset[0])

@@ -1,0 +1,43 @@
+"""The same data-source flags (--dataset_config, --split) and --quantization on every command that takes them."""
+
+import json
+
+import datasets
+import pytest
+from conftest import training_rows
+
+from speechllm_hf.cli import main
+
+
+@pytest.fixture(scope="module")
+def two_splits(tmp_path_factory):
+    """A saved DatasetDict with 3 train rows and 1 validation row, audio as paths (continue-writing writes them)."""
+    rows = training_rows(4).remove_columns("continuation")
+    folder = tmp_path_factory.mktemp("two_splits") / "dataset"
+    datasets.DatasetDict(train=rows.select(range(3)), validation=rows.select([3])).save_to_disk(str(folder))
+    return folder, rows["id"]
+
+
+def test_align_reads_the_split_it_is_given(two_splits, tmp_path, capsys):
+    folder, ids = two_splits
+    assert main(["align", "--manifest", str(folder), "--split", "validation", "--output_dir", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == 1
+    aligned = datasets.load_from_disk(str(tmp_path / "dataset"))
+    assert aligned["id"] == ids[3:]
+
+
+def test_continue_writing_reads_the_split_it_is_given(two_splits, tmp_path):
+    folder, ids = two_splits
+    output = tmp_path / "out.jsonl"
+    argv = ["continue-writing", "--preset", "tiny", "--manifest", str(folder), "--split", "validation"]
+    assert main([*argv, "--output_file", str(output), "--max_new_tokens", "2"]) == 0
+    assert [json.loads(line)["id"] for line in output.read_text().splitlines()] == ids[3:]
+
+
+@pytest.mark.parametrize("command", ["align", "continue-writing"])
+def test_a_split_the_source_lacks_exits_2_naming_its_splits(two_splits, tmp_path, capsys, command):
+    folder, _ = two_splits
+    output = ["--output_dir", str(tmp_path)] if command == "align" else ["--output_file", str(tmp_path / "o.jsonl")]
+    extra = ["--preset", "tiny"] if command == "continue-writing" else []
+    assert main([command, *extra, "--manifest", str(folder), "--split", "test", *output]) == 2
+    assert "no split 'test'; its splits are ['train', 'validation']" in capsys.readouterr().err
