@@ -6,6 +6,11 @@ field is kept and `response` is added. A row that cannot be answered (unusable a
 for the model's context, a generation that fails for that row alone) gets `response: null`, an `error` field with the
 reason and its `row` number (from 0), and the others are answered; the summary at the end counts both.
 
+`--input_file` may also be any other source `load_manifest` reads (a parquet or Arrow file, a `save_to_disk` folder, an
+audiofolder, a Hub dataset or a folder laid out as one; `--dataset_config`, `--split`, `--audio_column`). The output
+is jsonl all the same: its audio is a path or a reference such as "<bytes>" (`audio_ref`), never the clip's data, and
+fields JSON cannot hold are left out.
+
 Output rows are written in input order and flushed as soon as the rows before them are done. Rerunning with the same
 files resumes: the rows already in the output file are skipped (a line cut off by a kill is dropped and redone),
 so the finished file equals one uninterrupted run, without duplicates. Error rows count as done: a rerun does not try
@@ -19,7 +24,10 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+
+from .common import add_source_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +82,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_batch_parser(
         subparsers,
         "generate",
-        help="answer a jsonl of audio (+ instruction) rows in batches; resumable, BLSP's format",
+        help="answer audio (+ instruction) rows in batches (BLSP's jsonl, or a datasets source); resumable",
     )
-    parser.add_argument("--input_file", required=True, help="jsonl: audio, optional instruction and reference")
+    parser.add_argument(
+        "--input_file",
+        required=True,
+        help="BLSP's jsonl (audio, optional instruction and reference), or a datasets source: parquet or Arrow file, "
+        "save_to_disk folder, audiofolder, Hub dataset id or a folder laid out as one",
+    )
+    add_source_arguments(parser)
+    parser.add_argument("--audio_column", default="audio", help="the column holding each row's audio")
     parser.add_argument("--output_file", required=True, help="jsonl: the input rows with `response` added")
     parser.add_argument("--instruction", help="instruction for rows without one (default: the ASR instruction)")
     parser.add_argument("--max_new_tokens", type=int, default=128)
@@ -95,6 +110,39 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The rows of a JSON-lines file (blank lines skipped)."""
     with open(path, encoding="utf-8") as file:
         return [json.loads(line) for line in file if line.strip()]
+
+
+def is_jsonl(path: Path) -> bool:
+    """Whether an input is read as BLSP's jsonl: any file but parquet and Arrow ones, whatever its name says."""
+    from speechllm_hf.data.manifest import PARQUET_SUFFIX
+    from speechllm_hf.data.sources import ARROW_SUFFIX
+
+    return path.is_file() and path.suffix.lower() not in (PARQUET_SUFFIX, ARROW_SUFFIX)
+
+
+def read_input(args: argparse.Namespace) -> Sequence[dict]:
+    """The input rows: BLSP's jsonl line by line, a line that is not a JSON object kept under `input` (a bad row like
+    any other, reported in its error row); any other source through `load_manifest`, its audio left undecoded.
+
+    Raises:
+        ValueError: If the source cannot be read (`load_manifest`'s message), or --dataset_config / --split is given
+            for a jsonl.
+        OSError, json.JSONDecodeError: If the jsonl cannot be read.
+    """
+    from speechllm_hf.data import sources
+    from speechllm_hf.data.manifest import load_manifest
+
+    path = Path(args.input_file)
+    if not is_jsonl(path):
+        return load_manifest(
+            args.input_file,
+            audio_column=args.audio_column,
+            text_column=None,
+            dataset_config=args.dataset_config,
+            split=args.split,
+        )
+    sources.no_split_options(f"Input file {args.input_file!r}", args.dataset_config, args.split)
+    return [row if isinstance(row, dict) else {"input": row} for row in read_jsonl(path)]
 
 
 def completed_rows(path: Path) -> list[dict]:
@@ -119,20 +167,49 @@ def completed_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _resolve_audio(audio, base: Path):
-    return str(base / audio) if isinstance(audio, str) and not os.path.isabs(audio) else audio
+def _resolve_audio(audio, base: Path | None):
+    """A jsonl's relative audio path against its folder `base` (None for other sources: load_manifest resolves)."""
+    if base is None or not isinstance(audio, str) or os.path.isabs(audio):
+        return audio
+    return str(base / audio)
 
 
 def _instruction(row: dict, default: str | None) -> str | None:
     return row["instruction"] if row.get("instruction") is not None else default
 
 
-def _request(row: dict, base: Path, default_instruction: str | None) -> dict:
+def _request(row: dict, audio_column: str, base: Path | None, default_instruction: str | None) -> dict:
     """The generation request of an input row; a row without audio keeps its own fields, which its error names."""
     request = {**row, "instruction": _instruction(row, default_instruction)}
-    if row.get("audio") is not None:
-        request["audio"] = _resolve_audio(row["audio"], base)
+    request.pop("audio", None)  # the clip is the audio column's, whatever a field named `audio` holds
+    if row.get(audio_column) is not None:
+        request["audio"] = _resolve_audio(row[audio_column], base)
     return request
+
+
+def _written_audio(audio):
+    """An input row's audio as its output row holds it: a path (or any JSON scalar a jsonl line held) as it is, clip
+    data (a `{"bytes", "path"}` or `{"array", "sampling_rate"}` dict, samples, bytes) as `audio_ref` names it: the
+    output file stays small and JSON, and a rerun compares these references to resume."""
+    from speechllm_hf.data.audio import audio_ref
+
+    return audio if audio is None or isinstance(audio, (str, int, float)) else audio_ref(audio)
+
+
+def _holds_json(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def output_fields(row: dict, audio_column: str) -> dict:
+    """The fields of an input row that its output row keeps: every one JSON can hold (a jsonl line's are all kept),
+    the audio written as `_written_audio` says."""
+    if audio_column in row:
+        row = {**row, audio_column: _written_audio(row[audio_column])}
+    return {key: value for key, value in row.items() if _holds_json(value)}
 
 
 def output_problem(input_path: Path, output_path: Path) -> str | None:
@@ -159,7 +236,10 @@ def run(args: argparse.Namespace) -> int:
 
     input_path, output_path = Path(args.input_file), Path(args.output_file)
     try:
-        rows = read_jsonl(input_path)
+        rows = read_input(args)
+    except ValueError as err:  # load_manifest's sentence: a missing source, split or column
+        print(f"speechllm-hf generate: error: {err}", file=sys.stderr)
+        return 2
     except (OSError, json.JSONDecodeError) as err:
         print(f"speechllm-hf generate: error: cannot read {input_path}: {err}", file=sys.stderr)
         return 2
@@ -167,10 +247,9 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"speechllm-hf generate: error: {problem}", file=sys.stderr)
         return 2
-    # A line that is not a JSON object is a bad row like any other: its error row keeps it under `input`.
-    rows = [row if isinstance(row, dict) else {"input": row} for row in rows]
     done = completed_rows(output_path)
-    mismatch = len(done) > len(rows) or any(d.get("audio") != r.get("audio") for d, r in zip(done, rows))
+    column = args.audio_column
+    mismatch = len(done) > len(rows) or any(d.get(column) != _written_audio(r.get(column)) for d, r in zip(done, rows))
     if mismatch:
         print(
             f"speechllm-hf generate: error: {output_path} does not continue {input_path} (more rows, or other audio): "
@@ -188,9 +267,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_audio_seconds is not None:
         processor.max_audio_seconds = args.max_audio_seconds
     prompts = PromptConfig.from_file(args.prompts)
-    base = input_path.resolve().parent
+    base = input_path.resolve().parent if is_jsonl(input_path) else None
     start = len(done)
-    requests = (_request(row, base, args.instruction) for row in rows[start:])
+    requests = (_request(rows[index], column, base, args.instruction) for index in range(start, len(rows)))
     results = iter_generate(
         model,
         processor,
@@ -210,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
                 # Rows finish out of order (length sorting): write the done prefix, so a rerun knows where to go on.
                 while written in pending:
                     result = pending.pop(written)
-                    row = {**rows[written], "response": result.response}
+                    row = {**output_fields(rows[written], column), "response": result.response}
                     if result.error is not None:
                         row.update(error=result.error, row=written)
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
