@@ -1,5 +1,6 @@
 """The same data-source flags (--dataset_config, --split) and --quantization on every command that takes them."""
 
+import importlib.util
 import json
 
 import datasets
@@ -41,3 +42,36 @@ def test_a_split_the_source_lacks_exits_2_naming_its_splits(two_splits, tmp_path
     extra = ["--preset", "tiny"] if command == "continue-writing" else []
     assert main([command, *extra, "--manifest", str(folder), "--split", "test", *output]) == 2
     assert "no split 'test'; its splits are ['train', 'validation']" in capsys.readouterr().err
+
+
+quantized = pytest.mark.skipif(
+    importlib.util.find_spec("optimum") is None, reason="the CPU quantization backend: pip install optimum-quanto"
+)
+
+
+def llm_flags(local_backbones) -> list[str]:
+    """The tiny preset with its LLM loaded from a folder: a randomly built LLM has no weights to quantize."""
+    return ["--preset", "tiny", "--text_name_or_path", str(local_backbones / "llm")]
+
+
+@quantized
+def test_info_reports_the_memory_quantization_saves(local_backbones, capsys):
+    memory = {}
+    for method in (None, "quanto-int8"):
+        assert main(["info", *llm_flags(local_backbones), *(["--quantization", method] if method else [])]) == 0
+        memory[method] = json.loads(capsys.readouterr().out)["memory_bytes"]
+    assert memory["quanto-int8"]["language_model"] < 0.6 * memory[None]["language_model"]
+    assert memory["quanto-int8"]["encoder"] == memory[None]["encoder"]  # quantized only with --quantize_encoder
+
+
+def test_quantizing_a_randomly_built_llm_exits_2_saying_why(capsys):
+    assert main(["info", "--preset", "tiny", "--quantization", "quanto-int8"]) == 2
+    assert "built randomly" in capsys.readouterr().err
+
+
+@quantized
+def test_retrieval_runs_on_a_quantized_llm(local_backbones, two_splits, tmp_path):
+    folder, _ = two_splits
+    argv = ["retrieval", *llm_flags(local_backbones), "--quantization", "quanto-int8", "--manifest", str(folder)]
+    assert main([*argv, "--layers", "1", "--output_dir", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "retrieval.json").read_text())["data"]["kept"] == 3
