@@ -18,6 +18,7 @@ from .common import add_source_arguments
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from speechllm_hf.presets import PRESETS
+    from speechllm_hf.quantization import QUANTIZATION_METHODS
 
     from .model_arguments import PromptArguments, add_arguments
 
@@ -57,6 +58,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype of the LLM"
     )
+    # The LLM alone: --quantize_encoder has no encoder to apply to here.
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATION_METHODS,
+        help="load the LLM quantized: bnb-8bit / bnb-4bit (bitsandbytes, CUDA) or quanto-int8 / quanto-int4 (also on "
+        "the CPU); the LLM must be loaded from a checkpoint, not built randomly",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed (random presets such as tiny are built from it)")
     parser.add_argument(
         "--cpu", action="store_true", help="run on CPU even where a GPU is available (also ACCELERATE_USE_CPU=1)"
@@ -64,12 +72,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_text_model(preset: str | None, text_model: str | None, dtype: str = "auto", seed: int = 0):
+def load_text_model(
+    preset: str | None, text_model: str | None, dtype: str = "auto", seed: int = 0, quantization: str | None = None
+):
     """The text LLM and its tokenizer: `text_model` (with or without a preset), else the LLM the preset names (built
-    randomly from `seed` for "tiny").
+    randomly from `seed` for "tiny"), loaded quantized with `quantization` (one of `QUANTIZATION_METHODS`) if given.
 
     Returns:
-        `(model, tokenizer, name)`, name saying what the model is (for the resume check).
+        `(model, tokenizer, name)`, name saying what the model is and how it is quantized (for the resume check).
+
+    Raises:
+        ValueError: for neither a text model nor a known preset, a quantization of an LLM that is built randomly (it
+            has no weights to quantize), or a quantization that cannot apply (see `quantization_config`).
     """
     import torch
     from accelerate.utils import set_seed
@@ -77,21 +91,31 @@ def load_text_model(preset: str | None, text_model: str | None, dtype: str = "au
 
     from speechllm_hf.models.speechllm.loading_speechllm import from_pretrained_or_explain
     from speechllm_hf.presets import PRESETS, from_preset
+    from speechllm_hf.quantization import quantization_kwargs
 
     if text_model is None:
         if preset not in PRESETS:
             raise ValueError(f"Give --text_name_or_path or --preset (one of {', '.join(PRESETS)}); got {preset!r}.")
         text_model = PRESETS[preset].text_name_or_path
         if text_model is None:  # a random LLM with its own tokenizer; the encoder is built (and discarded) too
+            if quantization is not None:
+                raise ValueError(
+                    f"--quantization applies to loaded weights, and preset {preset!r} builds its LLM randomly: name "
+                    "a checkpoint with --text_name_or_path, or drop --quantization."
+                )
             set_seed(seed)  # every process builds the same weights
             speech_model, processor = from_preset(preset)
             model = speech_model.language_model
             if dtype != "auto":
                 model = model.to(getattr(torch, dtype))
             return model, processor.tokenizer, f"preset:{preset} (random, seed {seed})"
+    quantized = quantization_kwargs(quantization)
     tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, text_model, "tokenizer")
-    model = from_pretrained_or_explain(AutoModelForCausalLM.from_pretrained, text_model, "text model", dtype=dtype)
-    return model, tokenizer, text_model
+    model = from_pretrained_or_explain(
+        AutoModelForCausalLM.from_pretrained, text_model, "text model", dtype=dtype, **quantized
+    )
+    # A resume must not mix continuations of the quantized and the full-precision LLM.
+    return model, tokenizer, text_model if quantization is None else f"{text_model} ({quantization})"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
     # Without cpu=True, processes on a machine without GPU do not form a group (each would write everything).
     state = PartialState(cpu=args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
     try:
-        model, tokenizer, name = load_text_model(args.preset, args.text_model, args.dtype, args.seed)
+        model, tokenizer, name = load_text_model(
+            args.preset, args.text_model, args.dtype, args.seed, args.quantization
+        )
         if args.chat_template is not None:
             tokenizer.chat_template = chat_template_text(args.chat_template)
         normalize = args.normalize or args.normalizer_file is not None

@@ -8,6 +8,7 @@ import pytest
 from conftest import training_rows
 
 from speechllm_hf.cli import main
+from speechllm_hf.preprocessing.continuation import report_path
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +76,20 @@ def test_retrieval_runs_on_a_quantized_llm(local_backbones, two_splits, tmp_path
     argv = ["retrieval", *llm_flags(local_backbones), "--quantization", "quanto-int8", "--manifest", str(folder)]
     assert main([*argv, "--layers", "1", "--output_dir", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "retrieval.json").read_text())["data"]["kept"] == 3
+
+
+@quantized
+def test_continue_writing_runs_a_quantized_llm(local_backbones, two_splits, tmp_path):
+    folder, ids = two_splits
+    output = tmp_path / "out.jsonl"
+    argv = ["continue-writing", *llm_flags(local_backbones), "--quantization", "quanto-int8"]
+    assert main([*argv, "--manifest", str(folder), "--output_file", str(output), "--max_new_tokens", "2"]) == 0
+    assert [json.loads(line)["id"] for line in output.read_text().splitlines()] == ids[:3]
+    report = json.loads(report_path(output).read_text())
+    assert report["settings"]["model"] == f"{local_backbones / 'llm'} (quanto-int8)"  # a resume keeps the method
+
+
+def test_continue_writing_refuses_to_quantize_a_randomly_built_llm(tmp_path, capsys):
+    argv = ["continue-writing", "--preset", "tiny", "--quantization", "quanto-int8", "--manifest", "unread.jsonl"]
+    assert main([*argv, "--output_file", str(tmp_path / "out.jsonl")]) == 2
+    assert "builds its LLM randomly: name a checkpoint with --text_name_or_path" in capsys.readouterr().err
