@@ -33,22 +33,23 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = load_data_config(args.data_config)
-    except (OSError, ValueError) as err:  # a bad config: a message, not a traceback
+        model, processor = load_model_and_processor(args)
+        scores = evaluate(
+            model,
+            processor,
+            config,
+            args.results_dir,
+            batch_size=args.batch_size,
+            sort_window=args.sort_window,
+            max_new_tokens=args.max_new_tokens,
+            prompts=PromptConfig.from_file(args.prompts),
+            comet=args.comet,
+            model_name=args.model or f"preset:{args.preset}",
+        )
+    except (OSError, ValueError) as err:
+        # A bad config, model or data (every split the config names is read before any generation): a message.
         print(f"speechllm-hf evaluate: error: {err}", file=sys.stderr)
         return 2
-    model, processor = load_model_and_processor(args)
-    scores = evaluate(
-        model,
-        processor,
-        config,
-        args.results_dir,
-        batch_size=args.batch_size,
-        sort_window=args.sort_window,
-        max_new_tokens=args.max_new_tokens,
-        prompts=PromptConfig.from_file(args.prompts),
-        comet=args.comet,
-        model_name=args.model or f"preset:{args.preset}",
-    )
     print(json.dumps(scores["results"], indent=2, ensure_ascii=False))
     return 0
 

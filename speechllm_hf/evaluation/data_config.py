@@ -20,6 +20,23 @@ Where a split's rows are read (the first that exists; a datapath that is a file 
    `datapath/<language>/<split>.parquet`, `.jsonl`, `.json`;
 2. with a single language, also `datapath/<split>/`, `datapath/<split>.parquet`, `.jsonl`, `.json`.
 
+An entry that gives `split` (and/or `dataset_config`) names one `datasets` source instead: `datapath` is a Hub dataset
+id (where no such local path exists), a folder laid out as a Hub dataset repo, a saved `DatasetDict` or an audiofolder
+with split folders, and `speechllm_hf.data.load_manifest` reads that split (and config) of it for every partition and
+language, as a datapath that is a file is read for every split; the partitions name the results and slice the rows.
+
+```yaml
+DATA:
+  - LibriSpeech-clean:
+      datapath: openslr/librispeech_asr
+      dataset_config: clean
+      split: test
+      task: ASR
+      languages: [en]
+      partitions:
+        test-clean: {amount: ":500"}
+```
+
 Parquet rows hold `audio` (`{array, sampling_rate}` or `{bytes, path}`), `duration`, and per task `sentence`
 (ASR; `text` or `transcript` also work), `translation` (ST, with `sentence` as the source), `question` and `answer`
 (SQA, one answer or a list); jsonl rows hold an audio path instead, resolved against the file's folder. An entry may
@@ -41,12 +58,15 @@ from pathlib import Path
 import datasets
 import yaml
 
+from speechllm_hf.data.sources import looks_like_hub_id
+
 logger = logging.getLogger(__name__)
 
 # Config task name -> speechllm_hf.data.tasks name (its prompt-file instruction).
 TASKS = {"ASR": "asr", "ST": "st", "SQA": "sqa"}
 PARTITION_KEYS = ("amount", "min_duration", "max_duration", "destination")
-ENTRY_KEYS = ("datapath", "task", "languages", "partitions", "reference_column")
+ENTRY_KEYS = ("datapath", "task", "languages", "partitions", "reference_column", "dataset_config", "split")
+SOURCE_KEYS = ("dataset_config", "split")  # what makes datapath one datasets source; named as the CLI flags
 SPLIT_SUFFIXES = (".parquet", ".jsonl", ".json")
 # Instructions name languages in words ("Translate the audio from English to German.").
 LANGUAGE_NAMES = {
@@ -102,11 +122,18 @@ class DatasetEntry:
     """One item of `DATA`: a dataset, its task and languages, and the partitions to read."""
 
     name: str
-    datapath: Path
+    datapath: Path | str  # a str: a Hub dataset id
     task: str
     languages: tuple[str, ...]
     partitions: tuple[Partition, ...]
     reference_column: str | None = None
+    dataset_config: str | None = None
+    split: str | None = None
+
+    @property
+    def names_source(self) -> bool:
+        """Whether `datapath` is one `datasets` source whose `split` (and `dataset_config`) every partition reads."""
+        return self.dataset_config is not None or self.split is not None
 
 
 @dataclass(frozen=True)
@@ -117,13 +144,23 @@ class DataConfig:
     entries: tuple[DatasetEntry, ...]
 
 
-def _expand_path(value: str, base: Path) -> Path:
+def _datapath(value: str, base: Path, names_source: bool) -> Path | str:
+    """The entry's datapath with env vars and ~ expanded, relative to the YAML's folder `base`; for an entry naming one
+    `datasets` source, a Hub dataset id where no such local path exists."""
     expanded = os.path.expandvars(os.path.expanduser(str(value)))
     unset = re.findall(r"\$\{?(\w+)", expanded)
     if unset:
         raise ValueError(f"datapath {value!r} uses unset environment variables: {', '.join(unset)}.")
-    path = Path(expanded)
-    return path if path.is_absolute() else base / path
+    path = Path(expanded) if Path(expanded).is_absolute() else base / expanded
+    if names_source and not path.exists() and looks_like_hub_id(expanded):
+        return expanded
+    return path
+
+
+def _optional_name(value, what: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"{what} must be a name; got {value!r} (quote it in the YAML if it reads as a number).")
+    return value
 
 
 def _optional_float(value, what: str) -> float | None:
@@ -175,13 +212,15 @@ def _parse_entry(item, base: Path, position: int) -> DatasetEntry:
     if not isinstance(settings["partitions"], dict):
         raise ValueError(f"{where}: partitions must map split names to settings.")
     partitions = tuple(_parse_partition(split, s, where) for split, s in settings["partitions"].items())
+    source = {key: _optional_name(settings.get(key), f"{where}: {key}") for key in SOURCE_KEYS}
     return DatasetEntry(
         name=str(name),
-        datapath=_expand_path(settings["datapath"], base),
+        datapath=_datapath(settings["datapath"], base, any(value is not None for value in source.values())),
         task=task,
         languages=languages,
         partitions=partitions,
         reference_column=settings.get("reference_column"),
+        **source,
     )
 
 
@@ -209,13 +248,14 @@ def load_data_config(path: str | os.PathLike) -> DataConfig:
     return DataConfig(name=path.stem, entries=entries)
 
 
-def resolve_split_path(entry: DatasetEntry, language: str, split: str) -> Path:
-    """Where a split's rows are read (see the module docstring).
+def resolve_split_path(entry: DatasetEntry, language: str, split: str) -> Path | str:
+    """Where a split's rows are read (see the module docstring): the datapath itself for an entry naming one
+    `datasets` source or a file.
 
     Raises:
         ValueError: When none of the candidate paths exists; the message lists them.
     """
-    if entry.datapath.is_file():
+    if entry.names_source or entry.datapath.is_file():
         return entry.datapath
     bases = [entry.datapath / language] + ([entry.datapath] if len(entry.languages) == 1 else [])
     candidates = [c for base in bases for c in [base / split] + [base / f"{split}{s}" for s in SPLIT_SUFFIXES]]
@@ -225,6 +265,8 @@ def resolve_split_path(entry: DatasetEntry, language: str, split: str) -> Path:
     raise ValueError(
         f"{entry.name}: no data for split {split!r} and language {language!r}; looked for "
         + ", ".join(str(c) for c in candidates)
+        + ". For a datasets source (a Hub dataset, a folder laid out as one, a saved DatasetDict, an audiofolder), "
+        "give the entry `split` (and `dataset_config`)."
     )
 
 

@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import datasets
 from tqdm.auto import tqdm
 
 from speechllm_hf.data.audio import audio_duration
@@ -72,14 +73,35 @@ def _header_duration(audio) -> float | None:
         return None
 
 
-def _partition_records(
-    model, processor, entry: DatasetEntry, language: str, partition: Partition, prompts: PromptConfig, settings: dict
-) -> tuple[list[dict], dict[str, Any]]:
-    """Generates the partition's slice: one record per row, and where the rows came from."""
+def _load_split(entry: DatasetEntry, language: str, partition: Partition) -> tuple[datasets.Dataset, dict[str, str]]:
+    """The rows of a partition's split, and where they come from (the source's config and split, where named).
+
+    Raises:
+        ValueError: If they cannot be read (no such path, split, config or audio column), naming the entry.
+    """
     path = resolve_split_path(entry, language, partition.split)
-    dataset = load_manifest(path, text_column=None)
+    try:
+        dataset = load_manifest(path, text_column=None, dataset_config=entry.dataset_config, split=entry.split)
+    except ValueError as err:
+        raise ValueError(f"{entry.name}: {err}") from err
+    # `split` is the partition's name in the results; the source's own split is `dataset_split`.
+    source = {"path": str(path), "dataset_config": entry.dataset_config, "dataset_split": entry.split}
+    return dataset, {key: value for key, value in source.items() if value is not None}
+
+
+def _partition_records(
+    model,
+    processor,
+    entry: DatasetEntry,
+    language: str,
+    partition: Partition,
+    dataset: datasets.Dataset,
+    prompts: PromptConfig,
+    settings: dict,
+) -> tuple[list[dict], dict[str, Any]]:
+    """Generates the partition's slice of `dataset`: one record per row, and the slice's row counts."""
     indices = slice_indices(len(dataset), partition.amount)
-    info = {"path": str(path), "amount": partition.amount, "split_rows": len(dataset), "num_rows": len(indices)}
+    info = {"amount": partition.amount, "split_rows": len(dataset), "num_rows": len(indices)}
     # Decide which rows to generate from the light columns; audio is read again, lazily, while generating.
     light = dataset.remove_columns(["audio"])
     task, fields = TASKS[entry.task], language_fields(language)
@@ -201,7 +223,7 @@ def evaluate(
     settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1, "stop_at_newline": True}
     preds: dict[str, dict] = {}
     scores: dict[str, dict] = {}
-    not_evaluated = []
+    slices, not_evaluated = [], []
     for entry in config.entries:
         for language in entry.languages:
             for partition in entry.partitions:
@@ -210,21 +232,18 @@ def evaluate(
                     logger.info("Not evaluating %s: its destination is train.", where)
                     not_evaluated.append({**where, "destination": partition.destination})
                     continue
-                records, info = _partition_records(
-                    model,
-                    processor,
-                    entry,
-                    language,
-                    partition,
-                    prompts,
-                    {"batch_size": batch_size, "sort_window": sort_window, "prompts": prompts, **settings},
-                )
-                group = f"{entry.name}/{partition.split}"
-                preds.setdefault(entry.task, {}).setdefault(language, {})[group] = records
-                result = {"dataset": entry.name, "split": partition.split, **info}
-                result.update(score_records(entry.task, records, comet=comet))
-                scores.setdefault(entry.task, {}).setdefault(language, {})[group] = result
-                logger.info("%s %s %s: %s", entry.task, language, group, json.dumps(result))
+                # Every split is read before any is generated: a wrong path, split or config fails in seconds, not
+                # after hours of generation on the partitions before it.
+                slices.append((entry, language, partition, *_load_split(entry, language, partition)))
+    batches = {"batch_size": batch_size, "sort_window": sort_window, "prompts": prompts, **settings}
+    for entry, language, partition, dataset, source in slices:
+        records, info = _partition_records(model, processor, entry, language, partition, dataset, prompts, batches)
+        group = f"{entry.name}/{partition.split}"
+        preds.setdefault(entry.task, {}).setdefault(language, {})[group] = records
+        result = {"dataset": entry.name, "split": partition.split, **source, **info}
+        result.update(score_records(entry.task, records, comet=comet))
+        scores.setdefault(entry.task, {}).setdefault(language, {})[group] = result
+        logger.info("%s %s %s: %s", entry.task, language, group, json.dumps(result))
 
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
