@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -387,3 +388,50 @@ def make_trainer(local_backbones):
         )
 
     return make
+
+
+# Offline stand-ins for the datasets sources users give: the first dev clips of the packaged corpus, laid out as a
+# Hub dataset repo (`hub_folder`) or an audiofolder.
+SOURCE_ROWS = load_split("dev")[:8]
+HUB_CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: validation
+    path: data/validation-*
+---
+# A local dataset laid out as a Hub dataset repo
+"""
+
+
+def audio_dataset(rows: list[dict], audio_column: str = "audio", text_column: str = "text") -> datasets.Dataset:
+    """The rows with their clips' bytes in a datasets.Audio column, as Hub audio datasets store them."""
+    table = {
+        audio_column: [{"bytes": Path(row["audio"]).read_bytes(), "path": Path(row["audio"]).name} for row in rows],
+        text_column: [row["text"] for row in rows],
+    }
+    return datasets.Dataset.from_dict(table).cast_column(audio_column, datasets.Audio(decode=False))
+
+
+def hub_folder(root: Path, audio_column: str = "audio", text_column: str = "text") -> Path:
+    """A folder as `push_to_hub` lays out a repo: data/<split>-*.parquet and a README.md naming the configs."""
+    (root / "data").mkdir(parents=True)
+    audio_dataset(SOURCE_ROWS[:6], audio_column, text_column).to_parquet(
+        str(root / "data/train-00000-of-00001.parquet")
+    )
+    validation = root / "data/validation-00000-of-00001.parquet"
+    audio_dataset(SOURCE_ROWS[6:], audio_column, text_column).to_parquet(str(validation))
+    (root / "README.md").write_text(HUB_CARD)
+    return root
+
+
+def audiofolder(root: Path) -> Path:
+    """datasets' AudioFolder layout: the clips and a metadata.jsonl whose file_name column names them."""
+    root.mkdir()
+    with open(root / "metadata.jsonl", "w") as metadata:
+        for row in SOURCE_ROWS[:6]:
+            shutil.copy(row["audio"], root / Path(row["audio"]).name)
+            metadata.write(json.dumps({"file_name": Path(row["audio"]).name, "text": row["text"]}) + "\n")
+    return root

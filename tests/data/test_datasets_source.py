@@ -5,71 +5,27 @@ clips decoded by the library (soundfile + soxr), never by datasets' torchcodec d
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import CPU_TRAINING, tiny
+from conftest import CPU_TRAINING, SOURCE_ROWS, audio_dataset, audiofolder, hub_folder, tiny
 
 from speechllm_hf import from_preset
 from speechllm_hf.cli import main
 from speechllm_hf.data import load_audio, load_manifest
 from speechllm_hf.inference.generate import iter_generate
 from speechllm_hf.preprocessing.streaming import StreamReport, validate_stream
-from speechllm_hf.quickstart.corpus import load_split
 from speechllm_hf.training.arguments import SpeechLlmTrainingArguments
 from speechllm_hf.training.trainer import SpeechLlmTrainer
-
-ROWS = load_split("dev")[:8]
-CARD = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/train-*
-  - split: validation
-    path: data/validation-*
----
-# A local dataset laid out as a Hub dataset repo
-"""
-
-
-def _audio_dataset(rows: list[dict], audio_column: str = "audio", text_column: str = "text") -> datasets.Dataset:
-    """The rows with their clips' bytes in a datasets.Audio column, as Hub audio datasets store them."""
-    table = {
-        audio_column: [{"bytes": Path(row["audio"]).read_bytes(), "path": Path(row["audio"]).name} for row in rows],
-        text_column: [row["text"] for row in rows],
-    }
-    return datasets.Dataset.from_dict(table).cast_column(audio_column, datasets.Audio(decode=False))
-
-
-def hub_folder(root: Path, audio_column: str = "audio", text_column: str = "text") -> Path:
-    """A folder as `push_to_hub` lays out a repo: data/<split>-*.parquet and a README.md naming the configs."""
-    (root / "data").mkdir(parents=True)
-    _audio_dataset(ROWS[:6], audio_column, text_column).to_parquet(str(root / "data/train-00000-of-00001.parquet"))
-    validation = root / "data/validation-00000-of-00001.parquet"
-    _audio_dataset(ROWS[6:], audio_column, text_column).to_parquet(str(validation))
-    (root / "README.md").write_text(CARD)
-    return root
-
-
-def audiofolder(root: Path) -> Path:
-    """datasets' AudioFolder layout: the clips and a metadata.jsonl whose file_name column names them."""
-    root.mkdir()
-    with open(root / "metadata.jsonl", "w") as metadata:
-        for row in ROWS[:6]:
-            shutil.copy(row["audio"], root / Path(row["audio"]).name)
-            metadata.write(json.dumps({"file_name": Path(row["audio"]).name, "text": row["text"]}) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sources")
-    _audio_dataset(ROWS[:6]).save_to_disk(str(root / "saved"))
+    audio_dataset(SOURCE_ROWS[:6]).save_to_disk(str(root / "saved"))
     return {"saved": root / "saved", "audiofolder": audiofolder(root / "af"), "hub": hub_folder(root / "hub")}
 
 
@@ -82,7 +38,7 @@ def _decoded(rows) -> list[tuple[str, np.ndarray]]:
 def test_each_source_reads_the_manifest_rows(sources, name, streaming) -> None:
     rows = load_manifest(sources[name], streaming=streaming)
     assert isinstance(rows, datasets.IterableDataset) == streaming
-    expected = _decoded(ROWS[:6])
+    expected = _decoded(SOURCE_ROWS[:6])
     got = _decoded(rows)
     assert [text for text, _ in got] == [text for text, _ in expected]
     for (_, clip), (_, reference) in zip(got, expected):
@@ -91,8 +47,8 @@ def test_each_source_reads_the_manifest_rows(sources, name, streaming) -> None:
 
 def test_arrow_files_and_hub_splits(sources) -> None:
     arrow = next(sources["saved"].glob("*.arrow"))
-    assert load_manifest(arrow)["text"] == [row["text"] for row in ROWS[:6]]
-    assert load_manifest(sources["hub"], split="validation")["text"] == [row["text"] for row in ROWS[6:]]
+    assert load_manifest(arrow)["text"] == [row["text"] for row in SOURCE_ROWS[:6]]
+    assert load_manifest(sources["hub"], split="validation")["text"] == [row["text"] for row in SOURCE_ROWS[6:]]
     with pytest.raises(ValueError, match=r"no split 'test'; its splits are \['train', 'validation'\]"):
         load_manifest(sources["hub"], split="test")
     with pytest.raises(ValueError, match="no configs or splits, so --split cannot apply"):
@@ -106,13 +62,13 @@ def test_a_missing_column_names_the_columns_there_are(sources) -> None:
 
 
 def test_a_stream_counts_the_rows_it_drops(tmp_path) -> None:
-    broken = _audio_dataset(ROWS[:4]).to_list()
+    broken = audio_dataset(SOURCE_ROWS[:4]).to_list()
     broken[1]["audio"] = {"bytes": b"not audio", "path": "broken.ogg"}
     broken[2]["text"] = " "
     stream = datasets.Dataset.from_list(broken).to_iterable_dataset()
     report = StreamReport("in memory")
     kept = list(validate_stream(stream, report))
-    assert [row["text"] for row in kept] == [ROWS[0]["text"], ROWS[3]["text"]]
+    assert [row["text"] for row in kept] == [SOURCE_ROWS[0]["text"], SOURCE_ROWS[3]["text"]]
     assert kept[0]["audio"]["sampling_rate"] == 16000 and isinstance(kept[0]["audio"]["array"], np.ndarray)
     counts = report.as_dict()
     assert (counts["total"], counts["kept"]) == (4, 2)
@@ -190,7 +146,9 @@ def test_cli_refuses_streaming_without_max_steps(sources, tmp_path) -> None:
 def test_generation_from_each_source(sources, name, streaming) -> None:
     """Batched generation reads the source's rows (the clip, decoded by the library) as the jsonl's rows."""
     model, processor = tiny()
-    expected = dict(iter_generate(model, processor, [{"audio": row["audio"]} for row in ROWS[:6]], max_new_tokens=3))
+    expected = dict(
+        iter_generate(model, processor, [{"audio": row["audio"]} for row in SOURCE_ROWS[:6]], max_new_tokens=3)
+    )
     rows = load_manifest(sources[name], streaming=streaming)
     got = dict(iter_generate(model, processor, ({"audio": row["audio"]} for row in rows), max_new_tokens=3))
     assert {i: r.response for i, r in got.items()} == {i: r.response for i, r in expected.items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from data.test_datasets_source import ROWS, hub_folder
+from conftest import SOURCE_ROWS, hub_folder
 
 import speechllm_hf.evaluation.runner as runner
 from speechllm_hf.cli import main
@@ -43,7 +43,9 @@ def test_an_entry_reads_the_split_it_names(root, tmp_path) -> None:
     assert run_evaluate(config, tmp_path) == 0
     preds = json.loads((tmp_path / "validation_preds.json").read_text())["results"]["ASR"]["en"]
     scores = json.loads((tmp_path / "validation_scores.json").read_text())["results"]["ASR"]["en"]
-    texts = [row["text"] for row in ROWS[6:]]  # the validation split's; the default split (train) has other rows
+    texts = [
+        row["text"] for row in SOURCE_ROWS[6:]
+    ]  # the validation split's; the default split (train) has other rows
     assert [record["reference"] for record in preds["Hub/dev"]] == texts
     assert [record["reference"] for record in preds["Hub/first"]] == texts[:1]
     assert all(isinstance(record["prediction"], str) for group in preds.values() for record in group)

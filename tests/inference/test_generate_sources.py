@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import training_rows
-from data.test_datasets_source import ROWS, audiofolder, hub_folder
+from conftest import SOURCE_ROWS, audiofolder, hub_folder, training_rows
 
 from speechllm_hf.cli import main
 from speechllm_hf.commands.generate import output_fields
@@ -66,7 +65,9 @@ def test_clips_held_as_bytes_are_written_as_references_and_resume(hub, tmp_path,
     written = read_jsonl(output)
     assert_answered(written)
     # The struct's path names the clip; its bytes never reach the output file.
-    assert [(row["audio"], row["text"]) for row in written] == [(Path(r["audio"]).name, r["text"]) for r in ROWS[6:]]
+    assert [(row["audio"], row["text"]) for row in written] == [
+        (Path(r["audio"]).name, r["text"]) for r in SOURCE_ROWS[6:]
+    ]
 
     full = output.read_text()
     capsys.readouterr()
@@ -104,7 +105,7 @@ def test_an_output_row_names_its_audio_and_keeps_the_fields_json_can_hold(audio,
     ],
 )
 def test_a_source_that_cannot_be_read_is_refused(hub, tmp_path, capsys, source, flags, message) -> None:
-    (tmp_path / "rows.jsonl").write_text(json.dumps({"audio": ROWS[0]["audio"]}) + "\n")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"audio": SOURCE_ROWS[0]["audio"]}) + "\n")
     paths = {"hub": hub, "missing": tmp_path / "missing", "jsonl": tmp_path / "rows.jsonl"}
     assert run_generate(paths[source], tmp_path / "out.jsonl", *flags) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
