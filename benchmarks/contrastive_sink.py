@@ -73,7 +73,7 @@ def train_and_evaluate(model, processor, initial: dict, sink_token: str, args, w
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
-        warmup_steps=0,
+        warmup_steps=args.warmup_steps,
         feature_cache_dir=str(work_dir / "feature-cache"),
         logging_steps=max(1, args.max_steps // 10),
         save_strategy="no",
@@ -109,6 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument("--batch_size", type=int, default=16, help="micro-batch: the in-batch negatives")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up before the cosine decay")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
 
