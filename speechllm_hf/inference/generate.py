@@ -30,7 +30,6 @@ from speechllm_hf.data.tasks import PromptConfig
 from speechllm_hf.models.speechllm.pipeline_speechllm import (
     DEFAULT_GENERATE_KWARGS,
     build_generation_config,
-    check_clip,
     finish_text,
     generate_texts,
     model_inputs,
@@ -100,9 +99,10 @@ def check_settings(model, config, batch_size: int, sort_window: int | None) -> N
         )
 
 
-def check_prompt_length(model, processor, prompt: str, waveform: np.ndarray, max_new_tokens: int | None) -> None:
+def check_prompt_length(model, processor, prompt: str, feature_length: int, max_new_tokens: int | None) -> None:
     """Refuses a request whose prompt (instruction and audio tokens) and `max_new_tokens` overflow the LLM's context:
     the model never saw positions beyond it, and a huge prompt would exhaust memory for the whole batch.
+    `feature_length` is the clip's feature frames (`processor.feature_length`), which fix its audio-token count.
 
     Raises:
         ValueError: naming the prompt's length, `max_new_tokens` and the context.
@@ -110,8 +110,7 @@ def check_prompt_length(model, processor, prompt: str, waveform: np.ndarray, max
     context = context_length(model)
     if context is None:
         return
-    # The clip's audio tokens follow from its frame count: no need to extract all of a long clip's features here.
-    [text] = processor.expand_audio_placeholders([prompt], [processor.feature_length(waveform)])
+    [text] = processor.expand_audio_placeholders([prompt], [feature_length])
     length = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
     if length + (max_new_tokens or 0) > context:
         raise ValueError(
@@ -151,9 +150,14 @@ def load_request_audio(processor, request: GenerationRequest | dict) -> np.ndarr
         ValueError: If the clip is unreadable, empty, holds NaN/inf samples, or is too short or too long for the
             encoder; the message names the problem.
     """
+    return _checked_clip(processor, request)[0]
+
+
+def _checked_clip(processor, request: GenerationRequest | dict) -> tuple[np.ndarray, int]:
+    """`load_request_audio`'s clip and its feature frames: the processor's check of a clip gives its length too."""
     request = _as_request(request)
     waveform = load_audio(request.audio, request.sampling_rate, target_rate=processor.sampling_rate)
-    return check_clip(processor, waveform, processor.sampling_rate)
+    return waveform, processor.feature_length(waveform)
 
 
 def iter_generate(
@@ -203,9 +207,9 @@ def iter_generate(
         for index, request in chunk:
             try:
                 request = _as_request(request)
-                waveform = load_request_audio(processor, request)
+                waveform, feature_length = _checked_clip(processor, request)
                 prompt = build_prompt(processor, request.instruction, prompts)
-                check_prompt_length(model, processor, prompt, waveform, config.max_new_tokens)
+                check_prompt_length(model, processor, prompt, feature_length, config.max_new_tokens)
             except ValueError as err:
                 logger.warning("Request %d skipped: %s", index, err)
                 yield index, GenerationResult(error=str(err))
